@@ -1,0 +1,55 @@
+"""One CLI: `litgpt-ext <command>` == `python -m litgpt_ext <command>`.
+
+Commands are imported lazily so that `litgpt-ext --help` and light commands do not pay for
+importing torch, lightning and lm-eval. Each command is a plain function; jsonargparse builds its
+parser from the signature and docstring, which gives `--help`, `--config` and `--print_config`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Callable
+
+# name -> ("module:function", one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare": ("litgpt_ext.prep.prepare:prepare", "tokenize raw text into typed litdata token shards"),
+    "train-tokenizer": ("litgpt_ext.prep.tokenizer:train_tokenizer", "train a byte-level BPE tokenizer offline"),
+    "build-demo": ("litgpt_ext.prep.demo:build_demo", "build the offline demo corpus, tokenizer and shards"),
+    "inspect-mix": ("litgpt_ext.data.inspect:inspect_mix", "print each shard's resolved weight, tokens and epochs"),
+    "pretrain": ("litgpt_ext.train.loop:pretrain", "pretrain or midtrain (resume with a new blend)"),
+    "fork": ("litgpt_ext.train.checkpoint:fork", "start a new run from another run's checkpoint"),
+    "demo": ("litgpt_ext.demo:demo", "the README's main job: data, pretrain, fork, midtrain, compare"),
+    "evaluate": ("litgpt_ext.eval.evaluate:evaluate", "run lm-eval on a checkpoint or a run's checkpoints"),
+    "convert-to-hf": ("litgpt_ext.eval.convert:convert_to_hf", "export a dense checkpoint to Hugging Face format"),
+}
+
+
+def _load(target: str) -> Callable:
+    module, fn = target.split(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def _usage() -> str:
+    width = max(len(n) for n in COMMANDS)
+    lines = ["usage: litgpt-ext <command> [--help] [args]", "", "commands:"]
+    for name, (target, help_) in COMMANDS.items():
+        lines.append(f"  {name:<{width}}  {help_}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        sys.exit(f"litgpt-ext: unknown command {name!r}; known: {', '.join(COMMANDS)}\n\n{_usage()}")
+    from jsonargparse import CLI
+
+    CLI(_load(COMMANDS[name][0]), args=rest, as_positional=True)
+
+
+if __name__ == "__main__":
+    main()
