@@ -1,0 +1,1 @@
+"""Evaluation: lm-eval backend for our checkpoints, offline tasks, HF export."""
