@@ -57,6 +57,25 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+class _QuietLmEval(logging.Filter):
+    """Drop lm-eval's per-task boilerplate warnings about our (intentional) local-task YAMLs."""
+
+    NOISE = ("Custom kwargs can be passed", "but aggregation is not", "but higher_is_better is not")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(n in record.getMessage() for n in self.NOISE)
+
+
+def _quiet_lm_eval() -> None:
+    for name in ("lm_eval", "lm_eval.api.task", "lm_eval.evaluator", "lm_eval.tasks"):
+        lg = logging.getLogger(name)
+        if not any(isinstance(f, _QuietLmEval) for f in lg.filters):
+            lg.addFilter(_QuietLmEval())
+    for h in logging.getLogger().handlers:
+        if not any(isinstance(f, _QuietLmEval) for f in h.filters):
+            h.addFilter(_QuietLmEval())
+
+
 def _task_manager(tasks: list[str], include_path: list[Path], eval_data_dir: Path):
     """Scan only our task folders unless a task lives elsewhere: lm-eval's 14k defaults take ~20 s."""
     from lm_eval.tasks import TaskManager
@@ -110,6 +129,7 @@ def evaluate_checkpoint(
 
     from litgpt_ext.eval.lm import LitGPTExtLM
 
+    _quiet_lm_eval()
     task_list = [t.strip() for t in tasks.split(",") if t.strip()]
     if not task_list:
         raise ValueError(f"no tasks in {tasks!r}; pass e.g. --tasks demo_math_mc,arc_easy")
