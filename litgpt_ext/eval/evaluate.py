@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from litgpt_ext.eval.loading import checkpoint_step, resolve_checkpoints
+from litgpt_ext.eval.naming import checkpoint_step
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 DEMO_TASK_PREFIX = "demo_"
@@ -118,7 +118,7 @@ def evaluate_checkpoint(
     out_path: Path | None = None,
     device: str = "auto",
     dtype: str = "auto",
-    include_path: list[Path] | None = None,
+    include_path: Path | list[Path] | None = None,
     eval_data_dir: Path = Path("data/demo/eval_tasks"),
     bootstrap_iters: int = 1000,
     seed: int = 1234,
@@ -133,7 +133,8 @@ def evaluate_checkpoint(
     task_list = [t.strip() for t in tasks.split(",") if t.strip()]
     if not task_list:
         raise ValueError(f"no tasks in {tasks!r}; pass e.g. --tasks demo_math_mc,arc_easy")
-    tm = _task_manager(task_list, list(include_path or []), eval_data_dir)
+    extra = [] if include_path is None else [include_path] if isinstance(include_path, (str, Path)) else list(include_path)
+    tm = _task_manager(task_list, extra, eval_data_dir)
     lm = model if model is not None else LitGPTExtLM(pretrained=checkpoint, batch_size=batch_size, device=device, dtype=dtype)
     t0 = time.perf_counter()
     results = lm_eval.simple_evaluate(
@@ -179,7 +180,7 @@ def evaluate(
     out_dir: Path | None = None,
     device: str = "auto",
     dtype: str = "auto",
-    include_path: list[Path] | None = None,
+    include_path: Path | None = None,
     all_checkpoints: bool = False,
     skip_existing: bool = False,
     eval_data_dir: Path = Path("data/demo/eval_tasks"),
@@ -202,7 +203,7 @@ def evaluate(
         out_dir: write results under `<out_dir>/<checkpoint name>/eval/` instead of `<checkpoint>/eval/`.
         device: `auto`, `cpu`, `cuda`, `cuda:N`.
         dtype: `auto` (bf16 on capable GPUs, else fp32), `float32`, `bfloat16`, `float16`.
-        include_path: extra folders of lm-eval task YAMLs.
+        include_path: an extra folder of lm-eval task YAMLs.
         all_checkpoints: with a run folder, evaluate every checkpoint instead of the latest.
         skip_existing: skip checkpoints whose results file already exists.
         eval_data_dir: where the local tasks' JSONL lives (built from `demo_dir` on first use).
@@ -213,6 +214,8 @@ def evaluate(
     Returns:
         The results files written (or found, when skipped).
     """
+    from litgpt_ext.eval.loading import resolve_checkpoints  # torch/litgpt: only when running
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     ckpts = resolve_checkpoints(Path(checkpoint), all_checkpoints=all_checkpoints)
     task_list = [t.strip() for t in tasks.split(",") if t.strip()]

@@ -7,18 +7,18 @@ holds `step-XXXXXXXX/` folders and `final/`.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
 from litgpt import Config, Tokenizer
+
+from litgpt_ext.eval.naming import STEP_RE, checkpoint_step
 
 try:  # MoE-aware builder from the model package; plain litgpt GPT until that is available.
     from litgpt_ext.model import build_model
 except ImportError:  # pragma: no cover - depends on which branches are merged
     from litgpt import GPT as build_model
 
-STEP_RE = re.compile(r"^step-(\d+)$")
 # Prefixes that wrappers leave on parameter names (torch.compile, Fabric, DDP/FSDP).
 _WRAPPER_PREFIXES = ("_orig_mod.", "_forward_module.", "module.")
 
@@ -26,15 +26,6 @@ _WRAPPER_PREFIXES = ("_orig_mod.", "_forward_module.", "module.")
 def is_checkpoint_dir(path: Path) -> bool:
     path = Path(path)
     return (path / "lit_model.pth").is_file() and (path / "model_config.yaml").is_file()
-
-
-def checkpoint_step(path: Path) -> float:
-    """Sort key: `step-N` -> N, `final` -> +inf (it is written last)."""
-    name = Path(path).name
-    if name == "final":
-        return float("inf")
-    m = STEP_RE.match(name)
-    return float(m.group(1)) if m else float("nan")
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
