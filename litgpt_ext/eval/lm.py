@@ -75,6 +75,7 @@ class LitGPTExtLM(TemplateLM):
         self.add_bos = self.tokenizer.use_bos if add_bos is None else bool(add_bos)
         if self.add_bos and self.tokenizer.bos_id is None:
             raise ValueError(f"add_bos=True but the tokenizer in {self.checkpoint_dir} has no BOS token")
+        self._split_head()
 
     # ----------------------------------------------------------------------------------- basics
     @property
@@ -104,16 +105,38 @@ class LitGPTExtLM(TemplateLM):
         return self.tokenizer.processor.decode(tokens) if self.tokenizer.backend == "huggingface" \
             else self.tokenizer.decode(torch.tensor(tokens))
 
+    def _split_head(self) -> None:
+        """Run the LM head only on the positions that are scored (as HF's `logits_to_keep`).
+
+        With a real vocabulary the head is a large share of a small model's FLOPs, and scoring
+        needs only the continuation positions. We swap litgpt's `lm_head` for an identity so the
+        model returns final hidden states, and apply the head (and litgpt's optional final logit
+        softcapping, which follows it) ourselves. Models without this layout keep full logits.
+        """
+        self._head = None
+        head = getattr(self.model, "lm_head", None)
+        if isinstance(head, torch.nn.Linear) and getattr(self.config, "final_logit_softcapping", None) is None:
+            self._head = head
+            self.model.lm_head = torch.nn.Identity()
+
     @torch.inference_mode()
     def _forward(self, rows: list[list[int]]) -> torch.Tensor:
-        """Logits (B, T, V) for right-padded rows; positions past a row's length are garbage."""
+        """Hidden states (B, T, C) -- or logits if the head is not split -- for right-padded rows.
+
+        Positions past a row's length are garbage and never read.
+        """
         width = max(len(r) for r in rows)
         batch = torch.zeros(len(rows), width, dtype=torch.long)
         for i, r in enumerate(rows):
             batch[i, : len(r)] = torch.tensor(r, dtype=torch.long)
         return self.model(batch.to(self._device))
 
+    @torch.inference_mode()
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden if self._head is None else self._head(hidden)
+
     # ----------------------------------------------------------------------------- loglikelihood
+    @torch.inference_mode()
     def _loglikelihood_tokens(
         self, requests, disable_tqdm: bool = False, use_cache: bool = True, **kwargs
     ) -> list[tuple[float, bool]]:
@@ -140,11 +163,11 @@ class LitGPTExtLM(TemplateLM):
                 inp = (ctx + cont)[-(self.max_length + 1):][:-1]
                 rows.append(inp)
                 cont_lens.append(min(len(cont), len(inp)))
-            logits = self._forward(rows)
-            for (req_str, ctx, cont), inp, n, row_logits in zip(chunk, rows, cont_lens, logits):
-                # Logits at position t predict token t+1: the continuation is predicted by the n
-                # positions that end at the last input token.
-                sel = row_logits[len(inp) - n : len(inp)].float().log_softmax(dim=-1).unsqueeze(0)
+            hidden = self._forward(rows)
+            for (req_str, ctx, cont), inp, n, row_hidden in zip(chunk, rows, cont_lens, hidden):
+                # Position t predicts token t+1: the continuation is predicted by the n positions
+                # that end at the last input token.
+                sel = self._logits(row_hidden[len(inp) - n : len(inp)]).float().log_softmax(dim=-1).unsqueeze(0)
                 for r_str, r_cont, r_logits in collator.get_cache(
                     req_str=req_str, cxt_toks=ctx, cont_toks=cont, logits=sel
                 ):
@@ -219,9 +242,10 @@ class LitGPTExtLM(TemplateLM):
                 active = [i for i, d in enumerate(done) if not d]
                 if not active:
                     break
-                logits = self._forward([rows[i] for i in active])
-                for j, i in enumerate(active):
-                    tok = int(logits[j, len(rows[i]) - 1].argmax())
+                hidden = self._forward([rows[i] for i in active])
+                last = torch.stack([hidden[j, len(rows[i]) - 1] for j, i in enumerate(active)])
+                next_toks = self._logits(last).argmax(dim=-1).tolist()
+                for i, tok in zip(active, next_toks):
                     rows[i].append(tok)
                     if tok == self.eot_token_id:
                         done[i] = True
