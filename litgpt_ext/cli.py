@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"litgpt-ext: unknown command {name!r}; known: {', '.join(COMMANDS)}\n\n{_usage()}")
     from jsonargparse import CLI
 
-    CLI(_load(COMMANDS[name][0]), args=rest, as_positional=name in POSITIONAL)
+    CLI(_load(COMMANDS[name][0]), args=rest, as_positional=name in POSITIONAL, prog=f"litgpt-ext {name}")
 
 
 if __name__ == "__main__":
