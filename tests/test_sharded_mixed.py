@@ -187,3 +187,21 @@ def test_inspect_mix_cli(shard_root):
         capture_output=True, text=True, cwd=ROOT,
     )
     assert bad.returncode != 0 and "unknown shard type 'mth'" in bad.stderr
+
+
+def test_reader_matches_litdata_streaming_dataset(tmp_path):
+    """Our memmap reader serves exactly what litdata's TokensLoader serves, uneven chunks included."""
+    import numpy as np
+    from litdata.streaming import StreamingDataset
+    from litdata.streaming.item_loader import TokensLoader
+
+    from litgpt_ext.data.shard_io import write_token_shard
+    from litgpt_ext.data.sharded_mixed import _ShardReader
+
+    rng = np.random.default_rng(0)
+    write_token_shard(tmp_path / "1", [rng.integers(0, 60_000, int(rng.integers(5, 90))) for _ in range(60)], chunk_tokens=300)
+    ds = StreamingDataset(str(tmp_path / "1"), item_loader=TokensLoader(block_size=SEQ + 1))
+    reader = _ShardReader(tmp_path / "1", SEQ + 1)
+    assert len(ds) > 50
+    for i in [*range(len(ds)), 0, len(ds) - 1, 7]:
+        assert torch.equal(reader[i].long(), ds[i].long()), i
