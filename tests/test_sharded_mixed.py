@@ -155,6 +155,8 @@ def test_named_val_sets(shard_root):
     assert list(vals["general"])[0].equal(gen[0])  # deterministic
     r1 = make_dm(shard_root, rank=1, world_size=2, val_data_path=str(shard_root / "val")).val_dataloaders()["val"]
     assert [int(r[0]) for r in samples(r1)][:3] == [90_016, 90_048, 90_080]  # folder of shards, odd items for rank 1
+    both = make_dm(shard_root, val_data_path={"all": [str(shard_root / "val" / "1"), str(shard_root / "val" / "m1")]})
+    assert sum(len(b) for b in both.val_dataloaders()["all"]) == 25 + 15  # m1: 240 tokens -> 15 samples
     with pytest.raises(MixError, match="val_data_path general='/nonexistent' does not exist"):
         make_dm(shard_root, val_data_path={"general": "/nonexistent"}).val_dataloaders()
 

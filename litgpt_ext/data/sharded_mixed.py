@@ -232,7 +232,10 @@ class _ValStream:
             yield torch.stack([self.readers[i][j].long() for i, j in self.items[b:b + self.batch_size]])
 
 
-def _val_paths(name: str, path: str | Path) -> list[Path]:
+def _val_paths(name: str, path: str | Path | list) -> list[Path]:
+    """A shard folder, a folder of shard folders, or a list of either -> shard folders, in order."""
+    if isinstance(path, (list, tuple)):
+        return [q for item in path for q in _val_paths(name, item)]
     p = Path(path)
     if is_shard_dir(p):
         return [p]
@@ -249,8 +252,8 @@ class ShardedMixedDataset(DataModule):
 
     Args:
         data_path: folder of shard folders (`1`, `2`, … main; `c1`, `m1`, … typed).
-        val_data_path: a shard folder, a folder of shards, or a mapping {name: path} for named
-            validation sets (e.g. general and domain).
+        val_data_path: a shard folder, a folder of shards, or a mapping {name: path or [paths]} for
+            named validation sets (e.g. general and domain).
         num_workers: dataloader worker processes per rank (the stream is identical for any value).
         mix_weights_str: per-type weights, e.g. "main:0.8,code:0.15,math:0.05".
         literal_weights_str: exact shard weights, e.g. "main/1:0.8,q1:0.1,q2:0.1".
@@ -264,7 +267,7 @@ class ShardedMixedDataset(DataModule):
     def __init__(
         self,
         data_path: str | Path = "data/demo",
-        val_data_path: str | Path | dict[str, str] | None = None,
+        val_data_path: str | Path | dict[str, str | list[str]] | None = None,
         num_workers: int = 0,
         mix_weights_str: str | None = None,
         literal_weights_str: str | None = None,
