@@ -115,6 +115,10 @@ def demo(
     from litgpt_ext.prep.demo import build_demo
 
     build_demo(out_dir=data_dir)
+    from litgpt_ext.data.inspect import inspect_mix
+
+    print("mix report for the math branch (main:0.8,math:0.2) over a 1M-token budget:")
+    inspect_mix(data_dir, mix_weights_str="main:0.8,math:0.2", tokens=1_000_000, max_seq_length=128)
     if force and out_dir.exists():
         shutil.rmtree(out_dir)
     py = [sys.executable, "-m", "litgpt_ext", "pretrain"]
