@@ -74,10 +74,11 @@ def save_checkpoint(ckpt_dir: Path, model: GPT, tokenizer_dir: Path, wrap: bool 
 
 def train_tiny(model: GPT, token_ids: list[int], steps: int, seq_len: int = 48, batch: int = 16,
                lr: float = 3e-3, seed: int = 0) -> list[float]:
-    """A few hundred plain AdamW steps on random windows of a token stream."""
+    """A few hundred plain AdamW steps (linearly decayed LR) on random windows of a token stream."""
     g = torch.Generator().manual_seed(seed)
     data = torch.tensor(token_ids, dtype=torch.long)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 - i / steps)  # linear decay: a settled end point
     losses = []
     model.train()
     for _ in range(steps):
@@ -89,6 +90,7 @@ def train_tiny(model: GPT, token_ids: list[int], steps: int, seq_len: int = 48, 
         opt.zero_grad()
         loss.backward()
         opt.step()
+        sched.step()
         losses.append(loss.item())
     model.eval()
     return losses

@@ -59,7 +59,16 @@ def test_build_tasks_writes_valid_items(tmp_path):
     assert (tmp_path / "tasks/demo_prose_cloze/test.jsonl").read_bytes() == before
 
 
-def test_trained_model_beats_untrained_on_math_mc(tmp_path, capsys):
+@pytest.fixture()
+def one_thread():
+    """Tiny matmuls: one thread is faster, and far faster when other tests share the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_trained_model_beats_untrained_on_math_mc(tmp_path, capsys, one_thread):
     demo = _write_demo(tmp_path, n_math=80)
     tok_texts = [d["text"] for d in arithmetic_docs(300, seed=5)] + [CODE, PROSE]
     tok_dir = train_tokenizer(tmp_path / "tok", tok_texts, vocab_size=300)
@@ -72,7 +81,7 @@ def test_trained_model_beats_untrained_on_math_mc(tmp_path, capsys):
     ids: list[int] = []
     for d in arithmetic_docs(3000, seed=7, hi=5):  # the "math shard": same distribution, other samples
         ids += tok.encode(d["text"]).tolist() + [tok.eos_id]
-    losses = train_tiny(model, ids, steps=150, batch=8, seq_len=32, lr=6e-3)
+    losses = train_tiny(model, ids, steps=250, batch=8, seq_len=32, lr=1e-2)
     assert losses[-1] < 0.5 * losses[0]
     save_checkpoint(run / "final", model, tok_dir)
 
@@ -88,10 +97,10 @@ def test_trained_model_beats_untrained_on_math_mc(tmp_path, capsys):
         acc[path.parent.parent.name] = res["results"]["demo_math_mc"]["acc,none"]
     out = capsys.readouterr().out
     assert "demo_math_mc" in out and "acc=" in out
-    # chance is 0.25; an untrained model sits near it, 150 steps on the math shard learn the sums
+    # chance is 0.25; an untrained model sits near it, 250 steps on the math shard learn the sums
     assert acc["step-00000000"] < 0.45
-    assert acc["final"] > 0.6
-    assert acc["final"] > acc["step-00000000"] + 0.25
+    assert acc["final"] > 0.7
+    assert acc["final"] > acc["step-00000000"] + 0.3
 
     # skip_existing leaves finished checkpoints alone
     stamp = written[1].stat().st_mtime_ns

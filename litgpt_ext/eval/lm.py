@@ -110,8 +110,8 @@ class LitGPTExtLM(TemplateLM):
 
         With a real vocabulary the head is a large share of a small model's FLOPs, and scoring
         needs only the continuation positions. We swap litgpt's `lm_head` for an identity so the
-        model returns final hidden states, and apply the head (and litgpt's optional final logit
-        softcapping, which follows it) ourselves. Models without this layout keep full logits.
+        model returns final hidden states and apply the head ourselves. Models without a plain
+        linear head, or with final-logit softcapping (applied after the head), keep full logits.
         """
         self._head = None
         head = getattr(self.model, "lm_head", None)
