@@ -60,7 +60,9 @@ def build_checkpoint(root: Path, args) -> Path:
         '{"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>", '
         '"add_bos_token": false, "model_max_length": %d}' % args.block_size)
     vocab = tok.get_vocab_size()
-    config = Config(name="bench-pythia", block_size=args.block_size, vocab_size=vocab, padded_vocab_size=vocab,
+    # A larger padded vocab gives the LM head the size it has in real models (32k-50k rows).
+    padded = max(vocab, args.padded_vocab_size)
+    config = Config(name="bench-pythia", block_size=args.block_size, vocab_size=vocab, padded_vocab_size=padded,
                     n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, rotary_percentage=0.25,
                     parallel_residual=True, bias=True)
     torch.manual_seed(0)
@@ -105,7 +107,8 @@ def main() -> None:
     p.add_argument("--n_embd", type=int, default=256)
     p.add_argument("--n_head", type=int, default=4)
     p.add_argument("--block_size", type=int, default=512)
-    p.add_argument("--vocab_size", type=int, default=2048)
+    p.add_argument("--vocab_size", type=int, default=2048, help="BPE vocab trained on synthetic text")
+    p.add_argument("--padded_vocab_size", type=int, default=0, help="LM head rows (0: the tokenizer's vocab)")
     p.add_argument("--n_contexts", type=int, default=64)
     p.add_argument("--n_choices", type=int, default=4)
     p.add_argument("--max_ctx_words", type=int, default=160)
@@ -142,7 +145,8 @@ def main() -> None:
         same_greedy = sum(a[1] == b[1] for a, b in zip(out_ours, out_hf)) / len(reqs)
 
     n = len(reqs)
-    print(f"model: pythia-like {args.n_layer}x{args.n_embd}, {params / 1e6:.2f}M params, vocab {args.vocab_size}, "
+    print(f"model: pythia-like {args.n_layer}x{args.n_embd}, {params / 1e6:.2f}M params, "
+          f"vocab {args.vocab_size} (head {max(args.vocab_size, args.padded_vocab_size)}), "
           f"block {args.block_size}; device {args.device} {args.dtype}, torch threads {torch.get_num_threads()}")
     print(f"requests: {n} loglikelihood ({args.n_contexts} contexts x {args.n_choices} continuations), "
           f"mean {statistics.mean(n_tok):.0f} tokens/request, batch_size {args.batch_size}, best of {args.repeats}")
