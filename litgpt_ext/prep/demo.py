@@ -105,7 +105,7 @@ def build_demo(
     chunk_tokens: int = 2**18,
     max_doc_chars: int = 6000,
     num_workers: int = 1,
-    min_total_tokens: int = 200_000,
+    min_fraction: float = 0.5,
     force: bool = False,
 ) -> dict:
     """Build the offline demo corpus, tokenizer and shards (no downloads; about a minute on 2 cores).
@@ -121,12 +121,13 @@ def build_demo(
         math_shards: Number of math shards (0 drops math).
         heldout_docs: Documents per type kept out of all shards, in raw/<type>_heldout.jsonl.
         seed: Seed for document order, math problems and the val split.
-        val_fraction: Fraction of each shard's documents in its val split (val/<shard>).
+        val_fraction: Fraction of each shard's documents in its val split (val/<shard>): the shard's first
+            round(val_fraction * docs) documents (at least one), which are a random sample since documents are shuffled.
         tokenizer_sample_chars: Characters of raw text the tokenizer is trained on.
         chunk_tokens: Tokens per litdata chunk file.
         max_doc_chars: Longer prose and code files are cut at blank lines into documents of about this size.
         num_workers: Tokenizer processes for `prepare` (1 uses tokenizers' own threads).
-        min_total_tokens: Fail when less text than this is found (a broken or stripped environment).
+        min_fraction: Fail when a type's text found is below this fraction of its token budget (a stripped environment).
         force: Rebuild even when DONE.json says the corpus is up to date.
     """
     t0 = time.perf_counter()
@@ -191,18 +192,19 @@ def build_demo(
     # 3. trim to the token budgets, write raw jsonl
     raw = out_dir / "raw"
     raw.mkdir(exist_ok=True)
-    total_est = 0
     for p in plans:
         cpt = _chars_per_token(tok, p.docs)
         p.docs = _take_budget(p.docs, p.tokens, cpt)
-        total_est += sum(len(_text(d)) for d in p.docs) / cpt
+        found = sum(len(_text(d)) for d in p.docs) / cpt
+        if found < min_fraction * p.tokens:
+            source = {"main": "package documentation and docstrings in site-packages", "code": "standard library sources"}
+            raise DemoError(
+                f"found only ~{int(found):,} tokens of {p.kind} text for a budget of {p.tokens:,} (min_fraction="
+                f"{min_fraction}); this Python environment lacks the {source.get(p.kind, 'text')} the demo is built "
+                f"from. Lower {p.kind}_tokens or install the project's dependencies into this environment"
+            )
         _write_jsonl(raw / f"{p.kind}.jsonl", p.docs)
         _write_jsonl(raw / f"{p.kind}_heldout.jsonl", p.heldout)
-    if total_est < min_total_tokens:
-        raise DemoError(
-            f"found only ~{int(total_est):,} tokens of demo text (< min_total_tokens={min_total_tokens:,}); this Python "
-            "environment lacks the standard library sources or package documentation the demo is built from"
-        )
 
     # 4. shards
     rows = []
@@ -212,7 +214,7 @@ def build_demo(
             shard = f"{SHARD_PREFIX[p.kind]}{i}"
             st = prepare(
                 inputs=[str(raw / f"{p.kind}.jsonl")], output_dir=out_dir, shard=shard, tokenizer_dir=tok_dir,
-                val_fraction=val_fraction, num_workers=num_workers, chunk_tokens=chunk_tokens, skip_docs=skip,
+                val_count=max(1, round(val_fraction * count)) if val_fraction > 0 else None, num_workers=num_workers, chunk_tokens=chunk_tokens, skip_docs=skip,
                 max_docs=count, overwrite=True, seed=seed, log_interval_s=30.0,
             )
             rows.append({"shard": shard, "type": p.kind, "docs": st.documents, "train_tokens": st.train_tokens,
