@@ -97,8 +97,8 @@ def _limited(stream: Iterator[tuple[str, int]], max_docs: int | None, max_chars:
 
 
 def train_tokenizer(
-    inputs: list[str],
-    out_dir: Path,
+    inputs: list[str] | None = None,
+    out_dir: Path = Path("data/tokenizer"),
     vocab_size: int = 8192,
     text_field: str = "text",
     max_docs: int | None = None,
@@ -122,6 +122,8 @@ def train_tokenizer(
         split_digits: Split numbers into single digits before BPE (helps arithmetic).
         model_max_length: Written to tokenizer_config.json for Hugging Face users.
     """
+    if not inputs:
+        raise ValueError("no inputs: give text files, directories or globs, e.g. --inputs+ 'corpus/*.jsonl'")
     files = expand_inputs(inputs)
     t0 = time.perf_counter()
     stream = DocStream(files, text_field=text_field)
