@@ -144,6 +144,9 @@ def build_demo(
         done = json.loads(done_path.read_text())
         if done.get("settings") == settings and all((out_dir / s["shard"] / "index.json").is_file() for s in done["shards"]):
             print(f"demo data up to date in {out_dir} (force=True rebuilds)", flush=True)
+            if done.get("environment") != _environment():
+                print("demo: note: the installed packages changed since this corpus was built; its prose would differ "
+                      "if rebuilt (force=True). Keeping the existing data so that runs stay comparable.", flush=True)
             return done
         print(f"demo data in {out_dir} was built with other settings; rebuilding", flush=True)
     _clear_out_dir(out_dir)
@@ -221,12 +224,22 @@ def build_demo(
                          "val_tokens": st.val_tokens, "chunks": st.train_chunks})
 
     elapsed = time.perf_counter() - t0
-    done = {"settings": settings, "shards": rows, "seconds": round(elapsed, 1),
+    done = {"settings": settings, "environment": _environment(), "shards": rows, "seconds": round(elapsed, 1),
             "heldout": {p.kind: len(p.heldout) for p in plans}}
     (out_dir / "DONE.json").write_text(json.dumps(done, indent=2) + "\n")
     (out_dir / "BUILDING.json").unlink(missing_ok=True)
     _print_table(rows, elapsed, out_dir)
     return done
+
+
+def _environment() -> dict:
+    """What the raw text depends on besides the settings: Python and the installed distributions."""
+    import platform
+
+    from litgpt_ext.prep.demo_sources import site_package_dirs
+
+    dists = sorted(p.name for d in site_package_dirs() for p in d.iterdir() if p.name.endswith(".dist-info"))
+    return {"python": platform.python_version(), "distributions": dists}
 
 
 def _math_until(seed: int, target_chars: int):
