@@ -87,9 +87,12 @@ def _write_inputs(root: Path, docs: list[str]) -> tuple[list[str], list[str]]:
     return [str(root / "a.jsonl"), str(root / "b.parquet"), str(root / "txt" / "*.txt")], docs
 
 
-def test_prepare_all_formats_exact_token_stream_and_val_split(tmp_path, tok_dir, docs):
+def test_prepare_all_formats_exact_token_stream_and_val_split(tmp_path, tok_dir, docs, capsys):
     inputs, ordered = _write_inputs(tmp_path / "in", docs)
-    stats = prepare(inputs, tmp_path / "data", "c1", tok_dir, val_fraction=0.25, chunk_tokens=500, batch_size=8, seed=3)
+    stats = prepare(inputs, tmp_path / "data", "c1", tok_dir, val_fraction=0.25, chunk_tokens=500, batch_size=8, seed=3,
+                    log_interval_s=0)
+    log = capsys.readouterr().out
+    assert "docs/s" in log and "tok/s" in log and "ETA" in log and f"{len(ordered)} documents" in log
     enc = _expected(tok_dir, ordered)
     is_val = [is_val_doc(i, 3, 0.25, None) for i in range(len(ordered))]
     assert 0 < sum(is_val) < len(ordered)
@@ -238,3 +241,14 @@ def test_build_demo_tiny_is_deterministic(tmp_path, capsys):
     with pytest.raises(Exception, match="holds no demo build"):
         build_demo(tmp_path / "c", **kw)
     assert (tmp_path / "c" / "mine.txt").exists()
+
+
+def test_cli_help_lists_prep_commands(capsys):
+    from litgpt_ext.cli import main
+
+    for command in ("build-demo", "prepare", "train-tokenizer"):
+        with pytest.raises(SystemExit) as e:
+            main([command, "--help"])
+        assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--main_tokens" in out and "--val_fraction" in out and "--vocab_size" in out
