@@ -52,13 +52,19 @@ class PrepareError(ValueError):
 
 
 def validate_shard_name(shard: str) -> str:
+    from litgpt_ext.data.shard_types import DEFAULT_SHARD_TYPES
+
     shard = str(shard)
+    known = ", ".join(f"'{p}1' {n}" for n, p in DEFAULT_SHARD_TYPES.items() if p)
     if not SHARD_NAME_RE.match(shard):
         raise PrepareError(
             f"bad shard name {shard!r}: main shards are numbers ('1', '2', ...), typed shards are a lowercase "
-            "type prefix and a number ('c1' code, 'm1' math, 'w1' web, 'i1' instruct, 'q1' qa, 'b1' books, "
-            "'n1' news, 'p1' papers)"
+            f"type prefix and a number from 1 ({known})"
         )
+    prefix = shard.rstrip("0123456789")
+    if prefix and prefix not in DEFAULT_SHARD_TYPES.values():
+        print(f"prepare {shard}: note: prefix {prefix!r} is not a default shard type ({known}); training needs "
+              f"it registered with data.init_args.extra_shard_types", flush=True)
     return shard
 
 
