@@ -252,3 +252,12 @@ def test_cli_help_lists_prep_commands(capsys):
         assert e.value.code == 0
     out = capsys.readouterr().out
     assert "--main_tokens" in out and "--val_fraction" in out and "--vocab_size" in out
+
+
+def test_build_demo_fails_clearly_when_too_little_text(tmp_path, monkeypatch):
+    import litgpt_ext.prep.demo as demo
+
+    monkeypatch.setattr(demo, "collect_prose", lambda target, **kw: ["A short paragraph of prose. " * 20] * 30)
+    with pytest.raises(demo.DemoError, match=r"found only ~[\d,]+ tokens of main text for a budget of 100,000"):
+        demo.build_demo(tmp_path / "d", vocab_size=300, main_tokens=100_000, code_shards=0, math_shards=0,
+                        heldout_docs=2, tokenizer_sample_chars=20_000)
