@@ -350,7 +350,7 @@ def prepare(
     stats = PrepareStats(shard=shard)
     progress = _Progress(shard, stream.total_bytes, max_docs, log_interval_s)
     print(
-        f"prepare {shard}: {len(files) if files else hf_dataset} input file(s) -> {train_dir}"
+        f"prepare {shard}: {f'{len(files)} input file(s)' if files else f'HF dataset {hf_dataset!r}'} -> {train_dir}"
         + (f" (+ val {val_dir})" if with_val else ""),
         flush=True,
     )
