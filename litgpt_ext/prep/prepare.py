@@ -40,6 +40,7 @@ from typing import Iterator
 
 import numpy as np
 
+from litgpt_ext.data.shard_io import write_token_shard
 from litgpt_ext.prep.readers import DocStream, InputError, expand_inputs, file_signature
 
 META_FILENAME = "prepare_meta.json"
@@ -420,17 +421,6 @@ def prepare(
     return stats
 
 
-def _write_nonempty(out_dir: Path, docs: Iterator[np.ndarray], chunk_tokens: int) -> int:
-    """write_token_shard, but writing nothing for an empty stream (litdata's merge waits forever on one)."""
-    from litgpt_ext.data.shard_io import write_token_shard
-
-    docs = iter(docs)
-    first = next(docs, None)
-    if first is None:
-        return 0
-    return write_token_shard(out_dir, itertools.chain([first], docs), chunk_tokens)
-
-
 def _write_split(
     docs: Iterator[tuple[bool, np.ndarray]], train_dir: Path, val_dir: Path | None, chunk_tokens: int, stats: PrepareStats
 ) -> None:
@@ -443,7 +433,7 @@ def _write_split(
                 stats.train_tokens += len(toks)
                 yield toks
 
-        _write_nonempty(train_dir, train_only(), chunk_tokens)
+        write_token_shard(train_dir, train_only(), chunk_tokens)
         return
 
     done = object()
@@ -458,7 +448,7 @@ def _write_split(
 
     def val_writer() -> None:
         try:
-            _write_nonempty(val_dir, val_docs(), chunk_tokens)
+            write_token_shard(val_dir, val_docs(), chunk_tokens)
         except BaseException as e:  # surfaced in the main thread
             errors.append(e)
             while not finished["seen"] and q.get() is not done:  # drain so the producer never blocks
@@ -485,7 +475,7 @@ def _write_split(
         send_done()
 
     try:
-        _write_nonempty(train_dir, train_docs(), chunk_tokens)
+        write_token_shard(train_dir, train_docs(), chunk_tokens)
     finally:
         send_done()
         thread.join()
