@@ -165,34 +165,40 @@ def _state_dict_options(fabric: L.Fabric, for_save: bool):
     return StateDictOptions(full_state_dict=dist, broadcast_from_rank0=False)
 
 
-def _schedule(train: TrainArgs, peak_lr: float, start_step: int, end_step: int, prev: Optional[dict],
-              same_run: bool, resumed_lr: Optional[float]) -> Schedule:
-    """The LR schedule of this run. A requeued run keeps its saved anchor (start step/LR), a new
-    phase (another schedule, or another out_dir) anchors at the resumed step."""
+def _plan(train: TrainArgs, peak_lr: float, step: int, tokens_per_step: int, prev: Optional[dict],
+          same_run: bool, resumed_lr: Optional[float]) -> tuple[Schedule, int]:
+    """This invocation's LR schedule and the step it stops at.
+
+    The run's total is `min(max_iters, max_tokens // tokens_per_step)`. Whole-run schedules
+    (cosine, wsd, constant) span 0 -> total, and `max_additional_steps` only stops this invocation
+    early. Phase schedules (decay, rewarmup_cosine) start at an anchor, the step this phase began
+    from, and end at `anchor + max_additional_steps` (or the total). A requeued run of the same
+    phase (same out_dir, same schedule name) keeps its saved anchor; anything else anchors here.
+    """
     name = train.lr_scheduler
-    if prev is not None and same_run and prev.get("name") == name:
-        start_step, start_lr = prev["start_step"], prev.get("start_lr")
-    else:
-        start_lr = resumed_lr
     anchored = name in ("decay", "rewarmup_cosine")
-    span = end_step - (start_step if anchored else 0)
-    warmup = warmup_steps_for(name, span, train.lr_warmup_steps, train.lr_warmup_fraction)
-    return Schedule(name=name, peak_lr=peak_lr, min_lr=train.min_lr, end_step=end_step, warmup_steps=warmup,
-                    stable_steps=train.stable_steps, start_step=start_step if anchored else 0,
-                    start_lr=start_lr if name == "decay" else None)
-
-
-def _horizon(train: TrainArgs, start_step: int, tokens_per_step: int) -> int:
-    ends = []
+    if prev is not None and same_run and prev.get("name") == name:
+        anchor, anchor_lr = prev["start_step"], prev.get("start_lr")
+    else:
+        anchor, anchor_lr = step, resumed_lr
+    totals = []
     if train.max_iters is not None:
-        ends.append(train.max_iters)
+        totals.append(train.max_iters)
     if train.max_tokens is not None:
-        ends.append(train.max_tokens // tokens_per_step)
+        totals.append(train.max_tokens // tokens_per_step)
+    ends = list(totals)
     if train.max_additional_steps is not None:
-        ends.append(start_step + train.max_additional_steps)
+        ends.append((anchor if anchored else step) + train.max_additional_steps)
     if not ends:
         raise ValueError("no training budget: set train.max_iters, train.max_tokens or train.max_additional_steps")
-    return min(ends)
+    stop = min(ends)
+    end = stop if (anchored or not totals) else min(totals)
+    begin = anchor if anchored else 0
+    warmup = warmup_steps_for(name, end - begin, train.lr_warmup_steps, train.lr_warmup_fraction)
+    schedule = Schedule(name=name, peak_lr=peak_lr, min_lr=train.min_lr, end_step=end, warmup_steps=warmup,
+                        stable_steps=train.stable_steps, start_step=begin,
+                        start_lr=anchor_lr if name == "decay" else None)
+    return schedule, stop
 
 
 class _PreemptFlag:
@@ -299,9 +305,9 @@ def _run(fabric, config, out_dir, initial_checkpoint_dir, resume, fork_from, dat
             raise ValueError(f"eval.early_stop names unknown validation sets {unknown}; known: {sorted(val_loaders)}")
 
     same_run = state is not None and Path(state.get("out_dir", "")).resolve() == out_dir.resolve()
-    horizon = _horizon(train, step, tokens_per_step)
-    schedule = _schedule(train, peak_lr, step, horizon, state.get("schedule") if state else None, same_run, resumed_lr)
-    fabric.print(f"Schedule {schedule}; steps {step} -> {horizon}, {accum} micro-batches of {train.micro_batch_size}"
+    prev = state.get("schedule") if state else None
+    schedule, horizon = _plan(train, peak_lr, step, tokens_per_step, prev, same_run, resumed_lr)
+    fabric.print(f"Schedule {schedule}; this run: steps {step} -> {horizon}, {accum} micro-batches of {train.micro_batch_size}"
                  f" x {fabric.world_size} ranks per step, {tokens_per_step:,} tokens/step")
 
     loop = _Loop(fabric, model, opt, loader, val_loaders, train, eval, out_dir, config, tokenizer_dir, hparams,
