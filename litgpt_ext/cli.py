@@ -11,7 +11,9 @@ import importlib
 import sys
 from typing import Callable
 
-# name -> ("module:function", one-line help)
+# name -> ("module:function", one-line help); required arguments are flags (`--data_path …`)
+# except for the commands in POSITIONAL, which take them positionally (`evaluate <dir>`).
+POSITIONAL = {"evaluate", "convert-to-hf"}
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("litgpt_ext.prep.prepare:prepare", "tokenize raw text into typed litdata token shards"),
     "train-tokenizer": ("litgpt_ext.prep.tokenizer:train_tokenizer", "train a byte-level BPE tokenizer offline"),
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"litgpt-ext: unknown command {name!r}; known: {', '.join(COMMANDS)}\n\n{_usage()}")
     from jsonargparse import CLI
 
-    CLI(_load(COMMANDS[name][0]), args=rest, as_positional=True)
+    CLI(_load(COMMANDS[name][0]), args=rest, as_positional=name in POSITIONAL, prog=f"litgpt-ext {name}")
 
 
 if __name__ == "__main__":
