@@ -133,3 +133,12 @@ def test_fork_then_midtrain_with_new_blend(config_file, one_proc):
     assert rows[(6, "domain")] < rows[(3, "domain")]
     # the source run's checkpoint is untouched by the new run
     assert ckpt.load_training_state(one_proc / "step-00000003")["step"] == 3
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "midtrain_configs").glob("*/*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_parse(config, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main(["pretrain", "--config", str(config), "--print_config"])
+    assert e.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["data"]["class_path"] == "litgpt_ext.data.ShardedMixedDataset"
