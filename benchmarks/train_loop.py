@@ -4,12 +4,12 @@ Both read the same litdata token shards (ours through ShardedMixedDataset, litgp
 litgpt.data.LitData), train the same inline tiny model in fp32 with the same micro/global batch,
 no validation in the timed part and no checkpoint in between. Each loop runs in fresh processes for N1 and N2
 optimizer steps, `--repeats` times in alternating order; throughput = (N2 - N1) * tokens_per_step /
-(min t(N2) - min t(N1)), in wall and in process CPU time (runs use 1 torch thread by default, so CPU
+(t(N2) - t(N1)), median over repeats, in wall and in process CPU time (runs use 1 torch thread by default, so CPU
 time is the compute actually spent, robust to other load on a shared machine); process setup,
 model build, litgpt's FLOP measurement and final checkpoint cancel out. litgpt's `torch.compile`
 is replaced by the identity (ours does not compile; on CPU compiling measures the compiler).
 
-    PYTHONPATH=$PWD python benchmarks/train_loop.py [--n1 4 --n2 24 --repeats 3 --threads 1]
+    PYTHONPATH=$PWD python benchmarks/train_loop.py [--n1 4 --n2 64 --repeats 3 --threads 1]
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--root", help=argparse.SUPPRESS)
     ap.add_argument("--n1", type=int, default=4)
-    ap.add_argument("--n2", type=int, default=24)
+    ap.add_argument("--n2", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--embd", type=int, default=128)
@@ -124,22 +124,17 @@ def main() -> None:
     try:
         make_data(root, args.vocab, n_tokens=(args.n2 + 8) * args.global_batch * (args.seq + 1) * 2)
         tokens = (args.n2 - args.n1) * args.global_batch * args.seq
-        # best[(loop, steps)] = (wall s, cpu s); noise on a shared machine only slows a run down, so the
-        # fastest repeat estimates each; with 1 thread the process CPU time is robust to other load
-        best = {(n, s): [float("inf")] * 2 for n in ("litgpt", "ours") for s in (args.n1, args.n2)}
+        # rates[loop] = [(tokens/wall-s, tokens/cpu-s) per repeat]; the median over repeats is reported
+        # (a shared machine's load only slows runs; with 1 thread the process CPU time resists it)
+        rates = {"litgpt": [], "ours": []}
         for rep in range(args.repeats):
             for name in ("litgpt", "ours") if rep % 2 == 0 else ("ours", "litgpt"):
-                times = {}
-                for steps in (args.n1, args.n2):
-                    times[steps] = _timed(args, name, steps, root)
-                    best[name, steps] = [min(a, b) for a, b in zip(best[name, steps], times[steps])]
-                (w1, c1), (w2, c2) = times[args.n1], times[args.n2]
+                (w1, c1), (w2, c2) = _timed(args, name, args.n1, root), _timed(args, name, args.n2, root)
+                rates[name].append((tokens / (w2 - w1), tokens / (c2 - c1)))
                 print(f"[bench] repeat {rep} {name}: {args.n1} steps {w1:.2f}s wall / {c1:.2f}s cpu,"
-                      f" {args.n2} steps {w2:.2f}s wall / {c2:.2f}s cpu", flush=True)
-        rate = {}
-        for name in ("litgpt", "ours"):
-            (w1, c1), (w2, c2) = best[name, args.n1], best[name, args.n2]
-            rate[name] = (tokens / (w2 - w1), tokens / (c2 - c1))
+                      f" {args.n2} steps {w2:.2f}s wall / {c2:.2f}s cpu -> {rates[name][-1][0]:,.0f} tok/s wall,"
+                      f" {rates[name][-1][1]:,.0f} tok/cpu-s", flush=True)
+        rate = {n: tuple(float(np.median([r[i] for r in v])) for i in range(2)) for n, v in rates.items()}
         print(f"[bench] model {args.layers}x{args.embd}, seq {args.seq}, vocab {args.vocab}, micro {args.micro},"
               f" global {args.global_batch}, steps {args.n1} vs {args.n2}, torch threads {args.threads}")
         for i, kind in enumerate(("wall", "cpu")):

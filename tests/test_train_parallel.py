@@ -10,7 +10,7 @@ def test_strategy_choice_and_errors():
     assert isinstance(parallel.build_strategy(2, 1), ModelParallelStrategy)
     with pytest.raises(ValueError, match="expert_parallel_size=3 must be >= 1 and divide devices x num_nodes = 4"):
         parallel.build_strategy(2, 2, expert_parallel_size=3)
-    with pytest.raises(ValueError, match="needs several devices"):
+    with pytest.raises(ValueError, match="expert_parallel_size=2 must be >= 1 and divide devices x num_nodes = 1"):
         parallel.build_strategy(1, 1, expert_parallel_size=2)
 
 
