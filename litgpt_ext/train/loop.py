@@ -12,7 +12,6 @@ import csv
 import dataclasses
 import inspect
 import math
-import os
 import random
 import signal
 import time
