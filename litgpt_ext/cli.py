@@ -34,6 +34,16 @@ def _load(target: str) -> Callable:
     return getattr(importlib.import_module(module), fn)
 
 
+# flags whose natural name is a Python keyword: `fork --from X` is the function's `source`
+ALIASES: dict[str, dict[str, str]] = {"fork": {"--from": "--source"}}
+
+
+def _alias(command: str, arg: str) -> str:
+    flag, eq, value = arg.partition("=")
+    new = ALIASES.get(command, {}).get(flag)
+    return new + eq + value if new else arg
+
+
 def _usage() -> str:
     width = max(len(n) for n in COMMANDS)
     lines = ["usage: litgpt-ext <command> [--help] [args]", "", "commands:"]
@@ -48,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         print(_usage())
         return
     name, rest = argv[0], argv[1:]
+    rest = [_alias(name, a) for a in rest]
     if name not in COMMANDS:
         sys.exit(f"litgpt-ext: unknown command {name!r}; known: {', '.join(COMMANDS)}\n\n{_usage()}")
     from jsonargparse import CLI
