@@ -278,6 +278,7 @@ class ShardedMixedDataset(DataModule):
         val_max_samples: int | None = None,
     ):
         super().__init__()
+        self.save_hyperparameters()  # the loop writes these (mix strings included) to hyperparameters.yaml
         if num_workers < 0:
             raise MixError(f"num_workers must be >= 0, got {num_workers}")
         self.data_path = Path(data_path) if data_path not in (None, "") else None
