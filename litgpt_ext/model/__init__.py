@@ -1,0 +1,53 @@
+"""Models: litgpt's GPT, with our grouped MoE feed-forward in place of litgpt's `LLaMAMoE`."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from litgpt import GPT, Config
+from litgpt.model import LLaMAMoE
+
+from litgpt_ext.model.moe import (
+    MoEArgs,
+    MoEFeedForward,
+    flatten_moe_stats,
+    moe_aux_loss,
+    moe_layers,
+    moe_stats,
+    split_model_config,
+    to_litgpt_state_dict,
+    update_router_biases,
+)
+
+__all__ = [
+    "MoEArgs",
+    "MoEFeedForward",
+    "build_model",
+    "flatten_moe_stats",
+    "moe_aux_loss",
+    "moe_layers",
+    "moe_stats",
+    "split_model_config",
+    "to_litgpt_state_dict",
+    "update_router_biases",
+]
+
+
+def build_model(config: Config, moe: Optional[MoEArgs] = None) -> GPT:
+    """litgpt's GPT; every `LLaMAMoE` block (config.n_expert > 0) becomes a `MoEFeedForward`.
+
+    Dense configs come back untouched. `first_k_dense_replace` keeps working because litgpt already
+    builds those first blocks with a dense MLP. Call it under `fabric.init_module(empty_init=True)`
+    for big configs: litgpt's experts are then created on the meta device and replaced for free.
+    """
+    model = GPT(config)
+    if config.n_expert > 0:
+        if config.mlp_class_name != "LLaMAMoE":
+            raise ValueError(f"n_expert={config.n_expert} needs mlp_class_name='LLaMAMoE', "
+                             f"got {config.mlp_class_name!r}")
+        for block in model.transformer.h:
+            if isinstance(block.mlp, LLaMAMoE):
+                block.mlp = MoEFeedForward(config, moe)
+    elif moe is not None:
+        raise ValueError("MoE options were given but the model config has n_expert=0 (a dense model)")
+    return model
