@@ -129,6 +129,8 @@ class GroupedExperts(nn.Module):
             self.proj_bias = nn.Parameter(torch.empty(n_expert, n_embd))
         else:
             self.fc_1_bias = self.fc_2_bias = self.proj_bias = None
+        # expert parallelism sets this to fix up gradients of the local shard (see expert_parallel.py)
+        self.weight_hook = None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -150,8 +152,10 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """x: tokens sorted by (local) expert, counts[e] rows per expert; returns the same layout."""
-        fc_1, fc_2, proj = (_local(p) for p in (self.fc_1, self.fc_2, self.proj))
-        biases = tuple(_local(b) if b is not None else None for b in (self.fc_1_bias, self.fc_2_bias, self.proj_bias))
+        hook = self.weight_hook or (lambda t: t)
+        fc_1, fc_2, proj = (hook(_local(p)) for p in (self.fc_1, self.fc_2, self.proj))
+        biases = tuple(hook(_local(b)) if b is not None else None
+                       for b in (self.fc_1_bias, self.fc_2_bias, self.proj_bias))
         if len(counts) != fc_1.shape[0]:
             raise ValueError(f"got token counts for {len(counts)} experts but this module holds {fc_1.shape[0]}")
         if self.impl == "grouped_mm" and x.is_cuda and biases[0] is None:
