@@ -347,11 +347,11 @@ def to_litgpt_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         head, _, leaf = key.rpartition(".")
-        if head.endswith(".experts") and leaf in ("fc_1", "fc_2", "proj", "fc_1_bias", "fc_2_bias", "proj_bias"):
+        if (head == "experts" or head.endswith(".experts")) and leaf in ("fc_1", "fc_2", "proj", "fc_1_bias", "fc_2_bias", "proj_bias"):
             name, kind = (leaf[:-5], "bias") if leaf.endswith("_bias") else (leaf, "weight")
             for i, w in enumerate(value):
                 out[f"{head}.{i}.{name}.{kind}"] = w.clone()
-        elif key.endswith(".gate.e_score_correction_bias"):
+        elif key == "gate.e_score_correction_bias" or key.endswith(".gate.e_score_correction_bias"):
             continue
         else:
             out[key] = value
