@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 
@@ -91,3 +92,103 @@ def test_ep2_matches_single_process():
     ]
     # fork: the children inherit the imported torch/litgpt (importing lightning costs ~10 s a process)
     mp.start_processes(_worker, args=(2, _free_port(), cases), nprocs=2, join=True, start_method="fork")
+
+
+def _fsdp_ep_model(config, moe, mesh, state_dict):
+    from torch.distributed.fsdp import fully_shard
+
+    from litgpt_ext.model.expert_parallel import expert_parallel_hook
+
+    model = build_model(config, moe)
+    model.load_state_dict(state_dict)
+    ignored = expert_parallel_hook(model, mesh, 2)  # what litgpt_ext.parallel does before FSDP2
+    assert ignored == expert_parameters(model)
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh, ignored_params=ignored)
+    fully_shard(model, mesh=mesh, ignored_params=ignored)
+    return model
+
+
+def _roundtrip(obj):
+    """Through bytes, as a checkpoint file would (state dicts alias live optimizer tensors)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+def _step(model, opt, idx, clip):
+    _loss(model, idx).backward()
+    clip(model.parameters(), 0.5)
+    opt.step()
+    opt.zero_grad()
+
+
+def _fsdp_worker(rank: int, world: int, port: int) -> None:
+    """FSDP2 on the data-parallel mesh + EP=2 on experts: training steps and checkpoints that move
+    between EP=2 and EP=1 (full state dicts in the global expert layout)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from litgpt_ext.model.expert_parallel import clip_grad_norm_
+
+    full = StateDictOptions(full_state_dict=True)  # every rank gets the full dict (cpu_offload: rank 0 only)
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("data_parallel",))
+    try:
+        torch.manual_seed(0)
+        config, moe = tiny_config(), MoEArgs(aux_loss_coef=0.01)
+        ref = build_model(config, moe)
+        model = _fsdp_ep_model(config, moe, mesh, ref.state_dict())
+        ropt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        g = torch.Generator().manual_seed(1)
+        batches = [torch.randint(0, config.vocab_size, (4, 13), generator=g) for _ in range(3)]
+
+        def ref_step(m, o, batch):  # one data-parallel step of the single-process model
+            (sum(_loss(m, h) for h in batch.chunk(world)) / world).backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 0.5)
+            o.step()
+            o.zero_grad()
+
+        for batch in batches[:2]:
+            ref_step(ref, ropt, batch)
+            _step(model, opt, batch.chunk(world)[rank], clip_grad_norm_)
+        sd = get_model_state_dict(model, options=full)
+        assert sd["transformer.h.0.mlp.experts.fc_1"].shape == (4, 24, 32)  # global layout
+        for k, v in ref.state_dict().items():
+            torch.testing.assert_close(sd[k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+        # save under EP=2 -> resume under EP=1 (a plain single-process model)
+        osd = _roundtrip(get_optimizer_state_dict(model, opt, options=full))
+        ep1 = build_model(config, moe)
+        ep1.load_state_dict(_roundtrip(sd))
+        ep1_opt = torch.optim.AdamW(ep1.parameters(), lr=1e-2)
+        set_optimizer_state_dict(ep1, ep1_opt, osd)
+        # save under EP=1 -> resume under EP=2 (+FSDP2)
+        ep2 = _fsdp_ep_model(config, moe, mesh, build_model(config, moe).state_dict())  # other weights
+        ep2_opt = torch.optim.AdamW(ep2.parameters(), lr=1e-2)
+        load = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+        set_model_state_dict(ep2, _roundtrip(ref.state_dict()), options=load)
+        set_optimizer_state_dict(ep2, ep2_opt, _roundtrip(get_optimizer_state_dict(ref, ropt)), options=load)
+        ref_step(ref, ropt, batches[2])
+        ref_step(ep1, ep1_opt, batches[2])
+        _step(ep2, ep2_opt, batches[2].chunk(world)[rank], clip_grad_norm_)
+        ep2_sd = get_model_state_dict(ep2, options=full)
+        for k, v in ref.state_dict().items():
+            torch.testing.assert_close(ep1.state_dict()[k], v, rtol=1e-4, atol=1e-5, msg=k)
+            torch.testing.assert_close(ep2_sd[k], v, rtol=1e-4, atol=1e-5, msg=k)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ep2_with_fsdp2_trains_and_checkpoints_across_layouts():
+    mp.start_processes(_fsdp_worker, args=(2, _free_port()), nprocs=2, join=True, start_method="fork")

@@ -22,6 +22,7 @@ checkpoints reshard across layouts (save under EP=2, load under EP=1 and back).
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Optional
 
@@ -110,6 +111,42 @@ class ExpertParallelDispatcher:
         return _ExpertGrad.apply(w, self.grad_divisor, self.replicate_group)
 
 
+@torch.no_grad()
+def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0,
+                    error_if_nonfinite: bool = False) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_` for gradients that live on different DeviceMeshes.
+
+    torch's version stacks the per-parameter norms, which DTensor refuses across meshes (FSDP
+    parameters on the data-parallel mesh, experts on the expert-parallel mesh). Here the norm is
+    computed per mesh, made a plain tensor (`full_tensor`), and combined. Returns the total norm.
+    """
+    from torch.distributed.tensor import DTensor
+
+    params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    groups: dict[Any, list[torch.Tensor]] = {}
+    for g in grads:
+        groups.setdefault(g.device_mesh if isinstance(g, DTensor) else None, []).append(g)
+    norms = []
+    for gs in groups.values():
+        n = torch.nn.utils.get_total_norm(gs, norm_type=norm_type)
+        norms.append(n.full_tensor() if isinstance(n, DTensor) else n)
+    norms = [n.float().to(norms[0].device) for n in norms]
+    if math.isinf(norm_type):
+        total = torch.stack(norms).max()
+    else:
+        total = torch.stack(norms).pow(norm_type).sum().pow(1.0 / norm_type)
+    if error_if_nonfinite and not torch.isfinite(total):
+        raise RuntimeError(f"the total norm of order {norm_type} of the gradients is non-finite ({total.item()})")
+    coef = float(max_norm) / (float(total) + 1e-6)
+    if coef < 1.0:
+        for g in grads:
+            g.mul_(coef)
+    return total
+
+
 def expert_parameters(model: nn.Module) -> set[nn.Parameter]:
     """The stacked expert weights of every MoE layer (to keep out of FSDP under expert parallelism)."""
     return {p for _, m in moe_layers(model) for p in m.experts.parameters()}
@@ -155,5 +192,31 @@ def apply_expert_parallel(
     return model
 
 
-__all__ = ["apply_expert_parallel", "expert_parameters", "reset_comm_time", "ExpertParallelDispatcher",
+def expert_parallel_hook(model: nn.Module, dp_mesh: Any, expert_parallel_size: int) -> set[nn.Parameter]:
+    """`litgpt_ext.parallel` hook: shard experts before FSDP2 wraps the blocks.
+
+    The data-parallel ranks are laid out as a (world/ep, ep) grid: each row of `ep` consecutive
+    ranks is one expert-parallel group holding all experts between them; ranks in a column hold the
+    same experts and sum their expert gradients. Returns the parameters FSDP must leave alone.
+    With `expert_parallel_size == 1` experts are ordinary parameters that FSDP shards with the rest.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+
+    layers = moe_layers(model)
+    if expert_parallel_size == 1 or not layers:
+        if expert_parallel_size > 1:
+            raise ValueError(f"expert_parallel_size={expert_parallel_size} but the model has no MoE layers")
+        return set()
+    world = dp_mesh.size()
+    if world % expert_parallel_size:
+        raise ValueError(f"expert_parallel_size={expert_parallel_size} must divide the data-parallel size {world}")
+    rows = world // expert_parallel_size
+    mesh = init_device_mesh(dp_mesh.device_type, (rows, expert_parallel_size),
+                            mesh_dim_names=("expert_replicate", "expert_parallel"))
+    replicate_group = mesh.get_group("expert_replicate") if rows > 1 else None
+    apply_expert_parallel(model, mesh["expert_parallel"], replicate_group, grad_divisor=world)
+    return expert_parameters(model)
+
+
+__all__ = ["expert_parallel_hook", "clip_grad_norm_", "apply_expert_parallel", "expert_parameters", "reset_comm_time", "ExpertParallelDispatcher",
            "MoEFeedForward"]

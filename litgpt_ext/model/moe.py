@@ -409,3 +409,17 @@ def update_router_biases(model: nn.Module, group: Any = None) -> None:
             m.update_bias(group)
         else:
             m.load_since_update.zero_()
+
+
+@torch.no_grad()
+def initialize_moe_weights(model: nn.Module, n_layer: int, n_embd: int) -> None:
+    """litgpt's GPT-NeoX pretraining init (`litgpt.pretrain.initialize_weights`) for our MoE weights.
+
+    litgpt's initializer only knows `nn.Linear`; call this after it so that the router and the
+    stacked experts get the same std as litgpt's LLaMAMoE would (proj: 1/sqrt(C)/n_layer).
+    """
+    std = math.sqrt(2.0 / 5 / n_embd)
+    for _, m in moe_layers(model):
+        if not m.gate.weight.is_meta:
+            nn.init.normal_(m.gate.weight, mean=0.0, std=std)
+        m.experts.reset_parameters(std=std, proj_std=1 / math.sqrt(n_embd) / n_layer)
