@@ -11,7 +11,9 @@ import importlib
 import sys
 from typing import Callable
 
-# name -> ("module:function", one-line help)
+# name -> ("module:function", one-line help); required arguments are flags (`--data_path …`)
+# except for the commands in POSITIONAL, which take them positionally (`evaluate <dir>`).
+POSITIONAL = {"evaluate", "convert-to-hf"}
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("litgpt_ext.prep.prepare:prepare", "tokenize raw text into typed litdata token shards"),
     "train-tokenizer": ("litgpt_ext.prep.tokenizer:train_tokenizer", "train a byte-level BPE tokenizer offline"),
@@ -30,6 +32,16 @@ def _load(target: str) -> Callable:
     return getattr(importlib.import_module(module), fn)
 
 
+# flags whose natural name is a Python keyword: `fork --from X` is the function's `source`
+ALIASES: dict[str, dict[str, str]] = {"fork": {"--from": "--source"}}
+
+
+def _alias(command: str, arg: str) -> str:
+    flag, eq, value = arg.partition("=")
+    new = ALIASES.get(command, {}).get(flag)
+    return new + eq + value if new else arg
+
+
 def _usage() -> str:
     width = max(len(n) for n in COMMANDS)
     lines = ["usage: litgpt-ext <command> [--help] [args]", "", "commands:"]
@@ -44,11 +56,12 @@ def main(argv: list[str] | None = None) -> None:
         print(_usage())
         return
     name, rest = argv[0], argv[1:]
+    rest = [_alias(name, a) for a in rest]
     if name not in COMMANDS:
         sys.exit(f"litgpt-ext: unknown command {name!r}; known: {', '.join(COMMANDS)}\n\n{_usage()}")
     from jsonargparse import CLI
 
-    CLI(_load(COMMANDS[name][0]), args=rest, as_positional=True)
+    CLI(_load(COMMANDS[name][0]), args=rest, as_positional=name in POSITIONAL, prog=f"litgpt-ext {name}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,93 @@
+"""The Fabric strategy: plain on one device, FSDP2 (`fully_shard` per transformer block) on a
+DeviceMesh otherwise.
+
+Lightning's `FSDPStrategy` (FSDP1) refuses CPU; `ModelParallelStrategy` with `fully_shard` runs on
+CPU (gloo) and GPU (nccl) alike, so the same code path is tested here with 2 CPU processes.
+
+Hook for expert parallelism: modules that need their own sharding (MoE experts) register a
+function with `register_parallelize_hook`; it runs on the unsharded model before the FSDP2 wrapping,
+receives the data-parallel mesh and `expert_parallel_size`, and may shard/replace modules
+(e.g. `fully_shard` experts over an expert mesh). With no hook registered, `expert_parallel_size`
+must be 1.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+from typing import TYPE_CHECKING, Callable, Literal, Union
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+ParallelizeHook = Callable[[nn.Module, "DeviceMesh", int], None]
+_HOOKS: list[ParallelizeHook] = []
+
+
+def register_parallelize_hook(fn: ParallelizeHook) -> ParallelizeHook:
+    """Add `fn(model, dp_mesh, expert_parallel_size)`, run before FSDP2 wraps the blocks."""
+    if fn not in _HOOKS:
+        _HOOKS.append(fn)
+    return fn
+
+
+def parallelize(model: nn.Module, device_mesh: "DeviceMesh", expert_parallel_size: int = 1) -> nn.Module:
+    """FSDP2: shard every transformer block, then the root (embeddings, head, final norm)."""
+    from torch.distributed.fsdp import fully_shard
+
+    dp_mesh = device_mesh["data_parallel"]
+    if expert_parallel_size > 1 and not _HOOKS:
+        raise ValueError(
+            f"expert_parallel_size={expert_parallel_size} needs an MoE model that registers a parallelize hook"
+            " (litgpt_ext.parallel.register_parallelize_hook); a dense model takes expert_parallel_size=1"
+        )
+    for hook in _HOOKS:
+        hook(model, dp_mesh, expert_parallel_size)
+    blocks = getattr(getattr(model, "transformer", None), "h", None)
+    if blocks is None:
+        raise TypeError(f"cannot find transformer blocks (model.transformer.h) in {type(model).__name__}")
+    for block in blocks:
+        fully_shard(block, mesh=dp_mesh)
+    fully_shard(model, mesh=dp_mesh)
+    return model
+
+
+def slurm_defaults() -> tuple[Union[int, None], Union[int, None]]:
+    """(devices per node, nodes) from the SLURM environment, None where SLURM does not say."""
+    tasks = os.environ.get("SLURM_NTASKS_PER_NODE") or os.environ.get("SLURM_GPUS_ON_NODE")
+    nodes = os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES")
+    dev = int(tasks.split("(")[0]) if tasks and tasks.split("(")[0].isdigit() else None
+    return dev, (int(nodes) if nodes and nodes.isdigit() else None)
+
+
+def resolve_devices(devices: Union[int, Literal["auto"]], num_nodes: Union[int, None]) -> tuple[int, int]:
+    slurm_dev, slurm_nodes = slurm_defaults()
+    if devices == "auto" or devices == -1:
+        devices = slurm_dev or (torch.cuda.device_count() or 1)
+    if not isinstance(devices, int) or devices < 1:
+        raise ValueError(f"devices must be a positive int or 'auto', got {devices!r}")
+    num_nodes = num_nodes or slurm_nodes or 1
+    return devices, num_nodes
+
+
+def build_strategy(devices: int, num_nodes: int = 1, expert_parallel_size: int = 1):
+    """'auto' for one process; FSDP2 over all data-parallel ranks otherwise."""
+    world = devices * num_nodes
+    if expert_parallel_size < 1 or world % expert_parallel_size:
+        raise ValueError(
+            f"expert_parallel_size={expert_parallel_size} must be >= 1 and divide devices x num_nodes = {world}"
+        )
+    if world == 1:
+        if expert_parallel_size != 1:
+            raise ValueError(f"expert_parallel_size={expert_parallel_size} needs several devices; got 1")
+        return "auto"
+    from lightning.fabric.strategies import ModelParallelStrategy
+
+    return ModelParallelStrategy(
+        parallelize_fn=partial(parallelize, expert_parallel_size=expert_parallel_size),
+        data_parallel_size=world,
+        tensor_parallel_size=1,
+    )

@@ -1,0 +1,83 @@
+"""Training and evaluation arguments: litgpt's `TrainArgs`/`EvalArgs` plus the paper's keys."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from litgpt.args import EvalArgs as _LitEvalArgs
+from litgpt.args import TrainArgs as _LitTrainArgs
+
+from litgpt_ext.train.schedules import SCHEDULES
+
+
+@dataclass
+class TrainArgs(_LitTrainArgs):
+    """Training arguments (litgpt's, with the paper's budget and schedule keys).
+
+    Budgets count optimizer steps of `global_batch_size` sequences. The run stops at the earliest of
+    `max_iters`, `max_tokens // (global_batch_size * max_seq_length)` and, on a resumed run,
+    `resumed_step + max_additional_steps`. That stop is the LR schedule's horizon.
+    """
+
+    lr_warmup_steps: Optional[int] = None
+    """Warmup length in optimizer steps (exclusive with `lr_warmup_fraction`)"""
+    lr_warmup_fraction: Optional[float] = None
+    """Warmup length as a fraction of the steps the schedule spans"""
+    max_iters: Optional[int] = None
+    """Total optimizer steps of the run (the paper's key; litgpt's `max_steps` is an alias)"""
+    max_additional_steps: Optional[int] = None
+    """Optimizer steps beyond the step the run resumed from (midtraining budget)"""
+    lr_scheduler: Literal["cosine", "wsd", "decay", "constant", "rewarmup_cosine"] = "cosine"
+    """LR schedule; see `litgpt_ext.train.schedules`"""
+    stable_steps: Optional[int] = None
+    """`wsd`: optimizer steps at the peak LR after warmup before the linear decay"""
+    max_norm: Optional[float] = 1.0
+    """Gradient clipping norm (None: no clipping, the norm is still logged)"""
+    keep_last_k: Optional[int] = None
+    """Keep only the newest k `step-*` checkpoints of this run (None: keep all)"""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.lr_scheduler not in SCHEDULES:
+            raise ValueError(f"unknown train.lr_scheduler {self.lr_scheduler!r}; choose from {', '.join(SCHEDULES)}")
+        if self.max_iters is None and self.max_steps is not None:
+            self.max_iters = self.max_steps
+        for name in ("max_iters", "max_additional_steps", "max_tokens", "keep_last_k", "save_interval"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ValueError(f"train.{name} must be positive, got {v}")
+        if self.micro_batch_size <= 0 or self.global_batch_size <= 0:
+            raise ValueError(
+                f"train.micro_batch_size and train.global_batch_size must be positive, got"
+                f" {self.micro_batch_size} and {self.global_batch_size}"
+            )
+
+    def accumulation_steps(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on each rank; the global batch must split evenly."""
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"train.global_batch_size={self.global_batch_size} is not a multiple of"
+                f" micro_batch_size ({self.micro_batch_size}) x data-parallel ranks ({world_size})"
+            )
+        return self.global_batch_size // per_step
+
+
+@dataclass
+class EvalArgs(_LitEvalArgs):
+    """Evaluation on the named validation sets (`data.val_data_path: {name: path}`)."""
+
+    interval: int = 1000
+    """Optimizer steps between evaluations"""
+    max_iters: int = 100
+    """Batches per validation set and rank at most"""
+    initial_validation: bool = True
+    """Evaluate before the first step: the baseline that forgetting is measured against"""
+    early_stop: Optional[dict[str, float]] = None
+    """{set name: max loss increase}: stop (and checkpoint) when a set's loss rises more than that
+    above its value at the start of this run, e.g. {general: 0.5}"""
+
+    def __post_init__(self) -> None:
+        if self.interval <= 0:
+            raise ValueError(f"eval.interval must be positive, got {self.interval}")
