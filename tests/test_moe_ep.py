@@ -38,6 +38,7 @@ def _loss(model, idx):
 
 
 def _worker(rank: int, world: int, port: int, cases: list) -> None:
+    torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP pool (libgomp hangs)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from torch.distributed.device_mesh import init_device_mesh
@@ -127,6 +128,7 @@ def _step(model, opt, idx, clip):
 def _fsdp_worker(rank: int, world: int, port: int) -> None:
     """FSDP2 on the data-parallel mesh + EP=2 on experts: training steps and checkpoints that move
     between EP=2 and EP=1 (full state dicts in the global expert layout)."""
+    torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP pool (libgomp hangs)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from torch.distributed.checkpoint.state_dict import (

@@ -7,6 +7,7 @@ from typing import Optional
 from litgpt import GPT, Config
 from litgpt.model import LLaMAMoE
 
+from litgpt_ext.parallel import register_parallelize_hook
 from litgpt_ext.model.moe import (
     MoEArgs,
     MoEFeedForward,
@@ -33,6 +34,16 @@ __all__ = [
     "to_litgpt_state_dict",
     "update_router_biases",
 ]
+
+
+def _expert_parallel_hook(model, dp_mesh, expert_parallel_size):
+    from litgpt_ext.model.expert_parallel import expert_parallel_hook
+
+    return expert_parallel_hook(model, dp_mesh, expert_parallel_size)
+
+
+# `litgpt_ext.parallel.parallelize` runs this before FSDP2: experts get sharded over the EP mesh
+register_parallelize_hook(_expert_parallel_hook)
 
 
 def build_model(config: Config, moe: Optional[MoEArgs] = None) -> GPT:

@@ -294,6 +294,9 @@ class MoEFeedForward(nn.Module):
         if self.config.n_shared_expert:
             y = y + self.shared_experts(x)
 
+        if not self.training:  # evaluation: no aux loss, no balancing or statistics bookkeeping
+            self.last_aux_loss = None
+            return y
         # bookkeeping: stats of this forward, aux loss, load for bias updates
         with torch.no_grad():
             self.load_since_update += counts.to(self.load_since_update.dtype)
