@@ -163,6 +163,10 @@ class GroupedExperts(nn.Module):
             h = F.silu(torch._grouped_mm(x, fc_1.transpose(-2, -1), offs=offs))
             h = h * torch._grouped_mm(x, fc_2.transpose(-2, -1), offs=offs)
             return torch._grouped_mm(h, proj.transpose(-2, -1), offs=offs)
+        # unbind once: its backward stacks the per-expert gradients in one go, where indexing
+        # `fc_1[e]` per expert would materialise (and add) a full-size zero gradient per expert
+        fc_1, fc_2, proj = fc_1.unbind(0), fc_2.unbind(0), proj.unbind(0)
+        biases = tuple(b.unbind(0) if b is not None else None for b in biases)
         outs, start = [], 0
         for e, n in enumerate(counts):
             if n == 0:
@@ -173,7 +177,7 @@ class GroupedExperts(nn.Module):
             b = F.linear(xe, fc_2[e], biases[1][e] if biases[1] is not None else None)
             outs.append(F.linear(F.silu(a) * b, proj[e], biases[2][e] if biases[2] is not None else None))
         if not outs:  # no tokens at all: keep the graph connected so every rank's backward matches
-            return x.new_zeros(0, self.n_embd) + 0 * fc_1.sum() + 0 * fc_2.sum() + 0 * proj.sum()
+            return x.new_zeros(0, self.n_embd) + 0 * sum(w.sum() for w in (*fc_1, *fc_2, *proj))
         return torch.cat(outs)
 
 
