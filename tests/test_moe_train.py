@@ -101,6 +101,13 @@ def test_moe_pretrain_and_resume_across_ep_layouts(data_dir, tmp_path, capsys):
     w3, w6 = expert_weights(a / "step-00000003"), expert_weights(b / "final")
     assert w6.shape == (4, 16, 32)  # saved in the global layout, not rank 0's half
     assert not torch.allclose(w6[2:], w3[2:]) and not torch.allclose(w6[:2], w3[:2])  # both halves trained
+    from litgpt.config import Config
+
+    from litgpt_ext.model import MoEArgs, build_model, load_moe_args
+
+    assert load_moe_args(b / "final") == MoEArgs(**MOE)  # eval/export can rebuild the MoE model
+    model = build_model(Config.from_file(b / "final" / "model_config.yaml"), load_moe_args(b / "final"))
+    model.load_state_dict(ckpt.load_model_state(b / "final"), strict=True)
     st = ckpt.load_training_state(b / "final")
     assert st["step"] == 6 and st["world_size"] == 2
 

@@ -27,6 +27,7 @@ __all__ = [
     "build_model",
     "flatten_moe_stats",
     "initialize_moe_weights",
+    "load_moe_args",
     "moe_aux_loss",
     "moe_layers",
     "moe_stats",
@@ -64,3 +65,22 @@ def build_model(config: Config, moe: Optional[MoEArgs] = None) -> GPT:
     elif moe is not None:
         raise ValueError("MoE options were given but the model config has n_expert=0 (a dense model)")
     return model
+
+
+def load_moe_args(checkpoint_dir) -> Optional[MoEArgs]:
+    """The `moe:` section a checkpoint was trained with (from its hyperparameters.yaml), or None.
+
+    Checkpoints keep litgpt's `model_config.yaml` untouched (litgpt's `Config` has no MoE extras);
+    the MoE options live with the run's other hyperparameters. Evaluation/export of an MoE
+    checkpoint: `build_model(Config.from_file(d / "model_config.yaml"), load_moe_args(d))`, then
+    `load_state_dict`; `to_litgpt_state_dict` gives litgpt's per-expert `LLaMAMoE` layout.
+    """
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(checkpoint_dir) / "hyperparameters.yaml"
+    if not path.is_file():
+        return None
+    moe = (yaml.safe_load(path.read_text()) or {}).get("moe")
+    return MoEArgs(**moe) if moe else None
