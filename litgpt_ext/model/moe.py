@@ -21,6 +21,12 @@ grouped matmuls and sharding over experts act on one tensor. The router keeps li
 experts keep litgpt's `shared_experts.*` keys. State dicts in litgpt's per-expert layout
 (`experts.{i}.fc_1.weight`, ...) load directly (a load hook stacks them); `to_litgpt_state_dict`
 converts back for export.
+
+Configuration: the expert shapes are litgpt `Config` fields (`mlp_class_name: LLaMAMoE`, `n_expert`,
+`n_expert_per_token`, `moe_intermediate_size`, `n_shared_expert`, ...), so litgpt's MoE configs
+(Mixtral, ...) work unchanged. Options litgpt has no field for live in `MoEArgs`, which `pretrain`
+takes as its own `moe:` section (a dataclass, so jsonargparse gives `--moe.gate sigmoid` etc.);
+`split_model_config` also accepts them inside a plain `model_config` dict (`moe:` or `moe_*` keys).
 """
 
 from __future__ import annotations
