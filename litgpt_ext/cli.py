@@ -8,6 +8,7 @@ parser from the signature and docstring, which gives `--help`, `--config` and `-
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Callable
 
@@ -61,7 +62,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"litgpt-ext: unknown command {name!r}; known: {', '.join(COMMANDS)}\n\n{_usage()}")
     from jsonargparse import CLI
 
-    CLI(_load(COMMANDS[name][0]), args=rest, as_positional=name in POSITIONAL, prog=f"litgpt-ext {name}")
+    try:
+        CLI(_load(COMMANDS[name][0]), args=rest, as_positional=name in POSITIONAL, prog=f"litgpt-ext {name}")
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        # Our configuration errors are ValueErrors that name the culprit: show the message, not a
+        # traceback. LITGPT_EXT_TRACEBACK=1 shows the traceback (for bugs that raise ValueError).
+        if os.environ.get("LITGPT_EXT_TRACEBACK"):
+            raise
+        sys.exit(f"litgpt-ext {name}: error: {e}\n(set LITGPT_EXT_TRACEBACK=1 for the traceback)")
 
 
 if __name__ == "__main__":

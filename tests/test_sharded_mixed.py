@@ -155,6 +155,8 @@ def test_named_val_sets(shard_root):
     assert list(vals["general"])[0].equal(gen[0])  # deterministic
     r1 = make_dm(shard_root, rank=1, world_size=2, val_data_path=str(shard_root / "val")).val_dataloaders()["val"]
     assert [int(r[0]) for r in samples(r1)][:3] == [90_016, 90_048, 90_080]  # folder of shards, odd items for rank 1
+    both = make_dm(shard_root, val_data_path={"all": [str(shard_root / "val" / "1"), str(shard_root / "val" / "m1")]})
+    assert sum(len(b) for b in both.val_dataloaders()["all"]) == 25 + 15  # m1: 240 tokens -> 15 samples
     with pytest.raises(MixError, match="val_data_path general='/nonexistent' does not exist"):
         make_dm(shard_root, val_data_path={"general": "/nonexistent"}).val_dataloaders()
 
@@ -187,3 +189,21 @@ def test_inspect_mix_cli(shard_root):
         capture_output=True, text=True, cwd=ROOT,
     )
     assert bad.returncode != 0 and "unknown shard type 'mth'" in bad.stderr
+
+
+def test_reader_matches_litdata_streaming_dataset(tmp_path):
+    """Our memmap reader serves exactly what litdata's TokensLoader serves, uneven chunks included."""
+    import numpy as np
+    from litdata.streaming import StreamingDataset
+    from litdata.streaming.item_loader import TokensLoader
+
+    from litgpt_ext.data.shard_io import write_token_shard
+    from litgpt_ext.data.sharded_mixed import _ShardReader
+
+    rng = np.random.default_rng(0)
+    write_token_shard(tmp_path / "1", [rng.integers(0, 60_000, int(rng.integers(5, 90))) for _ in range(60)], chunk_tokens=300)
+    ds = StreamingDataset(str(tmp_path / "1"), item_loader=TokensLoader(block_size=SEQ + 1))
+    reader = _ShardReader(tmp_path / "1", SEQ + 1)
+    assert len(ds) > 50
+    for i in [*range(len(ds)), 0, len(ds) - 1, 7]:
+        assert torch.equal(reader[i].long(), ds[i].long()), i

@@ -27,7 +27,8 @@ def write_token_shard(
     """Write documents (token id sequences, EOS already appended) as one litdata token shard.
 
     Returns the number of tokens written. Documents are concatenated; litdata's `TokensLoader`
-    later cuts the stream into blocks of `max_seq_length + 1` tokens per chunk.
+    later cuts the stream into blocks of `max_seq_length + 1` tokens per chunk. An empty stream
+    writes nothing and returns 0 (litdata's merge would wait forever for an index that never comes).
     """
     from litdata.streaming.item_loader import TokensLoader
     from litdata.streaming.writer import BinaryWriter
@@ -42,6 +43,8 @@ def write_token_shard(
             continue
         writer[i] = t
         total += t.numel()
+    if total == 0:
+        return 0
     writer.done()
     writer.merge()
     return total

@@ -1,0 +1,98 @@
+"""training_scripts/small_model_pretrain.sh: config selection, auto-resume and requeue on preemption.
+
+The training command is replaced by a stub python that records its arguments (the loop's own
+preemption behaviour is tested with the loop); `scontrol` is a stub that records the requeue.
+"""
+
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+SCRIPT = ROOT / "training_scripts" / "small_model_pretrain.sh"
+
+
+@pytest.fixture
+def env(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake_py = bin_dir / "python"
+    fake_py.write_text(
+        "#!/usr/bin/env bash\n"
+        f'if [ "$1" = "-" ]; then exec {sys.executable} "$@"; fi\n'
+        'echo "$@" >> "$CALLS"\nexit "${FAKE_EXIT:-0}"\n'
+    )
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text('#!/usr/bin/env bash\necho "scontrol $@" >> "$CALLS"\n')
+    for f in (fake_py, scontrol):
+        f.chmod(f.stat().st_mode | stat.S_IEXEC)
+    e = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    e.update(PATH=f"{bin_dir}:{e['PATH']}", PYTHON=str(fake_py), CALLS=str(tmp_path / "calls"), REPO_DIR=str(tmp_path))
+    e.pop("model_config_file", None)
+    e.pop("MODEL_CONFIG_FILE", None)
+    return e
+
+
+def run(env, *args, **extra):
+    return subprocess.run(["bash", str(SCRIPT), *args], env={**env, **extra}, capture_output=True, text=True)
+
+
+def calls(env):
+    with open(env["CALLS"]) as f:
+        return f.read().splitlines()
+
+
+def test_positional_config_and_overrides(env, tmp_path):
+    cfg = tmp_path / "a.yaml"
+    cfg.write_text("out_dir: out/a\n")
+    before = cfg.read_text()
+    r = run(env, str(cfg), "--train.max_additional_steps", "100")
+    assert r.returncode == 0, r.stderr
+    assert calls(env) == [f"-m litgpt_ext pretrain --config {cfg} --resume auto --train.max_additional_steps 100"]
+    assert cfg.read_text() == before  # never edited
+
+
+def test_env_config_and_no_auto_resume_when_config_names_a_checkpoint(env, tmp_path):
+    cfg = tmp_path / "b.yaml"
+    cfg.write_text("resume: out/x/step-00000010\n")
+    assert run(env, model_config_file=str(cfg)).returncode == 0
+    cfg2 = tmp_path / "c.yaml"
+    cfg2.write_text("out_dir: out/c\n")
+    assert run(env, MODEL_CONFIG_FILE=str(cfg2), AUTO_RESUME="0").returncode == 0
+    assert calls(env) == [f"-m litgpt_ext pretrain --config {cfg}", f"-m litgpt_ext pretrain --config {cfg2}"]
+
+
+def test_array_task_indexes_config_list(env, tmp_path):
+    cfgs = []
+    for name in ("x", "y", "z"):
+        cfgs.append(tmp_path / f"{name}.yaml")
+        cfgs[-1].write_text("out_dir: out\n")
+    lst = tmp_path / "sweep.txt"
+    lst.write_text(f"# sweep\n{cfgs[0]}\n\n{cfgs[1]}\n{cfgs[2]}\n")
+    assert run(env, SLURM_ARRAY_TASK_ID="2", CONFIG_LIST=str(lst)).returncode == 0
+    assert calls(env)[0].startswith(f"-m litgpt_ext pretrain --config {cfgs[1]} ")
+    bad = run(env, SLURM_ARRAY_TASK_ID="7", CONFIG_LIST=str(lst))
+    assert bad.returncode == 2 and "has no entry 7 (it lists 3)" in bad.stderr
+
+
+def test_missing_config_is_a_clear_error(env, tmp_path):
+    r = run(env)
+    assert r.returncode == 2 and "no config" in r.stderr
+    r = run(env, model_config_file=str(tmp_path / "nope.yaml"))
+    assert r.returncode == 2 and "nope.yaml' does not exist" in r.stderr
+
+
+def test_preempted_job_is_requeued(env, tmp_path):
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("out_dir: out\n")
+    r = run(env, str(cfg), FAKE_EXIT="99", SLURM_JOB_ID="123", SLURM_ARRAY_JOB_ID="120", SLURM_ARRAY_TASK_ID="3")
+    assert r.returncode == 0, r.stderr
+    assert calls(env)[-1] == "scontrol requeue 120_3"
+    r = run(env, str(cfg), FAKE_EXIT="99")  # no SLURM: say how to resume, keep the status
+    assert r.returncode == 99 and "run this command again to resume" in r.stdout
+    r = run(env, str(cfg), FAKE_EXIT="1", SLURM_JOB_ID="5")  # a crash is not requeued
+    assert r.returncode == 1 and not any(c.startswith("scontrol") and "5" in c for c in calls(env)[-1:])
