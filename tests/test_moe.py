@@ -153,3 +153,24 @@ def test_split_model_config_and_errors():
         MoEArgs(gate="relu")
     with pytest.raises(ValueError, match="n_expert=0"):
         build_model(cfg(n_expert=0, n_expert_per_token=0, mlp_class_name="LLaMAMLP"), MoEArgs())
+
+
+def test_moe_tiny_demo_config_parses_and_builds(capsys):
+    """The demo MoE config goes through the real CLI parser and builds a working model."""
+    from pathlib import Path
+
+    import yaml
+
+    from litgpt_ext.cli import main
+
+    path = Path(__file__).resolve().parents[1] / "midtrain_configs" / "demo" / "moe_tiny.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pretrain", "--config", str(path), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["moe"]["aux_loss_coef"] == 0.01 and printed["expert_parallel_size"] == 1
+    raw = yaml.safe_load(path.read_text())
+    model = build_model(Config(**raw["model_config"]), MoEArgs(**raw["moe"]))
+    kinds = [type(b.mlp).__name__ for b in model.transformer.h]
+    assert kinds == ["LLaMAMLP"] + ["MoEFeedForward"] * 3
+    assert model(torch.randint(0, 4096, (1, 8))).shape == (1, 8, 4096)
