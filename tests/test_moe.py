@@ -56,6 +56,23 @@ def test_matches_litgpt_llamamoe(shared):
     assert ours.last_stats["tokens_per_expert"].sum() == 15 * 2
 
 
+def test_matches_litgpt_group_limited_sigmoid_router():
+    """litgpt's DeepSeek-V3 routing (GroupedTopkRouter: sigmoid, selection bias, group-limited top-k,
+    norm_topk_prob, routed_scaling_factor) is reproduced with no MoE options given."""
+    config = cfg(n_expert=8, n_expert_per_token=2, n_expert_groups=4, n_topk_groups=2, n_topk_scores_per_group=2,
+                 norm_topk_prob=True, routed_scaling_factor=2.5, moe_intermediate_size=8)
+    torch.manual_seed(0)
+    ref = LLaMAMoE(config)
+    with torch.no_grad():
+        ref.gate.weight.normal_(0, 0.3)  # litgpt leaves it uninitialised (torch.empty)
+        ref.gate.e_score_correction_bias.normal_(0, 0.1)
+    ours = MoEFeedForward(config)
+    assert (ours.moe.gate, ours.moe.normalize_gates) == ("sigmoid", True)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 7, 16)
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-6)
+
+
 def test_aux_loss_hand_checked():
     m = MoEFeedForward(cfg(n_expert=2, n_expert_per_token=1), MoEArgs(aux_loss_coef=0.1))
     scores = torch.tensor([[0.8, 0.2], [0.6, 0.4]])
@@ -96,7 +113,8 @@ def test_aux_loss_free_bias_moves_towards_underloaded():
 
 def test_capacity_factor_drops_and_counts():
     config = cfg(n_expert_per_token=1)
-    m = MoEFeedForward(config, MoEArgs(gate="sigmoid", bias_update_rate=1e-3, capacity_factor=1.0))
+    m = MoEFeedForward(config, MoEArgs(gate="sigmoid", normalize_gates=True, bias_update_rate=1e-3,
+                                       capacity_factor=1.0))
     m.gate.e_score_correction_bias.copy_(torch.tensor([5.0, 0.0, 0.0, 0.0]))  # all tokens pick expert 0
     x = torch.randn(1, 8, 16)
     y = m(x)

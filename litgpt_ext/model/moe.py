@@ -32,7 +32,7 @@ takes as its own `moe:` section (a dataclass, so jsonargparse gives `--moe.gate 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, Optional
 
 import torch
@@ -55,8 +55,11 @@ class MoEArgs:
 
     Args:
         gate: 'softmax' (Mixtral, litgpt's LLaMAMoE) or 'sigmoid' (DeepSeek-V3) expert scores.
-        normalize_gates: renormalise the selected top-k scores to sum to 1. With 'softmax' this
-            is exactly litgpt's LLaMAMoE (softmax over the top-k logits).
+            Default: what litgpt does for the config, sigmoid with group-limited routing
+            (`n_expert_groups`), softmax otherwise.
+        normalize_gates: renormalise the selected top-k scores to sum to 1. Default: litgpt's
+            behaviour, always for softmax (softmax over the top-k logits, exactly litgpt's
+            LLaMAMoE), `config.norm_topk_prob` for sigmoid.
         aux_loss_coef: weight of the auxiliary load-balancing loss
             `n_expert * sum_i f_i * P_i` (f_i: share of routed slots taken by expert i, P_i: mean
             normalised score of expert i); 1.0 under perfectly uniform routing. 0 turns it off.
@@ -71,15 +74,15 @@ class MoEArgs:
             everywhere) or 'grouped_mm' (one `torch._grouped_mm` call; CUDA only).
     """
 
-    gate: Literal["softmax", "sigmoid"] = "softmax"
-    normalize_gates: bool = True
+    gate: Optional[Literal["softmax", "sigmoid"]] = None
+    normalize_gates: Optional[bool] = None
     aux_loss_coef: float = 0.0
     bias_update_rate: float = 0.0
     capacity_factor: Optional[float] = None
     expert_impl: Literal["loop", "grouped_mm"] = "loop"
 
     def __post_init__(self) -> None:
-        if self.gate not in GATES:
+        if self.gate is not None and self.gate not in GATES:
             raise ValueError(f"unknown MoE gate {self.gate!r}; choose one of {', '.join(GATES)}")
         if self.expert_impl not in EXPERT_IMPLS:
             raise ValueError(f"unknown expert_impl {self.expert_impl!r}; choose one of {', '.join(EXPERT_IMPLS)}")
@@ -218,7 +221,11 @@ class MoEFeedForward(nn.Module):
 
     def __init__(self, config: Config, moe: Optional[MoEArgs] = None) -> None:
         super().__init__()
-        moe = moe or MoEArgs()
+        moe = replace(moe or MoEArgs())  # a copy: the defaults are resolved against this config
+        if moe.gate is None:
+            moe.gate = "sigmoid" if config.n_expert_groups else "softmax"
+        if moe.normalize_gates is None:
+            moe.normalize_gates = True if moe.gate == "softmax" else bool(config.norm_topk_prob)
         if config.n_expert <= 0 or not (0 < config.n_expert_per_token <= config.n_expert):
             raise ValueError(f"MoE needs n_expert > 0 and 0 < n_expert_per_token <= n_expert, got "
                              f"n_expert={config.n_expert}, n_expert_per_token={config.n_expert_per_token}")
@@ -244,13 +251,14 @@ class MoEFeedForward(nn.Module):
         logits = self.gate(x)
         scores = logits.softmax(dim=-1) if self.moe.gate == "softmax" else logits.sigmoid()
         with torch.no_grad():
-            choice = scores + self.gate.e_score_correction_bias.float() if self.moe.bias_update_rate > 0 else scores
+            # the selection bias: aux-free balancing's, or loaded with litgpt/DeepSeek-V3 weights; 0 otherwise
+            choice = scores + self.gate.e_score_correction_bias.float()
             if cfg.n_expert_groups:  # litgpt / DeepSeek-V3 group-limited routing
                 g = cfg.n_expert_groups
                 grouped = choice.view(-1, g, self.n_expert // g)
                 group_scores = grouped.topk(cfg.n_topk_scores_per_group, dim=-1)[0].sum(-1)
                 keep = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(cfg.n_topk_groups, dim=-1)[1], 1.0)
-                choice = choice.masked_fill(~keep.bool().repeat_interleave(self.n_expert // g, dim=1), float("-inf"))
+                choice = choice.masked_fill(~keep.bool().repeat_interleave(self.n_expert // g, dim=1), 0.0)  # as litgpt
             idx = choice.topk(self.top_k, dim=-1)[1]
         weights = scores.gather(1, idx)
         if self.moe.normalize_gates:
