@@ -95,7 +95,9 @@ def test_moe_pretrain_and_resume_across_ep_layouts(data_dir, tmp_path, capsys):
 
     # 2) resume that EP=1 checkpoint under EP=2 on 2 processes (experts split 2 + 2, FSDP2 on the rest)
     b = tmp_path / "b"
-    out = pretrain_cli(config(data_dir, b), tmp_path, "--devices", "2", "--expert_parallel_size", "2",
+    # (global batch 8 = 2 micro-batches of 2 on each of 2 ranks: gradient accumulation under EP)
+    out = pretrain_cli(config(data_dir, b, global_batch_size=8), tmp_path, "--devices", "2",
+                       "--expert_parallel_size", "2",
                        "--resume", str(a / "step-00000003"), name="b.yaml").stdout
     assert "Resumed from" in out and "step 6/6" in out
     w3, w6 = expert_weights(a / "step-00000003"), expert_weights(b / "final")
