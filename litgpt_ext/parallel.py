@@ -83,8 +83,6 @@ def build_strategy(devices: int, num_nodes: int = 1, expert_parallel_size: int =
             f"expert_parallel_size={expert_parallel_size} must be >= 1 and divide devices x num_nodes = {world}"
         )
     if world == 1:
-        if expert_parallel_size != 1:
-            raise ValueError(f"expert_parallel_size={expert_parallel_size} needs several devices; got 1")
         return "auto"
     from lightning.fabric.strategies import ModelParallelStrategy
 

@@ -139,10 +139,14 @@ def _hparams(args: dict) -> dict:
 
 
 def _init_args(obj: Any) -> dict:
+    """A data module's constructor arguments: dataclass fields, Lightning `save_hyperparameters()`,
+    else the attributes named like the parameters."""
     if dataclasses.is_dataclass(obj):
         return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init}
+    saved = dict(getattr(obj, "hparams", None) or {})
     params = inspect.signature(type(obj).__init__).parameters
-    return {n: getattr(obj, n) for n in params if n != "self" and hasattr(obj, n)}
+    return {n: saved[n] if n in saved else getattr(obj, n) for n in params
+            if n != "self" and (n in saved or hasattr(obj, n))}
 
 
 def _rng_state() -> dict:
