@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from functools import partial
-from typing import TYPE_CHECKING, Callable, Literal, Union
+from typing import TYPE_CHECKING, Callable, Literal, Optional, Union
 
 import torch
 from torch import nn
@@ -23,7 +23,8 @@ from torch import nn
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
-ParallelizeHook = Callable[[nn.Module, "DeviceMesh", int], None]
+# a hook may return parameters it sharded itself (MoE experts under EP): FSDP2 leaves those alone
+ParallelizeHook = Callable[[nn.Module, "DeviceMesh", int], Optional[set]]
 _HOOKS: list[ParallelizeHook] = []
 
 
@@ -44,14 +45,15 @@ def parallelize(model: nn.Module, device_mesh: "DeviceMesh", expert_parallel_siz
             f"expert_parallel_size={expert_parallel_size} needs an MoE model that registers a parallelize hook"
             " (litgpt_ext.parallel.register_parallelize_hook); a dense model takes expert_parallel_size=1"
         )
+    ignored: set = set()
     for hook in _HOOKS:
-        hook(model, dp_mesh, expert_parallel_size)
+        ignored |= set(hook(model, dp_mesh, expert_parallel_size) or ())  # params sharded by the hook
     blocks = getattr(getattr(model, "transformer", None), "h", None)
     if blocks is None:
         raise TypeError(f"cannot find transformer blocks (model.transformer.h) in {type(model).__name__}")
     for block in blocks:
-        fully_shard(block, mesh=dp_mesh)
-    fully_shard(model, mesh=dp_mesh)
+        fully_shard(block, mesh=dp_mesh, ignored_params=ignored or None)
+    fully_shard(model, mesh=dp_mesh, ignored_params=ignored or None)
     return model
 
 
@@ -84,8 +86,35 @@ def build_strategy(devices: int, num_nodes: int = 1, expert_parallel_size: int =
         return "auto"
     from lightning.fabric.strategies import ModelParallelStrategy
 
+    if expert_parallel_size > 1:
+        return _ExpertParallelStrategy(
+            parallelize_fn=partial(parallelize, expert_parallel_size=expert_parallel_size),
+            data_parallel_size=world,
+            tensor_parallel_size=1,
+        )
     return ModelParallelStrategy(
         parallelize_fn=partial(parallelize, expert_parallel_size=expert_parallel_size),
         data_parallel_size=world,
         tensor_parallel_size=1,
     )
+
+
+def _ep_strategy_class():
+    from lightning.fabric.strategies import ModelParallelStrategy
+
+    class ExpertParallelStrategy(ModelParallelStrategy):
+        """FSDP2 + expert parallelism. Gradient clipping must combine norms from two meshes (FSDP
+        parameters on the data-parallel mesh, experts on the expert-parallel mesh), which
+        `torch.nn.utils.clip_grad_norm_` refuses to stack."""
+
+        def clip_gradients_norm(self, module, optimizer, max_norm, norm_type=2.0, error_if_nonfinite=True):
+            from litgpt_ext.model.expert_parallel import clip_grad_norm_
+
+            self.precision.unscale_gradients(optimizer)
+            return clip_grad_norm_(self.precision.main_params(optimizer), max_norm, norm_type, error_if_nonfinite)
+
+    return ExpertParallelStrategy
+
+
+def _ExpertParallelStrategy(**kw):  # noqa: N802  (lazy: lightning is imported only when needed)
+    return _ep_strategy_class()(**kw)

@@ -27,6 +27,7 @@ from litgpt.args import LogArgs
 from litgpt.config import Config
 from litgpt.data import DataModule
 
+from litgpt_ext.model import MoEArgs
 from litgpt_ext.train import checkpoint as ckpt
 from litgpt_ext.train.args import EvalArgs, TrainArgs
 from litgpt_ext.train.schedules import Schedule, warmup_steps_for
@@ -39,6 +40,7 @@ VAL_CSV = "val_metrics.csv"
 def pretrain(
     model_name: Optional[str] = None,
     model_config: Optional[Config] = None,
+    moe: Optional[MoEArgs] = None,
     out_dir: Path = Path("out/pretrain"),
     precision: Optional[Literal["bf16-true", "bf16-mixed", "32-true"]] = None,
     initial_checkpoint_dir: Optional[Path] = None,
@@ -63,7 +65,11 @@ def pretrain(
 
     Args:
         model_name: A litgpt model name (e.g. pythia-160m); ignored for the architecture when `model_config` is given.
-        model_config: An inline litgpt `Config` (e.g. a tiny model for CPU runs).
+        model_config: An inline litgpt `Config` (e.g. a tiny model for CPU runs). MoE models set
+            `mlp_class_name: LLaMAMoE`, `n_expert`, `n_expert_per_token` (and optionally
+            `moe_intermediate_size`, `n_shared_expert`, ...) as in litgpt.
+        moe: MoE options beyond litgpt's Config (gate, aux_loss_coef, bias_update_rate,
+            capacity_factor, ...; see `litgpt_ext.model.MoEArgs`). Only for models with n_expert > 0.
         out_dir: Run directory: step-XXXXXXXX/ and final/ checkpoints, logs, val_metrics.csv.
         precision: bf16-true, bf16-mixed or 32-true (default: bf16-mixed on GPUs with bf16, else 32-true).
         initial_checkpoint_dir: Load weights only from this checkpoint (fresh optimizer, step 0).
@@ -112,7 +118,7 @@ def pretrain(
     fabric = L.Fabric(devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision, loggers=[logger])
     fabric.launch()
     return _run(fabric, model_config, out_dir, initial_checkpoint_dir, resume, fork_from, data, train, eval,
-                optimizer, tokenizer_dir, seed, preempt_exit_code, hparams)
+                optimizer, tokenizer_dir, seed, preempt_exit_code, hparams, moe)
 
 
 # ----------------------------------------------------------------------------------------------- setup
@@ -228,9 +234,10 @@ class _PreemptFlag:
 
 
 def _run(fabric, config, out_dir, initial_checkpoint_dir, resume, fork_from, data, train, eval, optimizer,
-         tokenizer_dir, seed, preempt_exit_code, hparams) -> dict:
-    from litgpt.model import GPT
+         tokenizer_dir, seed, preempt_exit_code, hparams, moe=None) -> dict:
     from litgpt.pretrain import initialize_weights
+
+    from litgpt_ext.model import build_model, initialize_moe_weights
     from litgpt.utils import instantiate_torch_optimizer, num_parameters
 
     if fabric.global_rank == 0:
@@ -253,8 +260,9 @@ def _run(fabric, config, out_dir, initial_checkpoint_dir, resume, fork_from, dat
 
     fabric.seed_everything(seed)  # same init on every rank before sharding
     t0 = time.perf_counter()
-    model = GPT(config)
+    model = build_model(config, moe)  # litgpt's GPT; MoE blocks become litgpt_ext.model.MoEFeedForward
     initialize_weights(fabric, model, n_layer=config.n_layer, n_embd=config.n_embd)
+    initialize_moe_weights(model, n_layer=config.n_layer, n_embd=config.n_embd)  # litgpt's init only sees nn.Linear
     model.max_seq_length = seq_len
     weights_from = resume_dir or initial_checkpoint_dir
     if weights_from is not None:
@@ -450,12 +458,25 @@ class _Loop:
             for t, s in stats.get("types", {}).items():
                 metrics[f"data/mix/{t}/target"] = s.get("target", 0.0)
                 metrics[f"data/mix/{t}/realized"] = s.get("realized", 0.0)
+        from litgpt_ext.model import flatten_moe_stats, moe_stats
+
+        moe = moe_stats(self.model)  # last micro-batch on this rank, per MoE layer
+        if moe:
+            metrics.update(flatten_moe_stats(moe))
         fabric.log_dict(metrics, step=self.step)
+        moe_msg = ""
+        if moe:
+            aux = [s["aux_loss"] for s in moe.values() if "aux_loss" in s]
+            moe_msg = (f" | moe imbalance {metrics['moe/imbalance_max']:.2f}"
+                       + (f" aux {sum(aux):.3f}" if aux else "")
+                       + (f" dropped {int(metrics['moe/dropped_tokens'])}" if metrics["moe/dropped_tokens"] else ""))
         fabric.print(f"step {self.step}/{self.horizon} | loss {loss:.4f} | lr {self.lr:.3e} | gnorm {grad_norm:.3f}"
-                     f" | {tok_s:,.0f} tok/s | tokens {self.tokens:,} | ETA {timedelta(seconds=int(eta))}")
+                     f" | {tok_s:,.0f} tok/s | tokens {self.tokens:,} | ETA {timedelta(seconds=int(eta))}{moe_msg}")
 
     def fit(self, flag: _PreemptFlag) -> dict:
         from litgpt.utils import chunked_cross_entropy
+
+        from litgpt_ext.model import moe_aux_loss, update_router_biases
 
         fabric, model, opt, train = self.fabric, self.model, self.opt, self.train
         stopped = "budget"
@@ -471,7 +492,8 @@ class _Loop:
                 with fabric.no_backward_sync(model, enabled=micro < self.accum - 1):
                     logits = model(batch[:, :-1])
                     loss = chunked_cross_entropy(logits, batch[:, 1:])
-                    fabric.backward(loss / self.accum)
+                    aux = moe_aux_loss(model)  # 0 for dense models
+                    fabric.backward((loss + aux) / self.accum)
                 loss_sum += loss.detach()
                 self.iter_num += 1
             self.lr = self.schedule(self.step + 1)
@@ -480,6 +502,7 @@ class _Loop:
             grad_norm = fabric.clip_gradients(model, opt, max_norm=train.max_norm or float("inf"))
             opt.step()
             opt.zero_grad(set_to_none=True)
+            update_router_biases(model)  # aux-loss-free balancing (no-op unless moe.bias_update_rate > 0)
             self.step += 1
             self.tokens += train.global_batch_size * self.seq_len
 
