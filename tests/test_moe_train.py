@@ -110,6 +110,11 @@ def test_moe_pretrain_and_resume_across_ep_layouts(data_dir, tmp_path, capsys):
     assert load_moe_args(b / "final") == MoEArgs(**MOE)  # eval/export can rebuild the MoE model
     model = build_model(Config.from_file(b / "final" / "model_config.yaml"), load_moe_args(b / "final"))
     model.load_state_dict(ckpt.load_model_state(b / "final"), strict=True)
+    from litgpt_ext.eval.loading import load_model  # the lm-eval backend's loader: MoE, no conversion
+
+    evaluated, _ = load_model(b / "final", device="cpu", dtype="float32")
+    x = torch.randint(0, VOCAB, (2, 8))
+    assert torch.allclose(evaluated(x), model.eval()(x), atol=1e-6)
     st = ckpt.load_training_state(b / "final")
     assert st["step"] == 6 and st["world_size"] == 2
 

@@ -14,10 +14,7 @@ from litgpt import Config, Tokenizer
 
 from litgpt_ext.eval.naming import STEP_RE, checkpoint_step
 
-try:  # MoE-aware builder from the model package; plain litgpt GPT until that is available.
-    from litgpt_ext.model import build_model
-except ImportError:  # pragma: no cover - depends on which branches are merged
-    from litgpt import GPT as build_model
+from litgpt_ext.model import build_model, load_moe_args
 
 # Prefixes that wrappers leave on parameter names (torch.compile, Fabric, DDP/FSDP).
 _WRAPPER_PREFIXES = ("_orig_mod.", "_forward_module.", "module.")
@@ -100,7 +97,7 @@ def load_model(
     device = resolve_device(device) if isinstance(device, str) else device
     dtype = resolve_dtype(dtype, device)
     config = Config.from_file(checkpoint_dir / "model_config.yaml")
-    model = build_model(config)
+    model = build_model(config, load_moe_args(checkpoint_dir))  # MoE options live in hyperparameters.yaml
     missing, unexpected = model.load_state_dict(load_state_dict(checkpoint_dir), strict=False)
     if missing or unexpected:
         raise RuntimeError(
