@@ -91,12 +91,38 @@ def plot_curves(runs: dict[str, Path], sets: list[str], out_png: Path, fork_step
     return out_png
 
 
+def benchmark_scores(checkpoints: dict[str, Path], tasks: str, limit: int | None, data_dir: Path) -> dict[str, dict[str, float]]:
+    """lm-eval accuracy of each checkpoint on the local tasks ({name: {task: acc}})."""
+    import json
+
+    from litgpt_ext.eval.evaluate import evaluate
+
+    scores = {}
+    for name, ckpt in checkpoints.items():
+        [path] = evaluate(ckpt, tasks=tasks, limit=limit, demo_dir=data_dir, eval_data_dir=data_dir / "eval_tasks",
+                          skip_existing=True, bootstrap_iters=0)
+        res = json.loads(Path(path).read_text())["results"]
+        scores[name] = {t: res[t]["acc,none"] for t in tasks.split(",") if "acc,none" in res.get(t, {})}
+    return scores
+
+
+def scores_table(scores: dict[str, dict[str, float]]) -> str:
+    names = list(scores)
+    tasks = list(dict.fromkeys(t for s in scores.values() for t in s))
+    lines = ["| task (acc) | " + " | ".join(names) + " |", "|" + "---|" * (1 + len(names))]
+    for t in tasks:
+        lines.append(f"| {t} | " + " | ".join(f"{scores[n].get(t, float('nan')):.3f}" for n in names) + " |")
+    return "\n".join(lines)
+
+
 def demo(
     data_dir: Path = Path("data/demo"),
     out_dir: Path = Path("runs/demo"),
     config_dir: Path = Path("midtrain_configs/demo"),
-    fork_step: int = 200,
+    fork_step: int = 160,
     branches: dict[str, str] | None = None,
+    eval_tasks: str | None = "demo_math_mc,demo_prose_cloze,demo_code_completion",
+    eval_limit: int | None = 200,
     force: bool = False,
 ) -> None:
     """Build the demo data, pretrain a tiny model, fork it, midtrain two blends, and compare them.
@@ -107,6 +133,9 @@ def demo(
         config_dir: the YAML configs: pretrain.yaml and one per branch.
         fork_step: the pretraining checkpoint (step) the branches start from; it must be a saved step.
         branches: {run name: config file in config_dir}; default: the math blend and the control.
+        eval_tasks: lm-eval tasks scored on the fork point and each branch's final checkpoint
+            (null: skip the benchmark stage).
+        eval_limit: examples per task (null: all).
         force: delete previous runs under out_dir and redo them.
     """
     branches = branches or {"midtrain_math": "midtrain_math.yaml", "midtrain_control": "midtrain_control.yaml"}
@@ -144,11 +173,16 @@ def demo(
         _run(py + ["--config", str(config_dir / cfg), "--out_dir", str(run), "--fork_from", str(fork), *data_args],
              out_dir / "logs" / f"{name}.log")
     print("== 4/4 compare", flush=True)
+    scores_md = ""
+    if eval_tasks:
+        scores = benchmark_scores({"at fork": fork, **{n: r / "final" for n, r in runs.items()}}, eval_tasks, eval_limit, data_dir)
+        scores_md = f"\n\nlm-eval accuracy (local offline tasks, first {eval_limit or 'all'} examples each):\n\n" + scores_table(scores)
     sets = sorted({r["set"] for d in runs.values() for r in read_val_metrics(d)}, key=lambda s: (s != "general", s))
     table = comparison_table(runs, sets)
     png = plot_curves({"pretrain": pre, **runs}, sets, out_dir / "curves.png", fork_step)
     summary = (f"# Demo: midtraining from {fork}\n\nValidation loss at the fork point and at the end of each branch "
-               f"(Δ = end − fork; general up = forgetting, domain down = gain).\n\n{table}\n\n![curves](curves.png)\n")
+               f"(Δ = end − fork; general up = forgetting, math down = what the new blend bought).\n\n{table}{scores_md}"
+               "\n\n![curves](curves.png)\n")
     (out_dir / "summary.md").write_text(summary)
-    print(table)
+    print(table + scores_md)
     print(f"\nplot: {png}\nsummary: {out_dir / 'summary.md'}\ntotal {time.perf_counter() - t0:.0f}s")
