@@ -91,8 +91,11 @@ def plot_curves(runs: dict[str, Path], sets: list[str], out_png: Path, fork_step
     return out_png
 
 
+_METRICS = ("acc,none", "bits_per_byte,none")  # accuracy for choice tasks, bits per byte for perplexity tasks
+
+
 def benchmark_scores(checkpoints: dict[str, Path], tasks: str, limit: int | None, data_dir: Path) -> dict[str, dict[str, float]]:
-    """lm-eval accuracy of each checkpoint on the local tasks ({name: {task: acc}})."""
+    """lm-eval scores of each checkpoint on the local tasks ({name: {"task metric": value}})."""
     import json
 
     from litgpt_ext.eval.evaluate import evaluate
@@ -102,14 +105,18 @@ def benchmark_scores(checkpoints: dict[str, Path], tasks: str, limit: int | None
         [path] = evaluate(ckpt, tasks=tasks, limit=limit, demo_dir=data_dir, eval_data_dir=data_dir / "eval_tasks",
                           skip_existing=True, bootstrap_iters=0)
         res = json.loads(Path(path).read_text())["results"]
-        scores[name] = {t: res[t]["acc,none"] for t in tasks.split(",") if "acc,none" in res.get(t, {})}
+        scores[name] = {}
+        for t in tasks.split(","):
+            metric = next((m for m in _METRICS if m in res.get(t, {})), None)
+            if metric is not None:
+                scores[name][f"{t} ({metric.split(',')[0]})"] = res[t][metric]
     return scores
 
 
 def scores_table(scores: dict[str, dict[str, float]]) -> str:
     names = list(scores)
     tasks = list(dict.fromkeys(t for s in scores.values() for t in s))
-    lines = ["| task (acc) | " + " | ".join(names) + " |", "|" + "---|" * (1 + len(names))]
+    lines = ["| task (metric) | " + " | ".join(names) + " |", "|" + "---|" * (1 + len(names))]
     for t in tasks:
         lines.append(f"| {t} | " + " | ".join(f"{scores[n].get(t, float('nan')):.3f}" for n in names) + " |")
     return "\n".join(lines)
@@ -121,8 +128,8 @@ def demo(
     config_dir: Path = Path("midtrain_configs/demo"),
     fork_step: int = 160,
     branches: dict[str, str] | None = None,
-    eval_tasks: str | None = "demo_math_mc,demo_prose_cloze,demo_code_completion",
-    eval_limit: int | None = 200,
+    eval_tasks: str | None = "demo_math_mc,demo_math_ppl,demo_prose_ppl,demo_code_ppl",
+    eval_limit: int | None = 100,
     force: bool = False,
 ) -> None:
     """Build the demo data, pretrain a tiny model, fork it, midtrain two blends, and compare them.
@@ -176,7 +183,7 @@ def demo(
     scores_md = ""
     if eval_tasks:
         scores = benchmark_scores({"at fork": fork, **{n: r / "final" for n, r in runs.items()}}, eval_tasks, eval_limit, data_dir)
-        scores_md = f"\n\nlm-eval accuracy (local offline tasks, first {eval_limit or 'all'} examples each):\n\n" + scores_table(scores)
+        scores_md = f"\n\nlm-eval on local offline tasks (first {eval_limit or 'all'} examples each; acc: higher is better, bits_per_byte: lower is better):\n\n" + scores_table(scores)
     sets = sorted({r["set"] for d in runs.values() for r in read_val_metrics(d)}, key=lambda s: (s != "general", s))
     table = comparison_table(runs, sets)
     png = plot_curves({"pretrain": pre, **runs}, sets, out_dir / "curves.png", fork_step)
