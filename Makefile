@@ -1,6 +1,6 @@
 # Two commands on a fresh machine: `make demo` and `make test`.
-# CONSTRAINTS pins torch to the local CPU wheel; on a GPU cluster run `make install CONSTRAINTS=`
-# to keep the CUDA torch already installed (or let pip pick one).
+# constraints-tested.txt pins the stack to the versions the tests ran with; CONSTRAINTS pins torch
+# to the local CPU wheel: on a GPU cluster run `make install CONSTRAINTS=` to keep a CUDA torch.
 PYTHON ?= python3
 VENV ?= .venv
 CONSTRAINTS ?= constraints-cpu.txt
@@ -9,10 +9,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test bench clean-demo
 
-$(STAMP): pyproject.toml $(CONSTRAINTS)
+$(STAMP): pyproject.toml constraints-tested.txt $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e '.[test]'
+	$(PY) -m pip install -q -c constraints-tested.txt $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e '.[test]'
 	$(PY) util_scripts/check_torchvision.py
 	touch $(STAMP)
 
