@@ -7,13 +7,14 @@ end-to-end check of the CLI, the checkpoints and forking. Stages whose output ex
 
 from __future__ import annotations
 
-import csv
 import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from litgpt_ext.eval.results import read_val_metrics
 
 
 def _run(cmd: list[str], log_file: Path) -> None:
@@ -31,15 +32,6 @@ def _run(cmd: list[str], log_file: Path) -> None:
     if proc.returncode != 0:
         raise SystemExit(f"stage failed (exit {proc.returncode}); full log: {log_file}")
     print(f"  done in {time.perf_counter() - t0:.0f}s", flush=True)
-
-
-def read_val_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "val_metrics.csv"
-    if not path.is_file():
-        return []
-    with open(path) as f:
-        return [{"step": int(r["step"]), "tokens": int(float(r["tokens"])), "set": r["set"], "loss": float(r["loss"]),
-                 "ppl": float(r["ppl"])} for r in csv.DictReader(f)]
 
 
 def _at(rows: list[dict], name: str, which: str) -> float | None:

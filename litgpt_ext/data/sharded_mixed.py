@@ -229,7 +229,7 @@ class _ValStream:
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         for b in range(0, len(self.items), self.batch_size):
-            yield torch.stack([self.readers[i][j].long() for i, j in self.items[b:b + self.batch_size]])
+            yield _stack_long([self.readers[i][j] for i, j in self.items[b:b + self.batch_size]])
 
 
 def _val_paths(name: str, path: str | Path | list) -> list[Path]:

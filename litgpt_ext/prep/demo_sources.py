@@ -134,18 +134,25 @@ def _pydoc_topics() -> Iterator[tuple[str, str]]:
         yield f"pydoc_data.topics:{name}", topics[name]
 
 
+def _read_small(path: str, max_file_bytes: int) -> str | None:
+    """The file's text, or None when it is larger than `max_file_bytes` or unreadable."""
+    try:
+        if os.path.getsize(path) > max_file_bytes:
+            return None
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
 def _doc_files(roots: Iterable[Path], max_file_bytes: int) -> Iterator[tuple[str, str]]:
     for root in roots:
         for path in walk_sorted(root, skip_dirs={"__pycache__", ".git"}):
             name = os.path.basename(path)
             if name in SKIP_DOC_NAMES or not (name.endswith(DOC_SUFFIXES) or name == "METADATA"):
                 continue
-            try:
-                if os.path.getsize(path) > max_file_bytes:
-                    continue
-                with open(path, encoding="utf-8", errors="replace") as f:
-                    text = f.read()
-            except OSError:
+            text = _read_small(path, max_file_bytes)
+            if text is None:
                 continue
             if name == "METADATA":  # headers, a blank line, then the long description
                 text = text.partition("\n\n")[2]
@@ -158,14 +165,9 @@ def _read_shuffled(files: list[str], seed: int, max_file_bytes: int) -> Iterator
     files = list(files)
     random.Random(seed).shuffle(files)
     for path in files:
-        try:
-            if os.path.getsize(path) > max_file_bytes:
-                continue
-            with open(path, encoding="utf-8", errors="replace") as f:
-                text = f.read()
-        except OSError:
-            continue
-        yield path, text
+        text = _read_small(path, max_file_bytes)
+        if text is not None:
+            yield path, text
 
 
 def _docstrings(roots: Iterable[Path], max_file_bytes: int, seed: int) -> Iterator[tuple[str, str]]:
