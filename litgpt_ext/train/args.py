@@ -36,6 +36,12 @@ class TrainArgs(_LitTrainArgs):
     """Gradient clipping norm (None: no clipping, the norm is still logged)"""
     keep_last_k: Optional[int] = None
     """Keep only the newest k `step-*` checkpoints of this run (None: keep all)"""
+    lr_horizon: Optional[int] = None
+    """Optimizer step at which the LR schedule ends (reaches min_lr), when it is not the budget's
+    total: e.g. the real length of a run whose config says `max_iters: 10000000` ("no limit")"""
+    new_phase: bool = False
+    """Resume with a changed budget/schedule: start a new phase (plan) from the resumed step. Without
+    it a resumed run keeps the plan fixed when its phase began; safe to leave on across requeues"""
 
     def __post_init__(self) -> None:
         super().__post_init__()
