@@ -60,7 +60,9 @@ def test_resume_continues_bit_for_bit(straight, tmp_path):
     out, r = straight
     first = run(tmp_path, train={"max_additional_steps": 3, "save_interval": 3})  # cosine still over 8
     assert first["losses"] == {k: v for k, v in r["losses"].items() if k <= 3}
-    second = run(tmp_path, resume=True)
+    with pytest.raises(ValueError, match=r"(?s)saved plan:.*steps 0 -> 3.*train.new_phase=true.*steps 3 -> 8"):
+        run(tmp_path, resume=True)  # the phase's plan stops at 3: a requeue must not move it silently
+    second = run(tmp_path, resume=True, train={"new_phase": True})  # the budget changed on purpose
     assert second["losses"] == {k: v for k, v in r["losses"].items() if k > 3}
     a = torch.load(out / "final" / "lit_model.pth")["model"]
     b = torch.load(tmp_path / "final" / "lit_model.pth")["model"]
