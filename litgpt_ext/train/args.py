@@ -15,9 +15,9 @@ from litgpt_ext.train.schedules import SCHEDULES
 class TrainArgs(_LitTrainArgs):
     """Training arguments (litgpt's, with the paper's budget and schedule keys).
 
-    Budgets count optimizer steps of `global_batch_size` sequences. The run stops at the earliest of
-    `max_iters`, `max_tokens // (global_batch_size * max_seq_length)` and, on a resumed run,
-    `resumed_step + max_additional_steps`. That stop is the LR schedule's horizon.
+    Budgets count optimizer steps of `global_batch_size` sequences. A phase stops at the earliest of
+    `max_iters`, `max_tokens // (global_batch_size * max_seq_length)` and `phase start +
+    max_additional_steps`, fixed when the phase begins (see `litgpt_ext.train.plan`).
     """
 
     lr_warmup_steps: Optional[int] = None
@@ -27,7 +27,7 @@ class TrainArgs(_LitTrainArgs):
     max_iters: Optional[int] = None
     """Total optimizer steps of the run (the paper's key; litgpt's `max_steps` is an alias)"""
     max_additional_steps: Optional[int] = None
-    """Optimizer steps beyond the step the run resumed from (midtraining budget)"""
+    """Optimizer steps beyond the step this phase began at (midtraining budget; requeues keep it)"""
     lr_scheduler: Literal["cosine", "wsd", "decay", "constant", "rewarmup_cosine"] = "cosine"
     """LR schedule; see `litgpt_ext.train.schedules`"""
     stable_steps: Optional[int] = None
