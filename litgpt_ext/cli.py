@@ -47,7 +47,7 @@ def _alias(command: str, arg: str) -> str:
 def _usage() -> str:
     width = max(len(n) for n in COMMANDS)
     lines = ["usage: litgpt-ext <command> [--help] [args]", "", "commands:"]
-    for name, (target, help_) in COMMANDS.items():
+    for name, (_target, help_) in COMMANDS.items():
         lines.append(f"  {name:<{width}}  {help_}")
     return "\n".join(lines)
 

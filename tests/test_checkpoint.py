@@ -2,6 +2,7 @@ import os
 
 import pytest
 import torch
+import yaml
 from litgpt.config import Config
 
 from litgpt_ext.cli import main as cli_main
@@ -30,7 +31,8 @@ def test_atomic_write_and_leftover_tmp_ignored(tmp_path):
     assert not (tmp_path / "step-00000009.tmp").exists()
     d = tmp_path / "step-00000002"
     assert torch.load(d / "lit_model.pth")["model"]["w"].item() == 2.0
-    assert (d / "model_config.yaml").read_text().startswith("") and "max_iters: 10" in (d / "hyperparameters.yaml").read_text()
+    assert Config.from_file(d / "model_config.yaml") == CFG  # litgpt reads the architecture back
+    assert yaml.safe_load((d / "hyperparameters.yaml").read_text()) == {"out_dir": str(tmp_path), "train": {"max_iters": 10}}
 
 
 def test_rewrite_final_swaps_in_place(tmp_path):

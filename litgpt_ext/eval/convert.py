@@ -99,7 +99,11 @@ def hf_config(config: Config, family: str, eos_id: int | None = None, bos_id: in
 
 def convert_state_dict(config: Config, lit_sd: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
     """Rename (and for GPT-NeoX, re-interleave QKV) with litgpt's converter functions."""
-    from litgpt.scripts.convert_lit_checkpoint import check_conversion_supported, copy_weights_gpt_neox, copy_weights_llama
+    from litgpt.scripts.convert_lit_checkpoint import (
+        check_conversion_supported,
+        copy_weights_gpt_neox,
+        copy_weights_llama,
+    )
 
     check_conversion_supported(lit_sd)
     out: dict[str, torch.Tensor] = {}

@@ -14,7 +14,6 @@ import logging
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model

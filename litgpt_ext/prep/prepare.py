@@ -41,7 +41,7 @@ from typing import Iterator
 import numpy as np
 
 from litgpt_ext.data.shard_io import write_token_shard
-from litgpt_ext.prep.readers import DocStream, InputError, expand_inputs, file_signature
+from litgpt_ext.prep.readers import DocStream, expand_inputs, file_signature
 
 META_FILENAME = "prepare_meta.json"
 SHARD_NAME_RE = re.compile(r"^(?:[1-9][0-9]*|[a-z]+[1-9][0-9]*)$")
@@ -428,7 +428,7 @@ def _write_split(
     if val_dir is None:
 
         def train_only() -> Iterator[np.ndarray]:
-            for is_val, toks in docs:
+            for _is_val, toks in docs:
                 stats.train_documents += 1
                 stats.train_tokens += len(toks)
                 yield toks
