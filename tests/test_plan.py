@@ -68,7 +68,7 @@ def test_far_horizon_warning():
     paper = plan_phase(args(max_iters=10_000_000, max_additional_steps=61_000), 3e-4, 0, TPS)
     msg = stop_warning(paper)
     assert msg is not None and "ends at step 10,000,000" in msg and "stops at step 61,000" in msg
-    assert "still 100.0% of peak" in msg and "train.lr_horizon" in msg
+    assert "still 99.99% of peak" in msg and "train.lr_horizon" in msg
     assert stop_warning(plan_phase(args(max_iters=1000, max_additional_steps=600), 1.0, 0, TPS)) is None
     assert stop_warning(plan_phase(args(max_iters=10_000_000, max_additional_steps=600, lr_horizon=600),
                                    1.0, 0, TPS)) is None

@@ -177,6 +177,8 @@ def main(
 
     loader = _setup_data(fabric, data, train, seq_len, tokenizer_dir, saved)
     state.mix = getattr(data, "resolved_mix", None)
+    if saved is not None:  # restored: do not hold a second copy of the optimizer state during training
+        saved.optimizer = saved.rng = saved.data = None
 
     plan = _phase_plan(fabric, out_dir, train, peak_lr, tokens_per_step, state, saved, resume_dir)
     if plan.phase_id != state.phase_id:

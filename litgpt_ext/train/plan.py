@@ -127,7 +127,7 @@ def stop_warning(plan: RunPlan) -> Optional[str]:
         return None
     pct = 100.0 * s(plan.stop_step) / s.peak_lr if s.peak_lr else 0.0
     return (f"WARNING: the LR schedule ends at step {s.end_step:,} but this phase stops at step {plan.stop_step:,}:"
-            f" the LR at the stop is still {pct:.1f}% of peak ({s(plan.stop_step):.3e}). If the run's real length"
+            f" the LR at the stop is still {pct:.2f}% of peak ({s(plan.stop_step):.3e}). If the run's real length"
             f" is shorter (the paper's `max_iters: 10000000` means 'no limit'), set train.lr_horizon to it.")
 
 
