@@ -193,7 +193,7 @@ def build_sft_tasks(
         seed: seed of the problems, the blanks and the splits.
 
     Returns:
-        {task: {"train": n, "val": n, "dropped_overlap": n}}; also in `<out_dir>/manifest.json`.
+        {task: {"train", "val", "dropped_overlap", "duplicates", "mask_prompt"}}; also in `<out_dir>/manifest.json`.
     """
     demo_dir = Path(demo_dir)
     out_dir = Path(out_dir) if out_dir is not None else demo_dir / "sft_tasks"
@@ -210,9 +210,11 @@ def build_sft_tasks(
 
     code_train = "\n".join(_read_texts(raw / "code.jsonl"))
     items, seen, drop = [], set(), 0
+    dups: dict[str, int] = {}
     for d, doc in enumerate(_read_texts(raw / "code_heldout.jsonl")):
         for as_written, func in extract_functions(doc, min_function_lines, max_function_chars):
-            if func in seen:
+            if func in seen:  # the first copy is kept: a repeat could land in the other split
+                dups["code"] = dups.get("code", 0) + 1
                 continue
             seen.add(func)
             if as_written in code_train or func in code_train:
@@ -228,9 +230,14 @@ def build_sft_tasks(
     tasks["math"] = _split_by_doc(list(enumerate(kept)), val_fraction, seed + 1)
 
     prose_train = " ".join(" ".join(t.split()) for t in _read_texts(raw / "main.jsonl"))
-    rng, items, drop = random.Random(seed + 2), [], 0
+    rng, items, drop, seen = random.Random(seed + 2), [], 0, set()
     for d, doc in enumerate(_read_texts(raw / "main_heldout.jsonl")):
         for sentence, rec in cloze_items(doc, rng, cloze_per_doc):
+            key = (rec["input"], rec["output"])
+            if key in seen:
+                dups["prose"] = dups.get("prose", 0) + 1
+                continue
+            seen.add(key)
             if sentence in prose_train:
                 drop += 1
                 continue
@@ -244,9 +251,10 @@ def build_sft_tasks(
         for split, rows in (("train", train), ("val", val)):
             (folder / f"{split}.json").write_text(json.dumps(rows, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
         manifest[name] = {"train": len(train), "val": len(val), "dropped_overlap": dropped[name],
-                          "mask_prompt": TASK_MASK[name]}
+                          "duplicates": dups.get(name, 0), "mask_prompt": TASK_MASK[name]}
         print(f"build-sft-tasks: {name}: train={len(train)} val={len(val)} (mask_prompt={TASK_MASK[name]}; "
-              f"{dropped[name]} dropped for occurring in the training documents)", flush=True)
+              f"{dropped[name]} dropped for occurring in the training documents, {dups.get(name, 0)} repeats "
+              "kept once)", flush=True)
     (out_dir / "manifest.json").write_text(json.dumps(
         {"demo_dir": str(demo_dir), "seed": seed, "val_fraction": val_fraction, "tasks": manifest}, indent=2) + "\n")
     return manifest
