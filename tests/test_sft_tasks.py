@@ -11,6 +11,7 @@ import pytest
 
 from litgpt_ext.prep.math_gen import generate_problems
 from litgpt_ext.sft.tasks import build_sft_tasks, cloze_items, extract_functions, math_items
+from test_sft_data import tok_dir, tokenizer  # noqa: F401  (fixtures)
 
 SHARED_FUNC = '''def shared_helper(x):
     """In a training file and in a held-out file."""
@@ -102,7 +103,7 @@ def test_cloze_blanks_the_longest_word():
 
 def test_build_sft_tasks_disjoint_from_training_documents(demo, tmp_path):
     out = tmp_path / "tasks"
-    manifest = build_sft_tasks(demo, out, math_examples=200, val_fraction=0.25, cloze_per_doc=4)
+    manifest = build_sft_tasks(demo, out, math_examples=200, val_fraction=0.25, cloze_per_doc=4, max_tokens=None)
     assert manifest["code"]["dropped_overlap"] == 1  # shared_helper is in a training file
     # the 8 held-out docs differ in their first sentence only: the shared sentence is dropped once, the
     # other repeated items are kept once
@@ -132,18 +133,33 @@ def test_build_sft_tasks_disjoint_from_training_documents(demo, tmp_path):
     assert not k_val & k_train  # split by source document
 
 
-def test_tasks_load_in_litgpt_and_in_sftdata(demo, tmp_path):
+def test_tasks_fit_max_tokens_and_load_in_litgpt_and_sftdata(demo, tmp_path, tokenizer, tok_dir):
     from litgpt.data import JSON
 
     from litgpt_ext.sft.data import SFTData
-    from test_sft_data import write_json  # noqa: F401
+
+    from litgpt_ext.sft.data import Plain, encode_record
 
     out = tmp_path / "tasks"
-    build_sft_tasks(demo, out, math_examples=50, val_fraction=0.2)
-    tr, va = JSON(json_path=out / "math").get_splits()
-    assert len(tr) == 40 and len(va) == 10
-    dm = SFTData(train_path=out / "math", seed=0)
-    assert dm.train_path == out / "math"
+    with pytest.raises(FileNotFoundError, match="needs a tokenizer"):
+        build_sft_tasks(demo, out, math_examples=50)
+    full = build_sft_tasks(demo, tmp_path / "all", math_examples=50, val_fraction=0.2, max_tokens=None)
+    lengths = {t: sorted(len(encode_record(r, tokenizer, Plain(), False)[0]) for s in ("train", "val")
+                         for r in json.loads((tmp_path / "all" / t / f"{s}.json").read_text())) for t in full}
+    limit = max(v[len(v) // 2] for v in lengths.values())  # the longest task loses about half its items
+    manifest = build_sft_tasks(demo, out, math_examples=50, val_fraction=0.2, max_tokens=limit, tokenizer_dir=tok_dir)
+    for t, v in lengths.items():
+        assert manifest[t]["too_long"] == sum(n > limit for n in v)
+        assert manifest[t]["train"] + manifest[t]["val"] + manifest[t]["too_long"] == full[t]["train"] + full[t]["val"]
+    assert sum(m["too_long"] for m in manifest.values()) > 0
+    tr, va = JSON(json_path=out / "math").get_splits()  # litgpt's own JSON module reads the folder
+    assert (len(tr), len(va)) == (manifest["math"]["train"], manifest["math"]["val"])
+    for task in ("code", "math", "prose"):
+        dm = SFTData(train_path=out / task, mask_prompt=manifest[task]["mask_prompt"], seed=0)
+        dm.connect(tokenizer, batch_size=4, max_seq_length=limit)
+        dm.setup()
+        assert dm.stats["train"]["truncated"] == dm.stats["val"]["truncated"] == 0
+        assert dm.stats["train"]["no_target"] == 0
 
 
 def test_missing_demo_is_a_clear_error(tmp_path):

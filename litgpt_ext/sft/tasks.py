@@ -149,10 +149,31 @@ def cloze_items(doc: str, rng: random.Random, per_doc: int = 3, min_chars: int =
             continue
         w = max(words, key=lambda m: (len(m[0]), -m.start()))
         blanked = s[: w.start()] + "____" + s[w.end():]
-        context = (sents[k - 1] + " ") if k > 0 else ""
+        context = (sents[k - 1] + " ") if k > 0 and len(sents[k - 1]) <= max_chars else ""
         out.append((s, {"instruction": "Fill in the blank with the missing word.",
                         "input": f"{context}{blanked}\nAnswer:", "output": f" {w[0]}"}))
     return out
+
+
+def _length_filter(max_tokens: int | None, tokenizer_dir: Path) -> Callable[[dict], bool] | None:
+    if max_tokens is None:
+        return None
+    if not (tokenizer_dir / "tokenizer.json").is_file() and not (tokenizer_dir / "tokenizer.model").is_file():
+        raise FileNotFoundError(f"max_tokens={max_tokens} needs a tokenizer; {str(tokenizer_dir)!r} holds none "
+                                "(set tokenizer_dir, or max_tokens: null)")
+    from litgpt import Tokenizer
+
+    from litgpt_ext.sft.data import Plain, encode_record
+
+    tok, style = Tokenizer(tokenizer_dir), Plain()
+    return lambda rec: len(encode_record(rec, tok, style, mask_prompt=False)[0]) <= max_tokens
+
+
+def _keep(items: list[tuple[int, dict]], fits: Callable[[dict], bool] | None) -> tuple[list[tuple[int, dict]], int]:
+    if fits is None:
+        return items, 0
+    kept = [(d, rec) for d, rec in items if fits(rec)]
+    return kept, len(items) - len(kept)
 
 
 def _read_texts(path: Path) -> list[str]:
@@ -160,10 +181,12 @@ def _read_texts(path: Path) -> list[str]:
         return [json.loads(line)["text"] for line in f if line.strip()]
 
 
-def _split_by_doc(items: list[tuple[int, dict]], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+def _split_by_doc(items: list[tuple[int, dict]], val_fraction: float, seed: int, task: str) -> tuple[list[dict], list[dict]]:
     docs = sorted({d for d, _ in items})
     if len(docs) < 2:
-        raise ValueError(f"need items from >= 2 documents to split train/val, got {len(docs)}")
+        raise ValueError(f"SFT task {task}: {len(items)} items from {len(docs)} source document(s) are left after "
+                         "dropping overlaps and items over max_tokens; a train/val split needs items from >= 2 "
+                         "(raise max_tokens or build the demo with more held-out documents)")
     random.Random(seed).shuffle(docs)
     n_val = min(len(docs) - 1, max(1, round(val_fraction * len(docs))))
     val_docs = set(docs[:n_val])
@@ -178,6 +201,8 @@ def build_sft_tasks(
     cloze_per_doc: int = 3,
     min_function_lines: int = 3,
     max_function_chars: int = 2000,
+    max_tokens: int | None = 128,
+    tokenizer_dir: Path | None = None,
     seed: int = 4321,
 ) -> dict[str, dict[str, int]]:
     """Write the demo's SFT tasks (code, math, prose) as litgpt JSON train/val folders.
@@ -190,6 +215,10 @@ def build_sft_tasks(
         cloze_per_doc: fill-in-the-blank items per held-out prose document at most.
         min_function_lines: shortest function kept for the code task.
         max_function_chars: longest function kept for the code task.
+        max_tokens: drop (and count) items longer than this many tokens as `SFTData` encodes them
+            with the `plain` prompt, so that no target is cut at the model's `max_seq_length`
+            (the demo model's block size is 128); None keeps all.
+        tokenizer_dir: tokenizer for `max_tokens`; defaults to `<demo_dir>/tokenizer`.
         seed: seed of the problems, the blanks and the splits.
 
     Returns:
@@ -207,6 +236,8 @@ def build_sft_tasks(
 
     tasks: dict[str, tuple[list[dict], list[dict]]] = {}
     dropped: dict[str, int] = {}
+    too_long: dict[str, int] = {}
+    fits = _length_filter(max_tokens, Path(tokenizer_dir) if tokenizer_dir else demo_dir / "tokenizer")
 
     code_train = "\n".join(_read_texts(raw / "code.jsonl"))
     items, seen, drop = [], set(), 0
@@ -221,13 +252,15 @@ def build_sft_tasks(
                 drop += 1
                 continue
             items.append((d, {"instruction": "", "input": "", "output": func}))
-    tasks["code"], dropped["code"] = _split_by_doc(items, val_fraction, seed), drop
+    items, too_long["code"] = _keep(items, fits)
+    tasks["code"], dropped["code"] = _split_by_doc(items, val_fraction, seed, "code"), drop
 
     math_train = "\n".join(_read_texts(raw / "math.jsonl"))
     probs = math_items(math_examples, seed)
     kept = [p for p in probs if p["instruction"][len("Question: "):-len("\nAnswer:")] not in math_train]
     dropped["math"] = len(probs) - len(kept)
-    tasks["math"] = _split_by_doc(list(enumerate(kept)), val_fraction, seed + 1)
+    items, too_long["math"] = _keep(list(enumerate(kept)), fits)
+    tasks["math"] = _split_by_doc(items, val_fraction, seed + 1, "math")
 
     prose_train = " ".join(" ".join(t.split()) for t in _read_texts(raw / "main.jsonl"))
     rng, items, drop, seen = random.Random(seed + 2), [], 0, set()
@@ -242,7 +275,8 @@ def build_sft_tasks(
                 drop += 1
                 continue
             items.append((d, rec))
-    tasks["prose"], dropped["prose"] = _split_by_doc(items, val_fraction, seed + 2), drop
+    items, too_long["prose"] = _keep(items, fits)
+    tasks["prose"], dropped["prose"] = _split_by_doc(items, val_fraction, seed + 2, "prose"), drop
 
     manifest = {}
     for name, (train, val) in tasks.items():
@@ -251,10 +285,11 @@ def build_sft_tasks(
         for split, rows in (("train", train), ("val", val)):
             (folder / f"{split}.json").write_text(json.dumps(rows, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
         manifest[name] = {"train": len(train), "val": len(val), "dropped_overlap": dropped[name],
-                          "duplicates": dups.get(name, 0), "mask_prompt": TASK_MASK[name]}
+                          "duplicates": dups.get(name, 0), "too_long": too_long[name], "mask_prompt": TASK_MASK[name]}
         print(f"build-sft-tasks: {name}: train={len(train)} val={len(val)} (mask_prompt={TASK_MASK[name]}; "
-              f"{dropped[name]} dropped for occurring in the training documents, {dups.get(name, 0)} repeats "
-              "kept once)", flush=True)
+              f"dropped: {dropped[name]} occurring in the training documents, {too_long[name]} longer than "
+              f"{max_tokens} tokens; {dups.get(name, 0)} repeats kept once)", flush=True)
     (out_dir / "manifest.json").write_text(json.dumps(
-        {"demo_dir": str(demo_dir), "seed": seed, "val_fraction": val_fraction, "tasks": manifest}, indent=2) + "\n")
+        {"demo_dir": str(demo_dir), "seed": seed, "val_fraction": val_fraction, "max_tokens": max_tokens,
+         "tasks": manifest}, indent=2) + "\n")
     return manifest
