@@ -58,11 +58,15 @@ def test_mask_changes_the_loss_as_expected(tmp_path, tokenizer, model):
     assert torch.equal(bm["input_ids"], bu["input_ids"])
     with torch.no_grad():
         (lm, nm), (lu, nu) = sft_loss(model, bm), sft_loss(model, bu)
-    pad = (bu["labels"] == -100).sum()  # unmasked: only padding is ignored
-    assert int(nu) == bu["labels"][:, 1:].numel() - int((bu["labels"][:, 1:] == -100).sum()) and int(nu) > int(nm)
-    assert int(pad) > 0
     idx = unmasked.train_dataloader().batches(0)[0]
-    assert float(lu) == pytest.approx(hand_ce(model, [unmasked.train_examples[i] for i in idx])[0] / int(nu), rel=1e-5)
+    lengths = [len(unmasked.train_examples[i][0]) for i in idx]
+    T = bu["labels"].shape[1]
+    padding = torch.tensor([[t >= n for t in range(T)] for n in lengths])
+    assert torch.equal(bu["labels"] == -100, padding)  # unmasked: exactly the padding is ignored
+    assert int(nm) < int(nu) == sum(n - 1 for n in lengths)
+    for dm, loss, n in ((masked, lm, nm), (unmasked, lu, nu)):
+        total, count = hand_ce(model, [dm.train_examples[i] for i in idx])
+        assert int(n) == count and float(loss) == pytest.approx(total / count, rel=1e-5)
 
 
 def test_validation_is_token_weighted_and_independent_of_batching(tmp_path, tokenizer, model):
