@@ -16,6 +16,7 @@ from typing import Callable
 # except for the commands in POSITIONAL, which take them positionally (`evaluate <dir>`).
 POSITIONAL = {"evaluate", "convert-to-hf", "convert-moe-to-litgpt"}
 COMMANDS: dict[str, tuple[str, str]] = {
+    "clean": ("litgpt_ext.prep.clean:clean", "quality-filter and deduplicate (MinHash) raw documents before prepare"),
     "prepare": ("litgpt_ext.prep.prepare:prepare", "tokenize raw text into typed litdata token shards"),
     "train-tokenizer": ("litgpt_ext.prep.tokenizer:train_tokenizer", "train a byte-level BPE tokenizer offline"),
     "build-demo": ("litgpt_ext.prep.demo:build_demo", "build the offline demo corpus, tokenizer and shards"),

@@ -62,6 +62,7 @@ class LogProgress:
         self.n = 0
         self.t0 = self.last = time.perf_counter()
         self.closed = False
+        self.printed_n = -1
 
     def _line(self) -> str:
         el = max(time.perf_counter() - self.t0, 1e-9)
@@ -77,13 +78,17 @@ class LogProgress:
         now = time.perf_counter()
         if not self.silent and now - self.last >= self.interval_s:
             self.last = now
-            print(self._line(), file=self.stream, flush=True)
+            self._print()
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            if self.n and not self.silent:
-                print(self._line(), file=self.stream, flush=True)
+            if self.n and not self.silent and self.printed_n != self.n:
+                self._print()
+
+    def _print(self) -> None:
+        self.printed_n = self.n
+        print(self._line(), file=self.stream, flush=True)
 
     def __enter__(self) -> "LogProgress":
         return self
