@@ -14,8 +14,9 @@ from typing import Callable
 
 # name -> ("module:function", one-line help); required arguments are flags (`--data_path …`)
 # except for the commands in POSITIONAL, which take them positionally (`evaluate <dir>`).
-POSITIONAL = {"evaluate", "convert-to-hf"}
+POSITIONAL = {"evaluate", "convert-to-hf", "convert-moe-to-litgpt"}
 COMMANDS: dict[str, tuple[str, str]] = {
+    "clean": ("litgpt_ext.prep.clean:clean", "quality-filter and deduplicate (MinHash) raw documents before prepare"),
     "prepare": ("litgpt_ext.prep.prepare:prepare", "tokenize raw text into typed litdata token shards"),
     "train-tokenizer": ("litgpt_ext.prep.tokenizer:train_tokenizer", "train a byte-level BPE tokenizer offline"),
     "build-demo": ("litgpt_ext.prep.demo:build_demo", "build the offline demo corpus, tokenizer and shards"),
@@ -27,7 +28,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build-sft-tasks": ("litgpt_ext.sft.tasks:build_sft_tasks", "build the demo's SFT tasks (code, math, prose) as litgpt JSON"),
     "build-eval-tasks": ("litgpt_ext.eval.build_tasks:build_tasks", "build the local lm-eval tasks from held-out demo docs"),
     "convert-to-hf": ("litgpt_ext.eval.convert:convert_to_hf", "export a dense checkpoint to Hugging Face format"),
+    "convert-moe-to-litgpt": ("litgpt_ext.eval.convert:convert_moe_to_litgpt", "rewrite an MoE checkpoint in litgpt's own MoE layout"),
+    "lm-eval": ("litgpt_ext.eval.interop:lm_eval_main", "lm-eval's CLI with --model litgpt_ext and the demo_* tasks"),
+    "litgpt": ("litgpt_ext.eval.interop:litgpt_main", "litgpt's CLI (e.g. `litgpt evaluate`) with the demo_* tasks"),
 }
+# commands that hand their arguments unparsed to another tool's CLI
+PASSTHROUGH = {"lm-eval", "litgpt"}
 
 
 def _load(target: str) -> Callable:
@@ -59,6 +65,12 @@ def main(argv: list[str] | None = None) -> None:
         print(_usage())
         return
     name, rest = argv[0], argv[1:]
+    from litgpt_ext.progress import quiet_third_party_bars
+
+    quiet_third_party_bars()  # before any command imports tqdm
+    if name in PASSTHROUGH:
+        _load(COMMANDS[name][0])(rest)
+        return
     rest = [_alias(name, a) for a in rest]
     if name not in COMMANDS:
         sys.exit(f"litgpt-ext: unknown command {name!r}; known: {', '.join(COMMANDS)}\n\n{_usage()}")

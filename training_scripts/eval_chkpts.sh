@@ -36,6 +36,8 @@ EVAL_DATA_DIR=${EVAL_DATA_DIR:-data/demo/eval_tasks}
 # Under sbatch the script runs from a spool copy: the submit dir is the repo root.
 REPO_ROOT=${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# Logs, not terminals: no tqdm carriage-return bars (litgpt-ext sets the same; see README "Evaluation").
+[[ -t 2 ]] || export TQDM_DISABLE=${TQDM_DISABLE:-1} TQDM_MININTERVAL=${TQDM_MININTERVAL:-60}
 
 if [[ ! -d "$RUN_DIR" ]]; then
   echo "eval_chkpts: run dir '$RUN_DIR' does not exist" >&2; exit 2
