@@ -15,6 +15,8 @@ from typing import Callable
 # name -> ("module:function", one-line help); required arguments are flags (`--data_path …`)
 # except for the commands in POSITIONAL, which take them positionally (`evaluate <dir>`).
 POSITIONAL = {"evaluate", "convert-to-hf"}
+# commands whose leading bare arguments fill one list flag: `soup a b c --out d` == `soup --checkpoints+ a …`
+LEADING_LIST = {"soup": "--checkpoints+"}
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("litgpt_ext.prep.prepare:prepare", "tokenize raw text into typed litdata token shards"),
     "train-tokenizer": ("litgpt_ext.prep.tokenizer:train_tokenizer", "train a byte-level BPE tokenizer offline"),
@@ -26,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("litgpt_ext.eval.evaluate:evaluate", "run lm-eval on a checkpoint or a run's checkpoints"),
     "build-eval-tasks": ("litgpt_ext.eval.build_tasks:build_tasks", "build the local lm-eval tasks from held-out demo docs"),
     "convert-to-hf": ("litgpt_ext.eval.convert:convert_to_hf", "export a dense checkpoint to Hugging Face format"),
+    "soup": ("litgpt_ext.soup:soup", "average the weights of checkpoints into one checkpoint (model soup)"),
 }
 
 
@@ -59,6 +62,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     name, rest = argv[0], argv[1:]
     rest = [_alias(name, a) for a in rest]
+    if name in LEADING_LIST:
+        k = next((i for i, a in enumerate(rest) if a.startswith("-")), len(rest))
+        rest = [x for a in rest[:k] for x in (LEADING_LIST[name], a)] + rest[k:]
     if name not in COMMANDS:
         sys.exit(f"litgpt-ext: unknown command {name!r}; known: {', '.join(COMMANDS)}\n\n{_usage()}")
     from jsonargparse import CLI
