@@ -452,6 +452,7 @@ class ScheduledBlend:
         self._delta = 1.0 / (2 * (S - 1)) if S > 1 else 0.0
         self._limit = 1.0 - self._delta + 1e-9
         self._piece = 0
+        self._n = sum(self.counts)
 
     @property
     def position(self) -> int:
@@ -486,28 +487,41 @@ class ScheduledBlend:
         return self.starts[j] + (2.0 * r / denom if denom > 0 else 0.0)
 
     def next(self) -> int:
-        counts, limit, delta = self.counts, self._limit, self._delta
-        n1 = float(sum(counts) + 1)
-        starts = self.starts
+        counts, limit, delta, starts = self.counts, self._limit, self._delta, self.starts
+        n1 = float(self._n + 1)
         j = self._piece
         while j + 1 < len(starts) and starts[j + 1] <= n1:
             j += 1
         self._piece = j
         u = n1 - starts[j]
-        aj, bj = self.a[j], self.b[j]
+        aj, bj, cum = self.a[j], self.b[j], self.cum
+        last = j + 1 == len(starts)
+        s0 = starts[j]
         best, best_deadline, worst, worst_gap = -1, math.inf, 0, -math.inf
         for i in range(len(counts)):
-            t = self.cum[i][j] + aj[i] * u + 0.5 * bj[i] * u * u
-            c1 = counts[i] + 1
-            if c1 - t <= limit:
-                deadline = self._deadline(i, c1 - delta)
+            ci, a, b = cum[i], aj[i], bj[i]
+            t = ci[j] + u * (a + 0.5 * b * u)
+            c = counts[i]
+            if c + 1 - t <= limit:
+                goal = c + 1 - delta
+                r = goal - ci[j]
+                if r >= 0 and (last or goal <= ci[j + 1]):  # reached within this piece (the usual case)
+                    if b == 0.0:
+                        deadline = s0 + r / a if a > 0 else math.inf
+                    else:
+                        disc = a * a + 2.0 * b * r
+                        denom = a + math.sqrt(disc) if disc > 0 else 0.0
+                        deadline = s0 + 2.0 * r / denom if denom > 0 else self._deadline(i, goal)
+                else:
+                    deadline = self._deadline(i, goal)
                 if deadline < best_deadline:
                     best, best_deadline = i, deadline
-            if t - counts[i] > worst_gap:
-                worst, worst_gap = i, t - counts[i]
+            if t - c > worst_gap:
+                worst, worst_gap = i, t - c
         if best < 0:  # float round-off only: serve the largest deficit
             best = worst
         counts[best] += 1
+        self._n += 1
         return best
 
     def take(self, n: int) -> list[int]:
