@@ -140,7 +140,7 @@ def test_requeue_keeps_the_checkpoints_phase(shard_root, caplog):
     state = first.state_dict()
     assert state["phase"] == {"start_step": 0, "stop_step": 30, "global_batch_size": 4}
     requeued = make_dm(shard_root, mix_schedule=RECIPE, phase=(9, 39, 4)).train_dataloader()
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         requeued.load_state_dict(state)
     assert "keeping the checkpoint's phase" in caplog.text
     assert all(torch.equal(x, y) for x, y in zip(straight, head + take(requeued, 21)))
@@ -263,7 +263,15 @@ def test_cap_repetition_caps_and_renormalises(shard_root, caplog):
                      phase=(0, 100, 4))
     assert "capped m1" in caplog.text
     assert dm.weights == pytest.approx({"main/1": 0.375, "main/2": 0.375, "m1": 0.25})  # 100 of 400 samples
-    rows = rows_of(take(dm.train_dataloader(), 100))
+    loader = dm.train_dataloader()
+    rows = rows_of(take(loader, 40))
+    state = loader.state_dict()
+    # a requeue passes a shorter phase (from where it resumes): the checkpoint's phase and caps hold
+    requeued = make_dm(shard_root, mix_weights_str="main:0.5,math:0.5", max_epochs={"m1": 2}, cap_repetition=True,
+                       phase=(40, 100, 4)).train_dataloader()
+    requeued.load_state_dict(state)
+    assert requeued.state_dict()["mix_history"] == state["mix_history"]
+    rows += rows_of(take(requeued, 60))
     assert Counter(sid_of(r) for r in rows)["m1"] == 100  # exactly 2 epochs over the phase
 
 

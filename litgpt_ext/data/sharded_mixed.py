@@ -544,11 +544,17 @@ class ShardedMixedDataset(DataModule):
         if sched_spec is not None and old_sched is not None and old_sched.get("spec") == sched_spec:
             # same schedule: the checkpoint's plan and phase win (a requeue never moves the schedule)
             if self.phase is not None and self.phase.as_dict() != saved["phase"]:
-                log.warning("data: keeping the checkpoint's phase %s for the unchanged mix_schedule (this run "
+                log.info("data: keeping the checkpoint's phase %s for the unchanged mix_schedule (this run "
                             "passed %s); a requeue never moves the schedule", saved["phase"], self.phase.as_dict())
             self.phase, self.record = Phase(**saved["phase"]), copy.deepcopy(old_sched)
             record, same_mix = old_sched, True
         else:
+            last_spec = (saved.get("mix_history") or [{}])[-1].get("spec")
+            if (sched_spec is None and self.max_epochs is not None and saved["phase"] and old_sched is None
+                    and last_spec == self._spec_text()):
+                # same capped mix: plan it over the checkpoint's phase, so a requeue draws the same weights
+                self.phase = Phase(**saved["phase"])
+                self.record = self._plan(self.phase)
             record = self._phase_record(saved["phase"])
             if sched_spec is None and record is not None:
                 self.weights = dict(record["weights"][0])
