@@ -469,8 +469,8 @@ class ShardedMixedDataset(DataModule):
             "weights": dict(self.weights),
             "tokens": {sid: self.shards_by_id[sid].num_tokens for sid in self.weights},
         }
-        if self.record is not None and self.schedule_points:
-            out["schedule"] = {k: self.record[k] for k in ("phase", "knots", "weights", "ramps")}
+        # the schedule's resolved points and phase live in the loader state (the checkpoint's phase wins
+        # on a requeue), so this summary stays the same for a requeue whatever phase it is handed
         return out
 
     def _num_samples(self, sid: str) -> int:
