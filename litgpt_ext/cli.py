@@ -15,6 +15,8 @@ from typing import Callable
 # name -> ("module:function", one-line help); required arguments are flags (`--data_path …`)
 # except for the commands in POSITIONAL, which take them positionally (`evaluate <dir>`).
 POSITIONAL = {"evaluate", "convert-to-hf", "convert-moe-to-litgpt"}
+# commands whose leading bare arguments fill one list flag: `soup a b c --out d` == `soup --checkpoints+ a …`
+LEADING_LIST = {"soup": "--checkpoints+"}
 COMMANDS: dict[str, tuple[str, str]] = {
     "clean": ("litgpt_ext.prep.clean:clean", "quality-filter and deduplicate (MinHash) raw documents before prepare"),
     "prepare": ("litgpt_ext.prep.prepare:prepare", "tokenize raw text into typed litdata token shards"),
@@ -31,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert-moe-to-litgpt": ("litgpt_ext.eval.convert:convert_moe_to_litgpt", "rewrite an MoE checkpoint in litgpt's own MoE layout"),
     "lm-eval": ("litgpt_ext.eval.interop:lm_eval_main", "lm-eval's CLI with --model litgpt_ext and the demo_* tasks"),
     "litgpt": ("litgpt_ext.eval.interop:litgpt_main", "litgpt's CLI (e.g. `litgpt evaluate`) with the demo_* tasks"),
+    "soup": ("litgpt_ext.soup:soup", "average the weights of checkpoints into one checkpoint (model soup)"),
 }
 # commands that hand their arguments unparsed to another tool's CLI
 PASSTHROUGH = {"lm-eval", "litgpt"}
@@ -72,6 +75,9 @@ def main(argv: list[str] | None = None) -> None:
         _load(COMMANDS[name][0])(rest)
         return
     rest = [_alias(name, a) for a in rest]
+    if name in LEADING_LIST:
+        k = next((i for i, a in enumerate(rest) if a.startswith("-")), len(rest))
+        rest = [x for a in rest[:k] for x in (LEADING_LIST[name], a)] + rest[k:]
     if name not in COMMANDS:
         sys.exit(f"litgpt-ext: unknown command {name!r}; known: {', '.join(COMMANDS)}\n\n{_usage()}")
     from jsonargparse import CLI
