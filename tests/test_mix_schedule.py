@@ -330,3 +330,46 @@ def test_inspect_mix_prints_the_schedule(shard_root):
         capture_output=True, text=True, cwd=ROOT, check=True,
     ).stdout
     assert "0.2500->0.4000" in table and "steps 16-80 (10%-50% of the phase)" in table
+
+
+def test_pretrain_follows_the_schedule_and_resume_keeps_it(tmp_path):
+    """Through the real `pretrain` CLI: the loop hands the phase to the data module (set_phase), the
+    realized code share ramps with the schedule, and a resumed run continues the same plan exactly."""
+    import csv
+
+    import yaml
+
+    from litgpt_ext.cli import main as cli_main
+    from litgpt_ext.train import checkpoint as ckpt
+    from tests.test_train_cli import pattern_shard
+
+    data = tmp_path / "data"
+    for name, stride, seed in (("1", 1, 0), ("c1", 3, 1)):
+        pattern_shard(data / name, stride, 60, seed)
+    cfg = {
+        "model_config": {"name": "tiny", "block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 16,
+                         "vocab_size": 64, "padded_vocab_size": 64},
+        "out_dir": str(tmp_path / "run"), "precision": "32-true", "logger_name": "csv",
+        "data": {"class_path": "litgpt_ext.data.ShardedMixedDataset",
+                 "init_args": {"data_path": str(data), "num_workers": 0, "seed": 1, "mix_schedule": [
+                     {"at_fraction": 0.0, "mix_weights_str": "main:1.0"},
+                     {"at_fraction": 1.0, "mix_weights_str": "main:0.5,code:0.5", "ramp": "linear"}]}},
+        "train": {"max_iters": 8, "global_batch_size": 4, "micro_batch_size": 4, "max_seq_length": 16,
+                  "log_interval": 1, "save_interval": 4, "lr_scheduler": "constant"},
+        "eval": {"interval": 100},
+        "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-3}},
+    }
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cli_main(["pretrain", "--config", str(path)])
+    full = ckpt.load_training_state(tmp_path / "run" / "final")["data"]
+    # 32 samples with the code weight ramping 0 -> 0.5: its integral is 8 samples, within 1
+    assert full["phase"] == {"start_step": 0, "stop_step": 8, "global_batch_size": 4}  # from the loop's plan
+    assert full["counts"] == {"main/1": 24, "c1": 8}
+    # resume from step 4 into the same run dir: same plan, same final loader state
+    import shutil
+
+    shutil.rmtree(tmp_path / "run" / "final")
+    shutil.rmtree(tmp_path / "run" / "step-00000008")
+    cli_main(["pretrain", "--config", str(path), "--resume", "true"])
+    assert ckpt.load_training_state(tmp_path / "run" / "final")["data"] == full

@@ -175,12 +175,12 @@ def main(
         state = dataclasses.replace(saved, optimizer=None, rng=None, data=None)
         fabric.print(f"Resumed from {resume_dir} at step {state.step} ({state.tokens:,} tokens)")
 
-    loader = _setup_data(fabric, data, train, seq_len, tokenizer_dir, saved)
+    plan = _phase_plan(fabric, out_dir, train, peak_lr, tokens_per_step, state, saved, resume_dir)
+    loader = _setup_data(fabric, data, train, seq_len, tokenizer_dir, saved, plan)
     state.mix = getattr(data, "resolved_mix", None)
     if saved is not None:  # restored: do not hold a second copy of the optimizer state during training
         saved.optimizer = saved.rng = saved.data = None
 
-    plan = _phase_plan(fabric, out_dir, train, peak_lr, tokens_per_step, state, saved, resume_dir)
     if plan.phase_id != state.phase_id:
         state.val_start = None  # a new phase measures its own baseline
     state.set_plan(plan)
@@ -249,7 +249,7 @@ def _check_data_module(data: Any) -> None:
 
 
 def _setup_data(fabric: L.Fabric, data: Any, train: TrainArgs, seq_len: int, tokenizer_dir: Optional[Path],
-                saved: Optional[TrainingState]):
+                saved: Optional[TrainingState], plan: RunPlan):
     from litgpt import Tokenizer
 
     tokenizer = Tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
@@ -257,6 +257,8 @@ def _setup_data(fabric: L.Fabric, data: Any, train: TrainArgs, seq_len: int, tok
     with fabric.rank_zero_first():
         data.prepare_data()
     data.setup(rank=fabric.global_rank, world_size=fabric.world_size)
+    if callable(getattr(data, "set_phase", None)):  # mix schedules and repetition caps need the phase's budget
+        data.set_phase(plan.start_step, plan.stop_step, train.global_batch_size)
     loader = data.train_dataloader()
     for method in ("state_dict", "load_state_dict"):
         if not callable(getattr(loader, method, None)):
