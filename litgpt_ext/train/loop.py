@@ -13,7 +13,6 @@ import dataclasses
 import inspect
 import math
 import random
-import signal
 import time
 from dataclasses import asdict
 from datetime import timedelta
@@ -29,11 +28,12 @@ from litgpt.data import DataModule
 
 from litgpt_ext.model import MoEArgs
 from litgpt_ext.train import checkpoint as ckpt
+from litgpt_ext.train import preempt
+from litgpt_ext.train.preempt import PREEMPT_EXIT_CODE  # noqa: F401  (re-exported)
+from litgpt_ext.train.preempt import PreemptFlag as _PreemptFlag
 from litgpt_ext.train.args import EvalArgs, TrainArgs
 from litgpt_ext.train.schedules import Schedule, warmup_steps_for
 
-PREEMPT_EXIT_CODE = 99
-"""Exit status after SIGUSR1/SIGTERM: a checkpoint was saved, requeue the job with `resume: auto`."""
 VAL_CSV = "val_metrics.csv"
 
 
@@ -210,26 +210,6 @@ def _plan(train: TrainArgs, peak_lr: float, step: int, tokens_per_step: int, pre
     return schedule, stop
 
 
-class _PreemptFlag:
-    """SIGUSR1/SIGTERM set a flag; the loop checkpoints at the next step boundary and exits."""
-
-    def __init__(self) -> None:
-        self.signum: Optional[int] = None
-        self._old = {}
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. called from a worker thread): no handler
-                pass
-
-    def _handle(self, signum, frame) -> None:
-        self.signum = signum
-
-    def restore(self) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
 # ----------------------------------------------------------------------------------------------- run
 
 
@@ -325,16 +305,16 @@ def _run(fabric, config, out_dir, initial_checkpoint_dir, resume, fork_from, dat
                  schedule, data, step, tokens, iter_num, accum, seq_len, horizon)
     loop.val_start = state.get("val_start") if (same_run and state) else None
     loop.lr = resumed_lr if resumed_lr is not None else schedule(step)
-    flag = _PreemptFlag()
+    flag = preempt.shared_flag()  # installed by the CLI at start; a signal since then is kept
     try:
         result = loop.fit(flag)
     finally:
+        signum = flag.signum
         flag.restore()
         for lg in fabric.loggers:
             lg.finalize("success")
     if result["stopped"] == "preempted":
-        fabric.print(f"Preempted (signal {flag.signum}): checkpoint saved at step {loop.step}; exit {preempt_exit_code}")
-        raise SystemExit(preempt_exit_code)
+        preempt.exit_preempted(fabric, loop.step, signum, preempt_exit_code)
     return result
 
 
