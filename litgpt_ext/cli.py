@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         if os.environ.get("LITGPT_EXT_TRACEBACK"):
             raise
-        sys.exit(f"litgpt-ext {name}: interrupted (Ctrl-C)" + (", no checkpoint saved" if name in PREEMPTIBLE else ""))
+        sys.exit(f"litgpt-ext {name}: interrupted (Ctrl-C)")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Signals: SIGUSR1 (SLURM's `--signal=USR1@N` warning, `scancel --signal=USR1`), SIGTERM (the time
 limit, `scontrol requeue`, a preempting job) and SIGINT (Ctrl-C; a second Ctrl-C stops at once,
-without a checkpoint and without a traceback).
+exit 130, without a checkpoint and without a traceback).
 
 The handlers are installed by the CLI before the heavy imports (`install()`), so a signal that
 arrives while torch/lightning load or the model is built is remembered and honoured at the first
@@ -50,7 +50,10 @@ class PreemptFlag:
 
     def _handle(self, signum, frame) -> None:
         if signum == signal.SIGINT and self.signum is not None:
-            raise KeyboardInterrupt  # second Ctrl-C: stop now (the CLI prints one line, no traceback)
+            # second Ctrl-C: stop now. os._exit, not KeyboardInterrupt: unwinding through DataLoader
+            # workers prints tracebacks from their threads. Checkpoints are atomic: the last one stands.
+            os.write(2, b"litgpt-ext: second Ctrl-C: stopped without saving (exit 130)\n")
+            os._exit(130)
         if self.signum is None:
             self.signum = signum
             name = signal.Signals(signum).name
