@@ -275,7 +275,7 @@ def _seconds(runtime: str) -> int:
 
 
 def _time_limit_soon(jid: str) -> None:
-    """Move the job's time limit so that 80-140 s remain: SLURM then sends --signal=USR1@90 for real."""
+    """Move the job's time limit so that 80-140 s remain: SLURM then sends --signal=USR1@150 for real at its next time-limit check."""
     elapsed = _seconds(_job(jid)["RunTime"])
     _sh("scontrol", "update", f"JobId={jid}", f"TimeLimit={(elapsed + 80 + 59) // 60}")
 
@@ -320,7 +320,7 @@ def test_one_task_time_limit_then_scancel_usr1(cluster, tmp_path):
     """1 task with a DataLoader worker: the time-limit USR1 reaches the trainer (srun), the
     requeued job resumes, `scancel --signal=USR1` preempts it again, the third start finishes."""
     cfg = _config(tmp_path, STEPS, num_workers=1)
-    jid, log = _submit(tmp_path, cfg, "--time=10", "--signal=USR1@90")
+    jid, log = _submit(tmp_path, cfg, "--time=10", "--signal=USR1@150")
     _signal_while_stopped(cfg, log, 1, 0, lambda: _time_limit_soon(jid))
     _requeued(jid, log, 1)
     n = len(_read(log).splitlines())
@@ -334,7 +334,7 @@ def test_two_tasks_time_limit(cluster, tmp_path):
     """2 tasks (srun, gloo): both ranks save, the job is requeued (whatever srun's kill-on-bad-exit
     made of the second rank's status) and the second start finishes."""
     cfg = _config(tmp_path, STEPS, num_workers=0)
-    jid, log = _submit(tmp_path, cfg, "--ntasks-per-node=2", "--time=10", "--signal=USR1@90")
+    jid, log = _submit(tmp_path, cfg, "--ntasks-per-node=2", "--time=10", "--signal=USR1@150")
     _signal_while_stopped(cfg, log, 2, 0, lambda: _time_limit_soon(jid))
     _requeued(jid, log, 1)
     text = _finish(jid, log, restarts=1)
