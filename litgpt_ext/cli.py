@@ -64,11 +64,12 @@ def main(argv: list[str] | None = None) -> None:
     rest = [_alias(name, a) for a in rest]
     if name not in COMMANDS:
         sys.exit(f"litgpt-ext: unknown command {name!r}; known: {', '.join(COMMANDS)}\n\n{_usage()}")
+    flag = None
     if name in PREEMPTIBLE:
         # before the heavy imports: a SLURM signal during the first seconds must not kill the run
         from litgpt_ext.train.preempt import install
 
-        install()
+        flag = install()
     from jsonargparse import CLI
 
     try:
@@ -83,6 +84,9 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("LITGPT_EXT_TRACEBACK"):
             raise
         sys.exit(f"litgpt-ext {name}: interrupted (Ctrl-C)")
+    finally:
+        if flag is not None:
+            flag.restore()  # main() called in-process (tests, notebooks) leaves no handlers behind
 
 
 if __name__ == "__main__":

@@ -275,7 +275,7 @@ def _seconds(runtime: str) -> int:
 
 
 def _time_limit_soon(jid: str) -> None:
-    """Move the job's time limit so that 80-140 s remain: SLURM then sends --signal=USR1@150 for real at its next time-limit check."""
+    """Move the time limit so that 80-140 s remain: SLURM sends --signal=USR1@150 at its next check."""
     elapsed = _seconds(_job(jid)["RunTime"])
     _sh("scontrol", "update", f"JobId={jid}", f"TimeLimit={(elapsed + 80 + 59) // 60}")
 
