@@ -145,3 +145,19 @@ def test_slurm_task_count_must_match_the_world_size(monkeypatch):
         resolve_devices(1, None)
     monkeypatch.setenv("SLURM_JOB_NAME", "bash")  # an interactive salloc shell: not SLURM-launched ranks
     assert resolve_devices(1, None) == (1, 1)
+
+
+def test_eval_script_defaults_to_the_repo_venv_python(tmp_path):
+    """Like small_model_pretrain.sh: .venv/bin/python of the repo (the submit dir under sbatch)."""
+    venv_py = tmp_path / ".venv" / "bin" / "python"
+    venv_py.parent.mkdir(parents=True)
+    venv_py.write_text('#!/usr/bin/env bash\necho "venv $*" >> "$CALLS"\n')
+    venv_py.chmod(0o755)
+    (tmp_path / "run" / "step-00000001").mkdir(parents=True)
+    (tmp_path / "run" / "step-00000001" / "lit_model.pth").write_bytes(b"")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
+    env.update(SLURM_SUBMIT_DIR=str(tmp_path), CALLS=str(tmp_path / "calls"))
+    r = subprocess.run(["bash", str(ROOT / "training_scripts" / "eval_chkpts.sh"), str(tmp_path / "run"), "t1"],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (tmp_path / "calls").read_text().startswith(f"venv -m litgpt_ext evaluate {tmp_path}/run/step-00000001 --tasks t1")
