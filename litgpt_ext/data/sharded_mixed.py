@@ -26,6 +26,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
 from litgpt.data import DataModule
 
 from litgpt_ext.data.mixing import Blend, MixSpec, mix_spec, resolve_weights
