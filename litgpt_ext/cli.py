@@ -44,6 +44,9 @@ def _load(target: str) -> Callable:
     return getattr(importlib.import_module(module), fn)
 
 
+# commands whose signals (SIGUSR1/SIGTERM/SIGINT) mean "checkpoint and exit 99" (train/preempt.py)
+PREEMPTIBLE = {"pretrain"}
+
 # flags whose natural name is a Python keyword: `fork --from X` is the function's `source`
 ALIASES: dict[str, dict[str, str]] = {"fork": {"--from": "--source"}}
 
@@ -80,6 +83,12 @@ def main(argv: list[str] | None = None) -> None:
         rest = [x for a in rest[:k] for x in (LEADING_LIST[name], a)] + rest[k:]
     if name not in COMMANDS:
         sys.exit(f"litgpt-ext: unknown command {name!r}; known: {', '.join(COMMANDS)}\n\n{_usage()}")
+    flag = None
+    if name in PREEMPTIBLE:
+        # before the heavy imports: a SLURM signal during the first seconds must not kill the run
+        from litgpt_ext.train.preempt import install
+
+        flag = install()
     from jsonargparse import CLI
 
     try:
@@ -90,6 +99,13 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("LITGPT_EXT_TRACEBACK"):
             raise
         sys.exit(f"litgpt-ext {name}: error: {e}\n(set LITGPT_EXT_TRACEBACK=1 for the traceback)")
+    except KeyboardInterrupt:
+        if os.environ.get("LITGPT_EXT_TRACEBACK"):
+            raise
+        sys.exit(f"litgpt-ext {name}: interrupted (Ctrl-C)")
+    finally:
+        if flag is not None:
+            flag.restore()  # main() called in-process (tests, notebooks) leaves no handlers behind
 
 
 if __name__ == "__main__":

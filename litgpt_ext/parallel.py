@@ -57,21 +57,47 @@ def parallelize(model: nn.Module, device_mesh: "DeviceMesh", expert_parallel_siz
     return model
 
 
+def _count(value: Union[str, None]) -> Union[int, None]:
+    """First count of a SLURM per-node list: '2', '2(x3)', '2,1' -> 2."""
+    head = (value or "").split(",")[0].split("(")[0]
+    return int(head) if head.isdigit() else None
+
+
 def slurm_defaults() -> tuple[Union[int, None], Union[int, None]]:
     """(devices per node, nodes) from the SLURM environment, None where SLURM does not say."""
-    tasks = os.environ.get("SLURM_NTASKS_PER_NODE") or os.environ.get("SLURM_GPUS_ON_NODE")
+    dev = (_count(os.environ.get("SLURM_NTASKS_PER_NODE")) or _count(os.environ.get("SLURM_TASKS_PER_NODE"))
+           or _count(os.environ.get("SLURM_GPUS_ON_NODE")))
     nodes = os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES")
-    dev = int(tasks.split("(")[0]) if tasks and tasks.split("(")[0].isdigit() else None
     return dev, (int(nodes) if nodes and nodes.isdigit() else None)
 
 
+def _slurm_tasks() -> Union[int, None]:
+    """SLURM's task count when SLURM launched this process as one rank of a job (as Lightning's
+    SLURMEnvironment.detect decides: interactive `salloc` shells named bash/interactive are not)."""
+    ntasks = os.environ.get("SLURM_NTASKS", "")
+    if not ntasks.isdigit() or os.environ.get("SLURM_JOB_NAME") in ("bash", "interactive"):
+        return None
+    return int(ntasks)
+
+
 def resolve_devices(devices: Union[int, Literal["auto"]], num_nodes: Union[int, None]) -> tuple[int, int]:
+    """(devices per node, nodes); under SLURM the world size must equal SLURM's task count."""
     slurm_dev, slurm_nodes = slurm_defaults()
     if devices == "auto" or devices == -1:
         devices = slurm_dev or (torch.cuda.device_count() or 1)
     if not isinstance(devices, int) or devices < 1:
         raise ValueError(f"devices must be a positive int or 'auto', got {devices!r}")
     num_nodes = num_nodes or slurm_nodes or 1
+    tasks = _slurm_tasks()
+    if tasks is not None and tasks != devices * num_nodes:
+        # otherwise every task would run its own independent training into the same out_dir
+        per_node = os.environ.get("SLURM_NTASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE") or "?"
+        raise ValueError(
+            f"SLURM runs {tasks} task(s) (tasks per node {per_node}, {slurm_nodes or 1} node(s)) but this run's world"
+            f" size is devices={devices} x num_nodes={num_nodes} = {devices * num_nodes}: one task per device."
+            f" Set devices: auto (or {max(tasks // (slurm_nodes or 1), 1)}), or submit with"
+            f" --ntasks-per-node={devices} --nodes={num_nodes}"
+        )
     return devices, num_nodes
 
 

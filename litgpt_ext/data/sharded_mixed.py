@@ -35,6 +35,7 @@ from litgpt_ext.data.mixing import (
 )
 from litgpt_ext.data.shard_io import ShardError, is_shard_dir, read_shard_index
 from litgpt_ext.data.shard_types import MixError, Shard, build_registry, discover_shards
+from litgpt_ext.train.preempt import ignore_in_worker
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 2  # 2 adds the mixture schedule (`schedule`, `segment_phase_pos`); 1 still loads
@@ -192,6 +193,7 @@ class MixedLoader:
             dm.rank, dm.world_size, dm.batch_size, dm.block_size, st["seed"],
         )
         loader = DataLoader(stream, batch_size=dm.batch_size, num_workers=dm.num_workers, collate_fn=_stack_long,
+                            worker_init_fn=ignore_in_worker,  # SLURM signals every process; the main one saves
                             persistent_workers=False, prefetch_factor=2 if dm.num_workers > 0 else None)
         for batch in loader:
             self._tracker.take(dm.batch_size)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import signal
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -27,6 +26,9 @@ from litgpt.data import DataModule
 
 from litgpt_ext.model import MoEArgs
 from litgpt_ext.train import checkpoint as ckpt
+from litgpt_ext.train import preempt
+from litgpt_ext.train.preempt import PREEMPT_EXIT_CODE
+from litgpt_ext.train.preempt import PreemptFlag as _PreemptFlag
 from litgpt_ext.train.args import EvalArgs, TrainArgs
 from litgpt_ext.train.metrics import StepLogger
 from litgpt_ext.train.objective import LossFn, next_token_loss
@@ -34,8 +36,6 @@ from litgpt_ext.train.plan import RunPlan, choose_plan, phases_of, record_phase,
 from litgpt_ext.train.state import CheckpointWriter, TrainingState
 from litgpt_ext.train.validation import VAL_CSV, Validator, val_loaders_of
 
-PREEMPT_EXIT_CODE = 99
-"""Exit status after SIGUSR1/SIGTERM: a checkpoint was saved, requeue the job with `resume: auto`."""
 __all__ = ["pretrain", "main", "fit", "PREEMPT_EXIT_CODE", "VAL_CSV"]
 
 
@@ -128,9 +128,7 @@ def pretrain(
         for lg in fabric.loggers:
             lg.finalize("success")
     if result["stopped"] == "preempted":
-        fabric.print(f"Preempted (signal {result['signal']}): checkpoint saved at step {result['step']};"
-                     f" exit {preempt_exit_code}")
-        raise SystemExit(preempt_exit_code)
+        preempt.exit_preempted(fabric, result["step"], result["signal"], preempt_exit_code)
     return result
 
 
@@ -310,8 +308,9 @@ def _phase_plan(fabric: L.Fabric, out_dir: Path, train: TrainArgs, peak_lr: floa
 
 @contextmanager
 def _preemption():
-    """The one place the preemption flag is installed and removed (see `_PreemptFlag`)."""
-    flag = _PreemptFlag()
+    """The one place the loop takes the preemption flag (installed by the CLI at start-up, so a signal
+    that came while torch loaded is kept) and puts the previous handlers back."""
+    flag = preempt.shared_flag()
     try:
         yield flag
     finally:
@@ -425,26 +424,3 @@ def _init_args(obj: Any) -> dict:
     params = inspect.signature(type(obj).__init__).parameters
     return {n: saved[n] if n in saved else getattr(obj, n) for n in params
             if n != "self" and (n in saved or hasattr(obj, n))}
-
-
-# ----------------------------------------------------------------------------------------------- preemption
-
-
-class _PreemptFlag:
-    """SIGUSR1/SIGTERM set a flag; the loop checkpoints at the next step boundary and exits."""
-
-    def __init__(self) -> None:
-        self.signum: Optional[int] = None
-        self._old = {}
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. called from a worker thread): no handler
-                pass
-
-    def _handle(self, signum, frame) -> None:
-        self.signum = signum
-
-    def restore(self) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
