@@ -31,6 +31,7 @@ from litgpt_ext.model import MoEArgs
 from litgpt_ext.train import checkpoint as ckpt
 from litgpt_ext.train.args import EvalArgs, TrainArgs
 from litgpt_ext.train.schedules import Schedule, warmup_steps_for
+from litgpt_ext.train.validate import check_pretrain_inputs, check_shards_fit_model
 
 PREEMPT_EXIT_CODE = 99
 """Exit status after SIGUSR1/SIGTERM: a checkpoint was saved, requeue the job with `resume: auto`."""
@@ -92,6 +93,7 @@ def pretrain(
     """
     from litgpt_ext.parallel import build_strategy, resolve_devices
 
+    optimizer = check_pretrain_inputs(optimizer, tokenizer_dir)  # CLI overrides applied, lr > 0, tokenizer loads
     hparams = _hparams(locals())
     if model_config is None:
         if model_name is None:
@@ -303,6 +305,7 @@ def _run(fabric, config, out_dir, initial_checkpoint_dir, resume, fork_from, dat
     except TypeError:  # a plain litgpt DataModule: setup(stage)
         data.setup()
     loader = data.train_dataloader()
+    check_shards_fit_model(data, config, tokenizer_dir)  # token ids < vocab, same tokenizer as prepare
     if state is not None and state.get("data") is not None:
         old_mix = state.get("mix")
         new_mix = getattr(data, "resolved_mix", None)
