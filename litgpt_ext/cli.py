@@ -80,15 +80,27 @@ def _given_value(key: str, message: str, argv: list[str]) -> Optional[str]:
     return None
 
 
+def _own_error(message: str) -> str:
+    """A class's own error (e.g. the data module's check) that jsonargparse wrapped in its Union report."""
+    if "Does not validate against any of the Union subtypes" not in message:
+        return message
+    bullets = [b.strip() for b in re.findall(r"^\s*- (.+)$", message, re.M) if not b.startswith("Expected a <class")]
+    return bullets[0] if len(bullets) == 1 else message
+
+
 def explain_parse_error(parser: Any, message: str, argv: list[str]) -> str:
     """jsonargparse's message for a bad value, rewritten to name the value and the valid choices.
 
     For a Literal it says "Cannot take a Union of no types" (and, for Optional[Literal], lists
     NoneType as the expected type), which names neither the value nor the choices.
     """
+    # an error raised while building a class (e.g. the data module's own check) comes back as one
+    # bullet among the Union's alternatives: that bullet is the message
+    bullets = [b.strip() for b in re.findall(r"^\s*- (.+)$", message, re.M) if "Expected a <class 'NoneType'>" not in b]
+    own = [b for b in bullets if not re.match(r"(Expected a|Does not validate|Cannot take|Not a valid|Import path)", b)]
     m = re.search(r'Parser key "([^"]+)"', message)
     if not m:
-        return message.strip()
+        return own[0] if len(own) == 1 else message.strip()
     key = m.group(1)
     try:
         from jsonargparse._actions import _find_parent_action
@@ -104,6 +116,8 @@ def explain_parse_error(parser: Any, message: str, argv: list[str]) -> str:
     shown = repr(value) if value is not None else "the value given (in --config)"
     if choices:
         return f"{key}={shown} is not valid; choose from: {', '.join(str(c) for c in choices)}"
+    if len(own) == 1:
+        return f"{key}: {own[0]}"
     sub = re.search(r"Subtypes: \[(.*)\]", message)
     types = re.findall(r"<class '(?:[\w.]*\.)?(\w+)'>", sub.group(1) if sub else message.splitlines()[-1])
     if types:
@@ -156,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     name, rest = argv[0], argv[1:]
     rest = [_alias(name, a) for a in rest]
     if name not in COMMANDS:
-        sys.exit(f"litgpt-ext: unknown command {name!r}; known: {', '.join(COMMANDS)}\n\n{_usage()}")
+        sys.exit(f"litgpt-ext: unknown command {name!r}; known: {', '.join(COMMANDS)}\n(`litgpt-ext --help` describes them)")
     from jsonargparse import CLI
 
     _PARSED[name] = False
@@ -170,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
         _remove_empty_new_outputs(name)
         if os.environ.get("LITGPT_EXT_TRACEBACK"):
             raise
-        sys.exit(f"litgpt-ext {name}: error: {e}\n(set LITGPT_EXT_TRACEBACK=1 for the traceback)")
+        sys.exit(f"litgpt-ext {name}: error: {_own_error(str(e))}\n(set LITGPT_EXT_TRACEBACK=1 for the traceback)")
     except Exception as e:
         # jsonargparse itself can fail on odd flags (e.g. `--optimizer.init_args '{...}'` on a dict
         # option raises AttributeError): an error in the arguments, not a bug of the command.

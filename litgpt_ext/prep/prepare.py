@@ -36,7 +36,7 @@ import uuid
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal
 
 import numpy as np
 
@@ -251,7 +251,7 @@ def prepare(
     resume: bool = False,
     seed: int = 42,
     log_interval_s: float = 10.0,
-    invalid_utf8: str = "error",
+    invalid_utf8: Literal["error", "replace", "skip"] = "error",
 ) -> PrepareStats:
     """Tokenize raw text into a litdata token shard `<output_dir>/<shard>` and `<output_dir>/val/<shard>`.
 

@@ -12,7 +12,7 @@ import itertools
 import json
 import time
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Literal
 
 from litgpt_ext.prep.readers import DocStream, expand_inputs
 
@@ -107,7 +107,7 @@ def train_tokenizer(
     min_frequency: int = 2,
     split_digits: bool = True,
     model_max_length: int = 4096,
-    invalid_utf8: str = "error",
+    invalid_utf8: Literal["error", "replace", "skip"] = "error",
 ) -> Path:
     """Train a byte-level BPE tokenizer on local text files, offline, into a folder litgpt loads.
 

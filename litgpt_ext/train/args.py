@@ -40,6 +40,8 @@ class TrainArgs(_LitTrainArgs):
     def __post_init__(self) -> None:
         _refuse_unused(self, "train", {"epochs": None, "max_time": None, "tie_embeddings": None},
                        "set the budget with max_iters, max_tokens or max_additional_steps; tie weights in model_config")
+        if self.lr_warmup_fraction is not None and not 0 <= self.lr_warmup_fraction <= 1:
+            raise ValueError(f"train.lr_warmup_fraction must be in [0, 1], got {self.lr_warmup_fraction}")
         super().__post_init__()
         if self.lr_scheduler not in SCHEDULES:
             raise ValueError(f"unknown train.lr_scheduler {self.lr_scheduler!r}; choose from {', '.join(SCHEDULES)}")
@@ -54,8 +56,6 @@ class TrainArgs(_LitTrainArgs):
             v = getattr(self, name)
             if v is not None and v < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {v}")
-        if self.lr_warmup_fraction is not None and not 0 <= self.lr_warmup_fraction <= 1:
-            raise ValueError(f"train.lr_warmup_fraction must be in [0, 1], got {self.lr_warmup_fraction}")
         if self.min_lr is None or self.min_lr < 0:
             raise ValueError(f"train.min_lr must be >= 0, got {self.min_lr}")
         if self.max_norm is not None and self.max_norm <= 0:

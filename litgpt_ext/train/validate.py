@@ -141,8 +141,10 @@ def _meta(path: Path) -> dict | None:
         return None
 
 
-def check_pretrain_inputs(optimizer: Union[str, dict], tokenizer_dir: Path | None) -> dict:
+def check_pretrain_inputs(optimizer: Union[str, dict], tokenizer_dir: Path | None, num_nodes: int | None = None) -> dict:
     """What `pretrain` checks before building anything: the resolved optimizer spec is returned."""
+    if num_nodes is not None and num_nodes < 1:
+        raise ValueError(f"num_nodes={num_nodes} must be >= 1 (or null: SLURM_JOB_NUM_NODES, else 1)")
     if tokenizer_dir is not None:
         from litgpt_ext.prep.tokenizer import check_tokenizer_dir
 
