@@ -294,8 +294,8 @@ def prepare(
         raise PrepareError("give overwrite or resume, not both")
     if skip_docs < 0 or (max_docs is not None and max_docs < 1):
         raise PrepareError(f"skip_docs={skip_docs} must be >= 0 and max_docs={max_docs} >= 1 (or null: all)")
-    if log_interval_s <= 0:
-        raise PrepareError(f"log_interval_s={log_interval_s} must be > 0")
+    if log_interval_s < 0:
+        raise PrepareError(f"log_interval_s={log_interval_s} must be >= 0 (0: a line per batch)")
     inputs = list(inputs or [])
     if not inputs and not hf_dataset:
         raise PrepareError("no inputs: give files/globs in `inputs` or a Hugging Face dataset in `hf_dataset`")
@@ -303,7 +303,10 @@ def prepare(
         raise PrepareError(f"give either inputs ({inputs}) or hf_dataset ({hf_dataset!r}), not both")
     from litgpt_ext.prep.tokenizer import FastTokenizer, check_tokenizer_dir
 
-    tokenizer_dir = check_tokenizer_dir(tokenizer_dir)
+    try:
+        tokenizer_dir = check_tokenizer_dir(tokenizer_dir)
+    except ValueError as e:
+        raise PrepareError(str(e)) from None
 
     tokenizer = FastTokenizer(tokenizer_dir)
     if tokenizer.eos_id is None:
