@@ -119,10 +119,12 @@ def explain_parse_error(parser: Any, message: str, argv: list[str]) -> str:
     if len(own) == 1:
         return f"{key}: {own[0]}"
     sub = re.search(r"Subtypes: \[(.*)\]", message)
-    types = re.findall(r"<class '(?:[\w.]*\.)?(\w+)'>", sub.group(1) if sub else message.splitlines()[-1])
+    if sub:
+        types = re.sub(r"<class '(?:[\w.]*\.)?(\w+)'>", r"\1", sub.group(1)).replace("NoneType", "null")
+        return f"{key}={shown} is not valid; expected one of [{types}]"
+    types = re.findall(r"<class '(?:[\w.]*\.)?(\w+)'>", message.splitlines()[-1])
     if types:
-        names = ["null" if t == "NoneType" else t for t in dict.fromkeys(types)]
-        return f"{key}={shown} is not valid; expected {' or '.join(names)}"
+        return f"{key}={shown} is not valid; expected {' or '.join(dict.fromkeys(types))}"
     detail = " ".join(line.strip() for line in message.splitlines()[1:] if line.strip())
     return f"{key}={shown} is not valid: {detail}"
 

@@ -333,6 +333,8 @@ def prepare(
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
     output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise PrepareError(f"output_dir {str(output_dir)!r} is a file; give a folder (it holds the shard folders)")
     train_dir = output_dir / shard
     val_dir = output_dir / "val" / shard
     outputs = [train_dir] + ([val_dir] if with_val else [])

@@ -128,6 +128,8 @@ def train_tokenizer(
                         ("model_max_length", model_max_length)):
         if value is not None and value < 1:
             raise ValueError(f"{name}={value} must be >= 1" + (" (or null: no limit)" if name.startswith("max_") else ""))
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ValueError(f"out_dir {str(out_dir)!r} is a file; give a folder for tokenizer.json and its configs")
     if not inputs:
         raise ValueError("no inputs: give text files, directories or globs, e.g. --inputs+ 'corpus/*.jsonl'")
     files = expand_inputs(inputs)

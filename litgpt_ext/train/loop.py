@@ -93,7 +93,7 @@ def pretrain(
     """
     from litgpt_ext.parallel import build_strategy, resolve_devices
 
-    optimizer = check_pretrain_inputs(optimizer, tokenizer_dir, num_nodes)  # CLI overrides applied, lr > 0, tokenizer loads
+    optimizer = check_pretrain_inputs(optimizer, tokenizer_dir, num_nodes, None if model_config else model_name)  # CLI overrides applied, lr > 0, tokenizer loads
     hparams = _hparams(locals())
     if model_config is None:
         if model_name is None:

@@ -141,8 +141,24 @@ def _meta(path: Path) -> dict | None:
         return None
 
 
-def check_pretrain_inputs(optimizer: Union[str, dict], tokenizer_dir: Path | None, num_nodes: int | None = None) -> dict:
-    """What `pretrain` checks before building anything: the resolved optimizer spec is returned."""
+def check_model_name(name: str) -> None:
+    """litgpt says only "'x' is not a supported config name": name the closest valid ones."""
+    import difflib
+
+    from litgpt.config import name_to_config
+
+    if name not in name_to_config:
+        close = difflib.get_close_matches(name, list(name_to_config), n=5, cutoff=0.5)
+        raise ValueError(f"model_name={name!r} is not a litgpt model name; closest: {', '.join(close) or 'none'}"
+                         f" (e.g. pythia-14m, pythia-160m; or give an inline model_config)")
+
+
+def check_pretrain_inputs(optimizer: Union[str, dict], tokenizer_dir: Path | None, num_nodes: int | None = None,
+                          model_name: str | None = None) -> dict:
+    """What `pretrain` checks before building anything: the resolved optimizer spec is returned.
+    `model_name` is checked only when it picks the architecture (no inline model_config)."""
+    if model_name:
+        check_model_name(model_name)
     if num_nodes is not None and num_nodes < 1:
         raise ValueError(f"num_nodes={num_nodes} must be >= 1 (or null: SLURM_JOB_NUM_NODES, else 1)")
     if tokenizer_dir is not None:
