@@ -59,8 +59,15 @@ def resolve_optimizer(optimizer: Union[str, dict]) -> dict:
     return spec
 
 
-def shard_max_token_id(path: Path) -> int:
-    """The largest token id in a shard: recorded by `prepare` (prepare_meta.json), else scanned."""
+SCAN_BYTES = 256 * 2**20
+"""Shards without a recorded max token id are scanned up to this many bytes each (a shard from another
+tokenizer has out-of-range ids everywhere, so its first chunks show it; a full scan of a large
+corpus at every start would cost minutes)."""
+
+
+def shard_max_token_id(path: Path, scan_bytes: int = SCAN_BYTES) -> int:
+    """The largest token id in a shard: recorded by `prepare` (prepare_meta.json), else scanned
+    (its first `scan_bytes` of chunk data)."""
     meta_path = Path(path) / "prepare_meta.json"
     if meta_path.is_file():
         try:
@@ -81,12 +88,16 @@ def shard_max_token_id(path: Path) -> int:
         import torch
 
         dtype = torch.empty(0, dtype=dtype).numpy().dtype
-    top = -1
+    top, budget = -1, scan_bytes
     for c in index["chunks"]:
         header = (1 + c["chunk_size"] + 1) * 4
         mm = np.memmap(Path(path) / c["filename"], dtype=dtype, mode="r", offset=header)
-        if mm.size:
-            top = max(top, int(mm.max()))
+        n = min(mm.size, max(budget // mm.itemsize, 0))
+        if n:
+            top = max(top, int(mm[:n].max()))
+        budget -= n * mm.itemsize
+        if budget <= 0:
+            break
     return top
 
 
