@@ -156,6 +156,8 @@ def inspect_mix(
         start_step: the optimizer step the phase starts at.
         json: print JSON instead of a table.
     """
+    if max_seq_length < 1 or (tokens is not None and tokens < 1):
+        raise ValueError(f"max_seq_length={max_seq_length} and tokens={tokens} must be >= 1 (tokens: or null)")
     rep = mix_report(data_path, mix_weights_str, literal_weights_str, mix_config_path, proportional_sampling,
                      extra_shard_types, tokens, max_seq_length, mix_schedule, max_epochs, cap_repetition,
                      global_batch_size, start_step)

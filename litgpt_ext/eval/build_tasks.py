@@ -170,6 +170,9 @@ def build_tasks(
     out_dir = Path(out_dir) if out_dir is not None else demo_dir / "eval_tasks"
     if n_choices < 2:
         raise ValueError(f"n_choices must be >= 2, got {n_choices}")
+    for name, value in (("n_fewshot", n_fewshot), ("max_examples", max_examples), ("max_ppl_docs", max_ppl_docs)):
+        if value < (0 if name == "n_fewshot" else 1):
+            raise ValueError(f"{name} must be >= {0 if name == 'n_fewshot' else 1}, got {value}")
     raw = demo_dir / "raw"
     sources = {"main": raw / "main_heldout.jsonl", "code": raw / "code_heldout.jsonl", "math": raw / "math_heldout.jsonl"}
     if not any(p.is_file() for p in sources.values()):

@@ -34,6 +34,7 @@ from litgpt_ext.train.metrics import StepLogger
 from litgpt_ext.train.objective import LossFn, next_token_loss
 from litgpt_ext.train.plan import RunPlan, choose_plan, phases_of, record_phase, stop_warning
 from litgpt_ext.train.state import CheckpointWriter, TrainingState
+from litgpt_ext.train.validate import check_pretrain_inputs, check_shards_fit_model
 from litgpt_ext.train.validation import VAL_CSV, Validator, val_loaders_of
 
 __all__ = ["pretrain", "main", "fit", "PREEMPT_EXIT_CODE", "VAL_CSV"]
@@ -97,6 +98,10 @@ def pretrain(
 
     from litgpt_ext.parallel import build_strategy, resolve_devices
 
+    # CLI overrides folded into optimizer.init_args (jsonargparse leaves `--optimizer.init_args.lr` beside
+    # them), lr > 0, the tokenizer loads; the saved config records the optimizer actually used
+    optimizer = check_pretrain_inputs(optimizer, tokenizer_dir, num_nodes, None if model_config else model_name)
+    hparams["optimizer"] = _hparams({"optimizer": optimizer})["optimizer"]
     if model_config is None:
         if model_name is None:
             raise ValueError("give model_name (a litgpt model name such as pythia-14m) or an inline model_config")
@@ -175,6 +180,7 @@ def main(
 
     plan = _phase_plan(fabric, out_dir, train, peak_lr, tokens_per_step, state, saved, resume_dir)
     loader = _setup_data(fabric, data, train, seq_len, tokenizer_dir, saved, plan)
+    check_shards_fit_model(data, model_config, tokenizer_dir)  # token ids < vocab, same tokenizer: before step 1
     state.mix = getattr(data, "resolved_mix", None)
     if saved is not None:  # restored: do not hold a second copy of the optimizer state during training
         saved.optimizer = saved.rng = saved.data = None
