@@ -178,7 +178,7 @@ def main(
         state = dataclasses.replace(saved, optimizer=None, rng=None, data=None)
         fabric.print(f"Resumed from {resume_dir} at step {state.step} ({state.tokens:,} tokens)")
 
-    plan = _phase_plan(fabric, out_dir, train, peak_lr, tokens_per_step, state, saved, resume_dir)
+    plan, what = _phase_plan(fabric, out_dir, train, peak_lr, tokens_per_step, state, saved)
     loader = _setup_data(fabric, data, train, seq_len, tokenizer_dir, saved, plan)
     check_shards_fit_model(data, model_config, tokenizer_dir)  # token ids < vocab, same tokenizer: before step 1
     state.mix = getattr(data, "resolved_mix", None)
@@ -195,6 +195,8 @@ def main(
 
     validator = Validator(fabric, val_loaders_of(data), eval, out_dir, baseline=state.val_start, loss_fn=loss_fn)
     writer = CheckpointWriter(out_dir, model_config, hparams, tokenizer_dir, train.keep_last_k)
+    if what != "kept" and fabric.global_rank == 0:
+        record_phase(out_dir, plan, str(resume_dir) if resume_dir else None)
     with _preemption() as flag:
         return fit(fabric, model, opt, loader, state, plan, train, validator=validator, writer=writer,
                    loss_fn=loss_fn, preempt=flag)
@@ -277,10 +279,11 @@ def _setup_data(fabric: L.Fabric, data: Any, train: TrainArgs, seq_len: int, tok
 
 
 def _phase_plan(fabric: L.Fabric, out_dir: Path, train: TrainArgs, peak_lr: float, tokens_per_step: int,
-                state: TrainingState, saved: Optional[TrainingState], resume_dir: Optional[Path]) -> RunPlan:
+                state: TrainingState, saved: Optional[TrainingState]) -> tuple[RunPlan, str]:
     """Keep the resumed phase's plan when the phase belongs to this run dir, else begin a new phase.
 
-    Rank 0 decides (it reads out_dir/phases.jsonl and draws the new phase id) and broadcasts.
+    Rank 0 decides (it reads out_dir/phases.jsonl and draws the new phase id) and broadcasts. A new
+    phase is recorded by `main` once the whole setup has succeeded (a refused config leaves no trace).
     """
     decision = None
     if fabric.global_rank == 0:
@@ -292,8 +295,6 @@ def _phase_plan(fabric: L.Fabric, out_dir: Path, train: TrainArgs, peak_lr: floa
             decision = (plan.to_dict(), what, None)
         except ValueError as e:
             decision = (None, None, str(e))
-        if decision[0] is not None and what != "kept":
-            record_phase(out_dir, RunPlan.from_dict(decision[0]), str(resume_dir) if resume_dir else None)
     plan_d, what, error = fabric.broadcast(decision, src=0)
     if error is not None:
         raise ValueError(error)
@@ -309,7 +310,7 @@ def _phase_plan(fabric: L.Fabric, out_dir: Path, train: TrainArgs, peak_lr: floa
     warning = stop_warning(plan)
     if warning:
         fabric.print("!" * 100 + "\n" + warning + "\n" + "!" * 100)
-    return plan
+    return plan, what
 
 
 @contextmanager
