@@ -48,7 +48,7 @@ def test_straight_run_learns_and_writes_litgpt_checkpoints(straight):
     for d in (out / "step-00000004", out / "final"):
         assert {"lit_model.pth", "model_config.yaml", "hyperparameters.yaml", "training_state.pth"} <= {
             p.name for p in d.iterdir()}
-    sd = torch.load(out / "final" / "lit_model.pth")["model"]
+    sd = ckpt.load_model_state(out / "final")
     assert "transformer.h.0.attn.qkv.weight" in sd or any(k.startswith("transformer.h.0.") for k in sd)
     st = ckpt.load_training_state(out / "step-00000004")
     assert st["step"] == 4 and st["data"]["count"] == 16 and st["mix"] == {"weights": {"a": 0.5, "b": 0.5}}
@@ -62,8 +62,8 @@ def test_resume_continues_bit_for_bit(straight, tmp_path):
     assert first["losses"] == {k: v for k, v in r["losses"].items() if k <= 3}
     second = run(tmp_path, resume=True)
     assert second["losses"] == {k: v for k, v in r["losses"].items() if k > 3}
-    a = torch.load(out / "final" / "lit_model.pth")["model"]
-    b = torch.load(tmp_path / "final" / "lit_model.pth")["model"]
+    a = ckpt.load_model_state(out / "final")
+    b = ckpt.load_model_state(tmp_path / "final")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -240,16 +240,18 @@ def _run(fabric, config, out_dir, initial_checkpoint_dir, resume, fork_from, dat
     from litgpt_ext.model import build_model, initialize_moe_weights
     from litgpt.utils import instantiate_torch_optimizer, num_parameters
 
+    lock = ckpt.hold_run_lock(fabric, out_dir)  # one writer per out_dir: rank 0 holds it, a second run is refused
     if fabric.global_rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         ckpt.prune_checkpoints(out_dir, None)  # leftover *.tmp of a killed save
+        ckpt.set_aside_newer(resume, out_dir, log=fabric.print)  # resuming an older step: newer -> abandoned-*/
         if fork_from is not None and not ckpt.list_checkpoints(out_dir):
             ckpt.fork(fork_from, out_dir)
             resume = "auto" if resume in (False, None) else resume
     fabric.barrier()
     if fork_from is not None and resume in (False, None):
         resume = "auto"
-    resume_dir = ckpt.resolve_resume(resume, out_dir)
+    resume_dir = ckpt.resolve_resume(resume, out_dir, log=fabric.print)
     state = ckpt.load_training_state(resume_dir) if resume_dir else None
 
     seq_len = train.max_seq_length or config.block_size
@@ -321,6 +323,12 @@ def _run(fabric, config, out_dir, initial_checkpoint_dir, resume, fork_from, dat
     fabric.print(f"Schedule {schedule}; this run: steps {step} -> {horizon}, {accum} micro-batches of {train.micro_batch_size}"
                  f" x {fabric.world_size} ranks per step, {tokens_per_step:,} tokens/step")
 
+    if resume_dir is not None and resume_dir.name == "final" and step >= horizon:
+        fabric.print(f"Already finished: {resume_dir} is at step {step}, the plan's last step is {horizon}; nothing to do")
+        if lock is not None:
+            lock.release()
+        return {"stopped": "finished", "step": step, "tokens": tokens, "losses": {}, "val": [],
+                "val_start": state.get("val_start"), "schedule": asdict(schedule)}
     loop = _Loop(fabric, model, opt, loader, val_loaders, train, eval, out_dir, config, tokenizer_dir, hparams,
                  schedule, data, step, tokens, iter_num, accum, seq_len, horizon)
     loop.val_start = state.get("val_start") if (same_run and state) else None
@@ -330,6 +338,8 @@ def _run(fabric, config, out_dir, initial_checkpoint_dir, resume, fork_from, dat
         result = loop.fit(flag)
     finally:
         flag.restore()
+        if lock is not None:
+            lock.release()
         for lg in fabric.loggers:
             lg.finalize("success")
     if result["stopped"] == "preempted":
