@@ -63,9 +63,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"litgpt-ext: unknown command {name!r}; known: {', '.join(COMMANDS)}\n\n{_usage()}")
     from jsonargparse import CLI
 
+    from litgpt_ext.train.checkpoint import CheckpointError  # a failed save (disk full): file and cause
+
     try:
         CLI(_load(COMMANDS[name][0]), args=rest, as_positional=name in POSITIONAL, prog=f"litgpt-ext {name}")
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError) as e:
         # Our configuration errors are ValueErrors that name the culprit: show the message, not a
         # traceback. LITGPT_EXT_TRACEBACK=1 shows the traceback (for bugs that raise ValueError).
         if os.environ.get("LITGPT_EXT_TRACEBACK"):

@@ -245,7 +245,7 @@ def _run(fabric, config, out_dir, initial_checkpoint_dir, resume, fork_from, dat
         out_dir.mkdir(parents=True, exist_ok=True)
         ckpt.prune_checkpoints(out_dir, None)  # leftover *.tmp of a killed save
         ckpt.set_aside_newer(resume, out_dir, log=fabric.print)  # resuming an older step: newer -> abandoned-*/
-        if fork_from is not None and not ckpt.list_checkpoints(out_dir):
+        if fork_from is not None and not ckpt.list_checkpoints(out_dir, final=True):
             ckpt.fork(fork_from, out_dir)
             resume = "auto" if resume in (False, None) else resume
     fabric.barrier()
