@@ -203,12 +203,14 @@ def main(argv: list[str] | None = None) -> None:
         flag = install()
     from jsonargparse import CLI
 
+    from litgpt_ext.train.checkpoint import CheckpointError  # a failed save (disk full): file and cause
+
     _PARSED[name] = False
     _NEW_OUTPUTS[name] = []
     try:
         CLI(_load(COMMANDS[name][0]), args=rest, as_positional=name in POSITIONAL, prog=f"litgpt-ext {name}",
             parser_class=_parser_class(name, rest))
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, CheckpointError) as e:
         # Our configuration errors are ValueErrors that name the culprit: show the message, not a
         # traceback. LITGPT_EXT_TRACEBACK=1 shows the traceback (for bugs that raise ValueError).
         _remove_empty_new_outputs(name)

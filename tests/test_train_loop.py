@@ -48,7 +48,7 @@ def test_straight_run_learns_and_writes_litgpt_checkpoints(straight):
     for d in (out / "step-00000004", out / "final"):
         assert {"lit_model.pth", "model_config.yaml", "hyperparameters.yaml", "training_state.pth"} <= {
             p.name for p in d.iterdir()}
-    sd = torch.load(out / "final" / "lit_model.pth")["model"]
+    sd = ckpt.load_model_state(out / "final")
     from litgpt.model import GPT
 
     assert sd.keys() == GPT(Config(**CFG)).state_dict().keys()  # litgpt's own names: litgpt tools load it
@@ -66,8 +66,8 @@ def test_resume_continues_bit_for_bit(straight, tmp_path):
         run(tmp_path, resume=True)  # the phase's plan stops at 3: a requeue must not move it silently
     second = run(tmp_path, resume=True, train={"new_phase": True})  # the budget changed on purpose
     assert second["losses"] == {k: v for k, v in r["losses"].items() if k > 3}
-    a = torch.load(out / "final" / "lit_model.pth")["model"]
-    b = torch.load(tmp_path / "final" / "lit_model.pth")["model"]
+    a = ckpt.load_model_state(out / "final")
+    b = ckpt.load_model_state(tmp_path / "final")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -159,47 +159,54 @@ def main(
     loss_fn: LossFn = next_token_loss,
 ) -> dict:
     """Build the model, optimizer and data, restore a checkpoint, fix the phase's plan, then `fit`."""
-    resume_dir = _resolve_resume(fabric, out_dir, resume, fork_from)
-    saved = TrainingState.load(resume_dir) if resume_dir else None
+    with _writer_lock(fabric, out_dir):  # one writer per out_dir: a double submit is refused clearly
+        resume_dir = _resolve_resume(fabric, out_dir, resume, fork_from)
+        saved = TrainingState.load(resume_dir) if resume_dir else None
 
-    seq_len = train.max_seq_length or model_config.block_size
-    if seq_len > model_config.block_size:
-        raise ValueError(f"train.max_seq_length={seq_len} exceeds the model's block_size={model_config.block_size}")
-    accum = train.accumulation_steps(fabric.world_size)
-    tokens_per_step = train.global_batch_size * seq_len
+        seq_len = train.max_seq_length or model_config.block_size
+        if seq_len > model_config.block_size:
+            raise ValueError(f"train.max_seq_length={seq_len} exceeds the model's block_size={model_config.block_size}")
+        accum = train.accumulation_steps(fabric.world_size)
+        tokens_per_step = train.global_batch_size * seq_len
 
-    model = _build_model(fabric, model_config, moe, seq_len, weights_from=resume_dir or initial_checkpoint_dir,
-                         seed=seed)
-    opt = _build_optimizer(fabric, model, optimizer)
-    peak_lr = float(opt.param_groups[0]["lr"])
-    state = TrainingState()
-    if saved is not None:
-        saved.restore(fabric, model, opt)
-        state = dataclasses.replace(saved, optimizer=None, rng=None, data=None)
-        fabric.print(f"Resumed from {resume_dir} at step {state.step} ({state.tokens:,} tokens)")
+        model = _build_model(fabric, model_config, moe, seq_len, weights_from=resume_dir or initial_checkpoint_dir,
+                             seed=seed)
+        opt = _build_optimizer(fabric, model, optimizer)
+        peak_lr = float(opt.param_groups[0]["lr"])
+        state = TrainingState()
+        if saved is not None:
+            saved.restore(fabric, model, opt)
+            state = dataclasses.replace(saved, optimizer=None, rng=None, data=None)
+            fabric.print(f"Resumed from {resume_dir} at step {state.step} ({state.tokens:,} tokens)")
 
-    plan, what = _phase_plan(fabric, out_dir, train, peak_lr, tokens_per_step, state, saved)
-    loader = _setup_data(fabric, data, train, seq_len, tokenizer_dir, saved, plan)
-    check_shards_fit_model(data, model_config, tokenizer_dir)  # token ids < vocab, same tokenizer: before step 1
-    state.mix = getattr(data, "resolved_mix", None)
-    if saved is not None:  # restored: do not hold a second copy of the optimizer state during training
-        saved.optimizer = saved.rng = saved.data = None
+        plan, what = _phase_plan(fabric, out_dir, train, peak_lr, tokens_per_step, state, saved)
+        if saved is not None and what == "kept" and state.step >= plan.stop_step:
+            fabric.print(f"Already finished: {resume_dir} is at step {state.step}, where this phase's plan stops"
+                         f" ({plan.describe()}); nothing to do (train.new_phase: true with a new budget continues it)")
+            return {"stopped": "finished", "step": state.step, "tokens": state.tokens, "losses": {}, "val": [],
+                    "val_start": state.val_start, "schedule": asdict(plan.schedule), "plan": plan.to_dict(),
+                    "signal": None}
+        loader = _setup_data(fabric, data, train, seq_len, tokenizer_dir, saved, plan)
+        check_shards_fit_model(data, model_config, tokenizer_dir)  # token ids < vocab, same tokenizer: before step 1
+        state.mix = getattr(data, "resolved_mix", None)
+        if saved is not None:  # restored: do not hold a second copy of the optimizer state during training
+            saved.optimizer = saved.rng = saved.data = None
 
-    if plan.phase_id != state.phase_id:
-        state.val_start = None  # a new phase measures its own baseline
-    state.set_plan(plan)
-    if state.lr is None or saved is None:
-        state.lr = plan.schedule(state.step)
-    fabric.print(f"Schedule {plan.schedule}; this run: steps {state.step} -> {plan.stop_step}, {accum} micro-batches"
-                 f" of {train.micro_batch_size} x {fabric.world_size} ranks per step, {tokens_per_step:,} tokens/step")
+        if plan.phase_id != state.phase_id:
+            state.val_start = None  # a new phase measures its own baseline
+        state.set_plan(plan)
+        if state.lr is None or saved is None:
+            state.lr = plan.schedule(state.step)
+        fabric.print(f"Schedule {plan.schedule}; this run: steps {state.step} -> {plan.stop_step}, {accum} micro-batches"
+                     f" of {train.micro_batch_size} x {fabric.world_size} ranks per step, {tokens_per_step:,} tokens/step")
 
-    validator = Validator(fabric, val_loaders_of(data), eval, out_dir, baseline=state.val_start, loss_fn=loss_fn)
-    writer = CheckpointWriter(out_dir, model_config, hparams, tokenizer_dir, train.keep_last_k)
-    if what != "kept" and fabric.global_rank == 0:
-        record_phase(out_dir, plan, str(resume_dir) if resume_dir else None)
-    with _preemption() as flag:
-        return fit(fabric, model, opt, loader, state, plan, train, validator=validator, writer=writer,
-                   loss_fn=loss_fn, preempt=flag)
+        validator = Validator(fabric, val_loaders_of(data), eval, out_dir, baseline=state.val_start, loss_fn=loss_fn)
+        writer = CheckpointWriter(out_dir, model_config, hparams, tokenizer_dir, train.keep_last_k)
+        if what != "kept" and fabric.global_rank == 0:
+            record_phase(out_dir, plan, str(resume_dir) if resume_dir else None)
+        with _preemption() as flag:
+            return fit(fabric, model, opt, loader, state, plan, train, validator=validator, writer=writer,
+                       loss_fn=loss_fn, preempt=flag)
 
 
 def _resolve_resume(fabric: L.Fabric, out_dir: Path, resume: Any, fork_from: Optional[Path]) -> Optional[Path]:
@@ -207,12 +214,13 @@ def _resolve_resume(fabric: L.Fabric, out_dir: Path, resume: Any, fork_from: Opt
     if fabric.global_rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         ckpt.prune_checkpoints(out_dir, None)  # leftover *.tmp of a killed save
-        if fork_from is not None and not ckpt.list_checkpoints(out_dir):
+        ckpt.set_aside_newer(resume, out_dir, log=fabric.print)  # resuming an older step abandons newer ones
+        if fork_from is not None and not ckpt.list_checkpoints(out_dir, final=True):
             ckpt.fork(fork_from, out_dir)
     fabric.barrier()
     if fork_from is not None and resume in (False, None):
         resume = "auto"
-    return ckpt.resolve_resume(resume, out_dir)
+    return ckpt.resolve_resume(resume, out_dir, log=fabric.print)
 
 
 def _build_model(fabric: L.Fabric, config: Config, moe: Optional[MoEArgs], seq_len: int,
@@ -311,6 +319,18 @@ def _phase_plan(fabric: L.Fabric, out_dir: Path, train: TrainArgs, peak_lr: floa
     if warning:
         fabric.print("!" * 100 + "\n" + warning + "\n" + "!" * 100)
     return plan, what
+
+
+@contextmanager
+def _writer_lock(fabric: L.Fabric, out_dir: Path):
+    """Rank 0 holds out_dir/.run.lock (host, pid, SLURM job) for the whole run; every rank raises if
+    another live writer holds it."""
+    lock = ckpt.hold_run_lock(fabric, out_dir)
+    try:
+        yield lock
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 @contextmanager
