@@ -315,7 +315,8 @@ def test_loop_finished_run_reports_finished_and_older_resume_abandons_newer(tmp_
     # an explicit resume from an older step, then a requeue (`auto`): continues that branch
     first = _train(tmp_path / "b")
     assert first["step"] == 6
-    _train(tmp_path / "b", resume=tmp_path / "b" / "step-00000002", train={"max_additional_steps": 1})
+    _train(tmp_path / "b", resume=tmp_path / "b" / "step-00000002",
+           train={"max_additional_steps": 1, "new_phase": True})  # a new budget from step 2: a new phase
     (aside,) = (tmp_path / "b").glob("abandoned-*")
     assert sorted(p.name for p in aside.iterdir()) == ["final", "step-00000004", "step-00000006"]
     assert "moved the newer checkpoints ['final', 'step-00000004', 'step-00000006']" in capsys.readouterr().out
