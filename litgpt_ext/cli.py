@@ -14,7 +14,7 @@ from typing import Callable
 
 # name -> ("module:function", one-line help); required arguments are flags (`--data_path …`)
 # except for the commands in POSITIONAL, which take them positionally (`evaluate <dir>`).
-POSITIONAL = {"evaluate", "convert-to-hf"}
+POSITIONAL = {"evaluate", "convert-to-hf", "consolidate"}
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("litgpt_ext.prep.prepare:prepare", "tokenize raw text into typed litdata token shards"),
     "train-tokenizer": ("litgpt_ext.prep.tokenizer:train_tokenizer", "train a byte-level BPE tokenizer offline"),
@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("litgpt_ext.demo:demo", "the README's main job: data, pretrain, fork, midtrain, compare"),
     "evaluate": ("litgpt_ext.eval.evaluate:evaluate", "run lm-eval on a checkpoint or a run's checkpoints"),
     "build-eval-tasks": ("litgpt_ext.eval.build_tasks:build_tasks", "build the local lm-eval tasks from held-out demo docs"),
+    "consolidate": ("litgpt_ext.train.dcp:consolidate", "turn a sharded (DCP) checkpoint into litgpt's lit_model.pth"),
     "convert-to-hf": ("litgpt_ext.eval.convert:convert_to_hf", "export a dense checkpoint to Hugging Face format"),
 }
 
