@@ -79,8 +79,12 @@ def load_sharded(ckpt_dir: Union[str, Path], model: nn.Module, optimizer: Option
     path = path if (path / ".metadata").is_file() else path / SHARDED_DIR
     if not (path / ".metadata").is_file():
         raise FileNotFoundError(f"{str(ckpt_dir)!r} is not a sharded checkpoint: no {SHARDED_DIR}/.metadata in it")
+    import warnings
+
     state = _state(model, optimizer)
-    dcp.load(state, storage_reader=dcp.FileSystemReader(path))
+    with warnings.catch_warnings():  # one process without a process group is a supported case here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, storage_reader=dcp.FileSystemReader(path))
     if optimizer is None:
         set_model_state_dict(model, state["model"])
     else:
