@@ -64,8 +64,12 @@ def save_sharded(path: Union[str, Path], model: nn.Module, optimizer: Optional[t
     """
     import torch.distributed.checkpoint as dcp
 
+    import warnings
+
     path = Path(path)
-    dcp.save(_state(model, optimizer), storage_writer=dcp.FileSystemWriter(path))
+    with warnings.catch_warnings():  # one process without a process group is a supported case here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(_state(model, optimizer), storage_writer=dcp.FileSystemWriter(path))
     return path
 
 
@@ -175,8 +179,10 @@ def load_full_model_state(ckpt_dir: Union[str, Path]) -> dict[str, torch.Tensor]
 
 
 def consolidate(checkpoint: Path, out_dir: Optional[Path] = None, force: bool = False) -> Path:
-    """Convert a sharded checkpoint to litgpt's layout: `lit_model.pth` (a full state dict) with the
-    checkpoint's model_config.yaml, hyperparameters.yaml and tokenizer files.
+    """Convert a sharded (DCP) checkpoint into litgpt's lit_model.pth layout.
+
+    Writes `lit_model.pth` (a full state dict) with the checkpoint's model_config.yaml,
+    hyperparameters.yaml and tokenizer files, for evaluate / sft / export.
 
     Args:
         checkpoint: a sharded checkpoint folder (`step-XXXXXXXX/` or `final/` holding `sharded/`).
