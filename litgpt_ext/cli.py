@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 
 # name -> ("module:function", one-line help); required arguments are flags (`--data_path …`)
 # except for the commands in POSITIONAL, which take them positionally (`evaluate <dir>`).
-POSITIONAL = {"evaluate", "convert-to-hf", "convert-moe-to-litgpt"}
+POSITIONAL = {"evaluate", "convert-to-hf", "convert-moe-to-litgpt", "consolidate"}
 # commands whose leading bare arguments fill one list flag: `soup a b c --out d` == `soup --checkpoints+ a …`
 LEADING_LIST = {"soup": "--checkpoints+"}
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("litgpt_ext.eval.evaluate:evaluate", "run lm-eval on a checkpoint or a run's checkpoints"),
     "build-sft-tasks": ("litgpt_ext.sft.tasks:build_sft_tasks", "build the demo's SFT tasks (code, math, prose) as litgpt JSON"),
     "build-eval-tasks": ("litgpt_ext.eval.build_tasks:build_tasks", "build the local lm-eval tasks from held-out demo docs"),
+    "consolidate": ("litgpt_ext.train.dcp:consolidate", "turn a sharded (DCP) checkpoint into litgpt's lit_model.pth"),
     "convert-to-hf": ("litgpt_ext.eval.convert:convert_to_hf", "export a dense checkpoint to Hugging Face format"),
     "convert-moe-to-litgpt": ("litgpt_ext.eval.convert:convert_moe_to_litgpt", "rewrite an MoE checkpoint in litgpt's own MoE layout"),
     "lm-eval": ("litgpt_ext.eval.interop:lm_eval_main", "lm-eval's CLI with --model litgpt_ext and the demo_* tasks"),

@@ -23,6 +23,8 @@ from torch import nn
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
+    from litgpt_ext.train.speed import SpeedArgs
+
 # a hook may return parameters it sharded itself (MoE experts under EP): FSDP2 leaves those alone
 ParallelizeHook = Callable[[nn.Module, "DeviceMesh", int], Optional[set]]
 _HOOKS: list[ParallelizeHook] = []
@@ -35,8 +37,14 @@ def register_parallelize_hook(fn: ParallelizeHook) -> ParallelizeHook:
     return fn
 
 
-def parallelize(model: nn.Module, device_mesh: "DeviceMesh", expert_parallel_size: int = 1) -> nn.Module:
-    """FSDP2: shard every transformer block, then the root (embeddings, head, final norm)."""
+def parallelize(model: nn.Module, device_mesh: "DeviceMesh", expert_parallel_size: int = 1,
+                speed: Optional["SpeedArgs"] = None, seed: Optional[int] = None) -> nn.Module:
+    """FSDP2: shard every transformer block, then the root (embeddings, head, final norm).
+
+    With `speed` (litgpt_ext.train.speed.SpeedArgs): activation checkpointing before sharding;
+    after it, a meta-device model is materialized on this rank's device and initialized (`seed`),
+    then compiled per block.
+    """
     from torch.distributed.fsdp import fully_shard
 
     dp_mesh = device_mesh["data_parallel"]
@@ -45,6 +53,10 @@ def parallelize(model: nn.Module, device_mesh: "DeviceMesh", expert_parallel_siz
             f"expert_parallel_size={expert_parallel_size} needs an MoE model that registers a parallelize hook"
             " (litgpt_ext.parallel.register_parallelize_hook); a dense model takes expert_parallel_size=1"
         )
+    if speed is not None and speed.activation_checkpointing:
+        from litgpt_ext.train.speed import apply_activation_checkpointing
+
+        apply_activation_checkpointing(model)
     ignored: set = set()
     for hook in _HOOKS:
         ignored |= set(hook(model, dp_mesh, expert_parallel_size) or ())  # params sharded by the hook
@@ -54,6 +66,10 @@ def parallelize(model: nn.Module, device_mesh: "DeviceMesh", expert_parallel_siz
     for block in blocks:
         fully_shard(block, mesh=dp_mesh, ignored_params=ignored or None)
     fully_shard(model, mesh=dp_mesh, ignored_params=ignored or None)
+    if speed is not None:
+        from litgpt_ext.train.speed import apply_speed
+
+        apply_speed(model, speed, seed, _mesh_device(dp_mesh), distributed=True)
     return model
 
 
@@ -61,6 +77,12 @@ def _count(value: Union[str, None]) -> Union[int, None]:
     """First count of a SLURM per-node list: '2', '2(x3)', '2,1' -> 2."""
     head = (value or "").split(",")[0].split("(")[0]
     return int(head) if head.isdigit() else None
+
+
+def _mesh_device(mesh: "DeviceMesh") -> torch.device:
+    if mesh.device_type == "cpu":
+        return torch.device("cpu")
+    return torch.device(mesh.device_type, getattr(torch, mesh.device_type).current_device())
 
 
 def slurm_defaults() -> tuple[Union[int, None], Union[int, None]]:
@@ -101,8 +123,10 @@ def resolve_devices(devices: Union[int, Literal["auto"]], num_nodes: Union[int, 
     return devices, num_nodes
 
 
-def build_strategy(devices: int, num_nodes: int = 1, expert_parallel_size: int = 1):
-    """'auto' for one process; FSDP2 over all data-parallel ranks otherwise."""
+def build_strategy(devices: int, num_nodes: int = 1, expert_parallel_size: int = 1,
+                   speed: Optional["SpeedArgs"] = None, seed: Optional[int] = None):
+    """'auto' for one process; FSDP2 over all data-parallel ranks otherwise (applying `speed`'s
+    activation checkpointing, meta-device materialization and compile around the sharding)."""
     world = devices * num_nodes
     if expert_parallel_size < 1 or world % expert_parallel_size:
         raise ValueError(
@@ -114,12 +138,12 @@ def build_strategy(devices: int, num_nodes: int = 1, expert_parallel_size: int =
 
     if expert_parallel_size > 1:
         return _ExpertParallelStrategy(
-            parallelize_fn=partial(parallelize, expert_parallel_size=expert_parallel_size),
+            parallelize_fn=partial(parallelize, expert_parallel_size=expert_parallel_size, speed=speed, seed=seed),
             data_parallel_size=world,
             tensor_parallel_size=1,
         )
     return ModelParallelStrategy(
-        parallelize_fn=partial(parallelize, expert_parallel_size=expert_parallel_size),
+        parallelize_fn=partial(parallelize, expert_parallel_size=expert_parallel_size, speed=speed, seed=seed),
         data_parallel_size=world,
         tensor_parallel_size=1,
     )
