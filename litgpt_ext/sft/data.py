@@ -412,6 +412,10 @@ class SFTData(DataModule):
             log.info("SFT %s %s: %d examples, %d tokens, %d target tokens, longest %d", self.name, split,
                      s["examples"], s["tokens"], s["target_tokens"], s["longest"])
 
+    def num_train_examples(self) -> int:
+        """Training examples (read from the files, no tokenizer needed): what the run's plan counts."""
+        return len(self.train_examples) if self.train_examples else len(self._files()[0])
+
     @property
     def longest_seq_length(self) -> int:
         """Longest (truncated) example: what `model.max_seq_length` must cover."""
