@@ -97,3 +97,41 @@ def test_sft_errors(tmp_path, source):
         cli(["sft", "--config", str(cfg), "--optimizer", "AdamW"])
     with pytest.raises(SystemExit, match="no model_config.yaml"):
         cli(["sft", "--config", str(cfg), "--checkpoint_dir", str(tmp_path)])
+
+
+def test_optimizer_flags_fold_into_init_args():
+    from litgpt_ext.sft.run import optimizer_spec
+
+    spec = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 3e-4, "weight_decay": 0.1}, "lr": "1e-4"}
+    assert optimizer_spec(spec) == {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-4, "weight_decay": 0.1}}
+    assert optimizer_spec("AdamW") == "AdamW"
+
+
+def test_sft_grid_picks_the_lr_per_checkpoint_and_skips_finished_runs(tmp_path, source, capsys):
+    from litgpt_ext.sft.grid import mean_std
+
+    # a second checkpoint of the same run: "loss after SFT vs pretraining step"
+    shutil.copytree(source / "base" / "step-00000007", tmp_path / "base" / "step-00000014")
+    ckpt.write_checkpoint(tmp_path / "base" / "step-00000014", ckpt.load_model_state(source / "base" / "step-00000007"),
+                          TrainingState(step=14).to_dict(), Config.from_file(source / "base" / "step-00000007" / "model_config.yaml"),
+                          {}, source / "base" / "step-00000007")
+    cfg = _config(source, tmp_path / "unused", epochs=1)
+    root = tmp_path / "grid"
+    args = ["sft-grid", "--sft_config", str(cfg), "--lrs", "[1e-5, 3e-3]", "--seeds", "[1, 2]", "--out_root", str(root),
+            "--checkpoints", f"[{source / 'base' / 'step-00000007'}, {tmp_path / 'base' / 'step-00000014'}]"]
+    cli(args)
+    out = capsys.readouterr().out
+    assert "ran 8, skipped 0" in out
+    rows = list(csv.DictReader(open(root / "sft_grid.csv")))
+    assert [(r["checkpoint"], r["step"]) for r in rows] == [("step-00000007", "7"), ("step-00000014", "14")]
+    for r in rows:  # 1e-5 barely moves the weights: 3e-3 wins; the numbers are the seeds' mean and std
+        assert float(r["lr"]) == 3e-3 and r["n_seeds"] == "2"
+        ck = r["checkpoint"]
+        losses = [json.loads((root / "base" / ck / f"lr-0.003_seed-{s}" / "sft_metrics.json").read_text())["sft_val_loss"]
+                  for s in (1, 2)]
+        m, s = mean_std(losses)
+        assert float(r["sft_val_loss"]) == pytest.approx(m) and float(r["sft_val_loss_std"]) == pytest.approx(s)
+        assert r["general"] != ""
+    assert "| run |" in (root / "sft_grid.md").read_text()
+    cli(args)
+    assert "ran 0, skipped 8" in capsys.readouterr().out

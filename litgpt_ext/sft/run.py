@@ -68,12 +68,32 @@ def sft(
     args = dict(locals())  # first: the arguments exactly as given
     from litgpt_ext.train.loop import _hparams
 
+    args["optimizer"] = optimizer_spec(optimizer)
     hparams = _hparams(args)
     if data is None:
         raise ValueError("no SFT data: set data.class_path: litgpt_ext.sft.data.SFTData and data.init_args.train_path")
     cfg = SFTConfig(**hparams)  # the SFT-specific checks (class path, out_dir vs source run, ...)
     cfg.peak_lr  # noqa: B018  (raises now, before any work, when optimizer.init_args.lr is missing)
     return run_sft(cfg, data, hparams)
+
+
+def optimizer_spec(optimizer: Union[str, dict]) -> Union[str, dict]:
+    """{class_path, init_args} with flag overrides folded in: jsonargparse turns
+    `--optimizer.init_args.lr 1e-4` (or `--optimizer.lr 1e-4`) into a top-level string `lr: '1e-4'`."""
+    if not isinstance(optimizer, dict):
+        return optimizer
+    out = {k: v for k, v in optimizer.items() if k in ("class_path", "init_args")}
+    init = dict(out.get("init_args") or {})
+    for k, v in optimizer.items():
+        if k not in ("class_path", "init_args"):
+            if isinstance(v, str):
+                try:
+                    v = float(v) if any(c in v for c in ".eE") else int(v)
+                except ValueError:
+                    pass
+            init[k] = v
+    out["init_args"] = init
+    return out
 
 
 def finished(out_dir: Path) -> bool:
