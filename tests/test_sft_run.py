@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from litgpt import GPT, Config
 
 from conftest import make_shard
 from litgpt_ext.cli import main as cli
+from litgpt_ext.sft.data import SFTLoader
 from litgpt_ext.train import checkpoint as ckpt
 from litgpt_ext.train.state import TrainingState
 from test_sft_data import _records, tok_dir, tokenizer, write_json  # noqa: F401  (fixtures)
@@ -57,7 +60,7 @@ def _weights(d: Path) -> dict:
     return ckpt.load_model_state(d)
 
 
-def test_sft_end_to_end_and_exact_resume(tmp_path, source, capsys):
+def test_sft_end_to_end_and_exact_resume(tmp_path, source, capsys, monkeypatch):
     full = tmp_path / "full"
     cli(["sft", "--config", str(_config(source, full, save_interval=4))])
     # 40 examples, micro 4, accum 2, 2 epochs: 10 steps; warmup ceil(0.2 * 10) = 2
@@ -79,12 +82,24 @@ def test_sft_end_to_end_and_exact_resume(tmp_path, source, capsys):
     cli(["sft", "--config", str(full / "final" / "hyperparameters.yaml")])
     assert "is finished" in capsys.readouterr().out
 
-    # stopped at step 4 (a preemption or time limit) and resumed: bit-for-bit the uninterrupted run
+    # preempted (SIGUSR1 during step 5: checkpoint at the step boundary, exit 99) and requeued with
+    # `--resume auto`, as training_scripts/ do: bit-for-bit the uninterrupted run
     part = tmp_path / "part"
-    part.mkdir()
-    shutil.copytree(full / "step-00000004", part / "step-00000004")
-    shutil.copy(full / "phases.jsonl", part / "phases.jsonl")
-    cli(["sft", "--config", str(_config(source, part, save_interval=4)), "--resume", "auto"])
+    inner = SFTLoader.__iter__
+
+    def signalling(self):
+        for i, b in enumerate(inner(self)):
+            if i == 9:  # 2 micro-batches per step: the 10th is step 5's second
+                os.kill(os.getpid(), signal.SIGUSR1)
+            yield b
+
+    with monkeypatch.context() as mp:
+        mp.setattr(SFTLoader, "__iter__", signalling)
+        with pytest.raises(SystemExit) as e:
+            cli(["sft", "--config", str(_config(source, part, save_interval=100))])
+    assert e.value.code == 99 and ckpt.latest_checkpoint(part).name == "step-00000005"
+    assert not (part / "final").exists() and not (part / "sft_metrics.json").exists()
+    cli(["sft", "--config", str(_config(source, part, save_interval=100)), "--resume", "auto"])
     a, b = _weights(full / "final"), _weights(part / "final")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     mp = json.loads((part / "sft_metrics.json").read_text())
