@@ -150,3 +150,19 @@ def test_sft_grid_picks_the_lr_per_checkpoint_and_skips_finished_runs(tmp_path, 
     assert "| run |" in (root / "sft_grid.md").read_text()
     cli(args)
     assert "ran 0, skipped 8" in capsys.readouterr().out
+
+
+def test_sft_from_a_converted_litgpt_checkpoint(tmp_path, source):
+    """A folder as `litgpt download`/`convert_hf_checkpoint` leave it: a bare state dict, no training state."""
+    src = source / "base" / "step-00000007"
+    conv = tmp_path / "checkpoints" / "EleutherAI" / "tiny"
+    conv.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.name not in (ckpt.MODEL_FILE, ckpt.STATE_FILE, "hyperparameters.yaml"):
+            shutil.copy(f, conv / f.name)
+    torch.save(ckpt.load_model_state(src), conv / ckpt.MODEL_FILE)  # bare: no {"model": ...}
+    cfg = _config(source, tmp_path / "out", epochs=1)
+    cli(["sft", "--config", str(cfg), "--checkpoint_dir", str(conv), "--eval.val_data_path", "{}"])
+    m = json.loads((tmp_path / "out" / "sft_metrics.json").read_text())
+    assert (m["source_run"], m["source_checkpoint_name"], m["source_step"]) == ("tiny", "", None)
+    assert m["val_losses"] == {} and m["step"] == 5

@@ -121,6 +121,7 @@ def run_sft(cfg: SFTConfig, data: SFTData, hparams: dict) -> Optional[dict]:
         raise FileNotFoundError(f"checkpoint_dir {str(src)!r} has no model_config.yaml (expected a litgpt_ext or"
                                 " litgpt checkpoint folder)")
     model_config = Config.from_file(src / "model_config.yaml")
+    moe = source_moe_args(src)
     if data.seed is None:
         data.seed = cfg.seed
     devices, num_nodes = resolve_devices(cfg.devices if cfg.devices is not None else "auto", cfg.num_nodes)
@@ -143,7 +144,7 @@ def run_sft(cfg: SFTConfig, data: SFTData, hparams: dict) -> Optional[dict]:
     try:
         result = main(fabric, model_config=model_config, out_dir=out_dir, data=data, train=train, eval=eval_,
                       optimizer=cfg.optimizer, hparams=hparams, initial_checkpoint_dir=src, resume=cfg.resume,
-                      tokenizer_dir=src, seed=cfg.seed,
+                      tokenizer_dir=src, seed=cfg.seed, moe=moe,
                       val_loaders=lambda dm: sft_val_loaders(dm, cfg.eval, seq_len))
     finally:
         for lg in fabric.loggers:
@@ -160,6 +161,23 @@ def run_sft(cfg: SFTConfig, data: SFTData, hparams: dict) -> Optional[dict]:
     fabric.barrier()
     result["sft_metrics"] = metrics
     return result
+
+
+def source_moe_args(src: Path):
+    """The source run's MoE options (gate, aux loss, ...) from its hyperparameters.yaml, if any:
+    model_config.yaml holds litgpt's fields only."""
+    import dataclasses
+
+    import yaml
+
+    from litgpt_ext.model import MoEArgs
+
+    path = src / "hyperparameters.yaml"
+    moe = (yaml.safe_load(path.read_text()) or {}).get("moe") if path.is_file() else None
+    if not moe:
+        return None
+    names = {f.name for f in dataclasses.fields(MoEArgs)}
+    return MoEArgs(**{k: v for k, v in moe.items() if k in names})
 
 
 def loop_args(train: SFTTrainArgs, eval: SFTEvalArgs, plan, seq_len: int):
