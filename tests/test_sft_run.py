@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from litgpt import GPT, Config
-
 from conftest import make_shard
+from litgpt import GPT, Config
+from test_sft_data import _records, tok_dir, tokenizer, write_json  # noqa: F401  (fixtures)
+
 from litgpt_ext.cli import main as cli
 from litgpt_ext.sft.data import SFTLoader
 from litgpt_ext.train import checkpoint as ckpt
 from litgpt_ext.train.state import TrainingState
-from test_sft_data import _records, tok_dir, tokenizer, write_json  # noqa: F401  (fixtures)
 
 
 @pytest.fixture(scope="module")

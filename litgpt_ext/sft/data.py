@@ -28,7 +28,6 @@ from typing import Any, Iterator, Literal, Mapping
 
 import numpy as np
 import torch
-
 from litgpt.data import DataModule, get_sft_collate_fn
 from litgpt.prompts import Default, PromptStyle, prompt_styles
 
