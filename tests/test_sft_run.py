@@ -14,11 +14,12 @@ import pytest
 import torch
 import yaml
 from conftest import make_shard
-from litgpt import GPT, Config
+from litgpt import GPT, Config, Tokenizer
 from test_sft_data import _records, tok_dir, tokenizer, write_json  # noqa: F401  (fixtures)
 
 from litgpt_ext.cli import main as cli
-from litgpt_ext.sft.data import SFTLoader
+from litgpt_ext.sft.data import SFTData, SFTLoader
+from litgpt_ext.sft.loss import validate_sft
 from litgpt_ext.train import checkpoint as ckpt
 from litgpt_ext.train.state import TrainingState
 
@@ -73,8 +74,15 @@ def test_sft_end_to_end_and_exact_resume(tmp_path, source, capsys, monkeypatch):
     rows = list(csv.DictReader(open(full / "val_metrics.csv")))
     assert {(int(r["step"]), r["set"]) for r in rows} == {(s, n) for s in (0, 4, 8, 10) for n in ("sft", "general")}
     assert float([r for r in rows if r["set"] == "sft"][-1]["loss"]) == pytest.approx(m["sft_val_loss"], rel=1e-5)
-    # the SFT val set is read in full (9 examples, micro 4: 3 batches > eval.max_iters=2): the token count says so
-    assert m["sft_val_tokens"] > 0
+    # the SFT val set is read in full (9 examples, micro 4: 3 batches > eval.max_iters=2), token-weighted
+    model = GPT(Config.from_file(full / "final" / "model_config.yaml"))
+    model.load_state_dict(_weights(full / "final"))
+    dm = SFTData(train_path=source / "sft", seed=3)
+    dm.connect(Tokenizer(full / "final"), batch_size=4, max_seq_length=64)
+    dm.setup(rank=0, world_size=1)
+    ref = validate_sft(model, dm.val_dataloader())
+    assert len(dm.val_dataloader()) == 3 and m["sft_val_tokens"] == ref["tokens"]
+    assert m["sft_val_loss"] == pytest.approx(ref["loss"], rel=1e-5)
     plan = json.loads((full / "phases.jsonl").read_text().splitlines()[0])
     assert plan["stop_step"] == 10 and plan["schedule"]["warmup_steps"] == 2 and plan["schedule"]["min_lr"] == 0.0
     # hyperparameters.yaml reloads with --config: the finished run is recognised and skipped
