@@ -51,7 +51,7 @@ def _load(target: str) -> Callable:
 
 
 # commands whose signals (SIGUSR1/SIGTERM/SIGINT) mean "checkpoint and exit 99" (train/preempt.py)
-PREEMPTIBLE = {"pretrain"}
+PREEMPTIBLE = {"pretrain", "sft", "sft-grid"}
 
 # flags whose natural name is a Python keyword: `fork --from X` is the function's `source`
 ALIASES: dict[str, dict[str, str]] = {"fork": {"--from": "--source"}}
