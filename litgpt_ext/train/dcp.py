@@ -26,7 +26,7 @@ from torch import nn
 
 from litgpt_ext.train import checkpoint as ckpt
 
-SHARDED_DIR = "sharded"
+SHARDED_DIR = ckpt.SHARDED_DIR  # "sharded"
 
 
 def is_sharded(ckpt_dir: Union[str, Path]) -> bool:
