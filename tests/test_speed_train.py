@@ -83,7 +83,7 @@ def eager_empty_init(config_file):
     return out
 
 
-def test_all_knobs_on_two_processes_then_sharded_resume_on_one(config_file, eager_empty_init):
+def test_all_knobs_on_two_processes_then_sharded_resume_on_one(config_file, eager_empty_init, capsys):
     out = config_file.parent / "fast"
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run([sys.executable, "-m", "litgpt_ext", "pretrain", "--config", str(config_file),
@@ -91,7 +91,9 @@ def test_all_knobs_on_two_processes_then_sharded_resume_on_one(config_file, eage
                            "--speed.peak_flops_per_device", "1e12"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "on the meta device" in proc.stdout and "MFU" in proc.stdout
+    assert "on the meta device" in proc.stdout and "| MFU " in proc.stdout
+    # each knob took effect (read back from the model and optimizer): compile per block under FSDP2
+    assert "Speed: compile blocks (aot_eager), activation checkpointing, fused AdamW, sharded checkpoints" in proc.stdout
     # meta init on 2 ranks' shards reproduces the 1-process init; compile/AC/fused/FSDP2 change no
     # numbers beyond float rounding: the eager 1-process run's validation losses, step by step
     ref, fast = val_rows(eager_empty_init), val_rows(out)
@@ -127,9 +129,14 @@ def test_all_knobs_on_two_processes_then_sharded_resume_on_one(config_file, eage
     cli_main(["pretrain", "--config", str(config_file), "--devices", "1", "--out_dir", str(out),
               "--resume", str(step3), *_speed_flags(**ALL_KNOBS)])
     resumed = val_rows(out)
+    assert "Speed: compile model (aot_eager), activation checkpointing, fused AdamW, sharded checkpoints" \
+        in capsys.readouterr().out  # one device: the whole model's forward is compiled
     assert resumed[(6, "general")] == pytest.approx(fast[(6, "general")], abs=1e-4)
     assert tdcp.is_sharded(out / "final") and ckpt.verify_checkpoint(out / "final") is None
 
+    # evaluate/soup/export need lit_model.pth: a sharded checkpoint names the fix
+    with pytest.raises(FileNotFoundError, match="litgpt-ext consolidate"):
+        ckpt.resolve_checkpoints(out / "final")
     # consolidate -> lit_model.pth: the weights evaluate/sft/convert read, equal to the shards
     target = tdcp.consolidate(out / "final")
     assert ckpt.is_complete(out / "final", need="weights")

@@ -215,6 +215,11 @@ def resolve_checkpoints(path: Path, all_checkpoints: bool = False) -> list[Path]
         return [path]
     ckpts = [p for _, p in list_checkpoints(path, final=True, need="weights")]
     if not ckpts:
+        sharded = [p for p in [path, *sorted(path.iterdir())] if (p / SHARDED_DIR / ".metadata").is_file()]
+        if sharded:
+            raise FileNotFoundError(
+                f"{str(sharded[-1])!r} is a sharded checkpoint (speed.checkpoint_format: sharded) without"
+                f" {MODEL_FILE}: run `litgpt-ext consolidate {sharded[-1]}` first")
         raise FileNotFoundError(
             f"{str(path)!r} is neither a checkpoint ({MODEL_FILE} + {CONFIG_FILE}) "
             "nor a run directory with step-*/ or final/ checkpoints"

@@ -179,6 +179,7 @@ def main(
         weights_from = resume_dir or initial_checkpoint_dir
         model = _build_model(fabric, model_config, moe, seq_len, weights_from=weights_from, seed=seed, speed=speed)
         opt = _build_optimizer(fabric, model, optimizer, speed)
+        fabric.print(_speed_summary(model, opt, speed))
         peak_lr = float(opt.param_groups[0]["lr"])
         if saved is None and weights_from is not None and tdcp.is_sharded(weights_from):  # weights only
             tdcp.load_sharded(weights_from, model.module)  # every rank reads its shards (any world size)
@@ -275,6 +276,20 @@ def _build_optimizer(fabric: L.Fabric, model, optimizer: Union[str, dict], speed
 
     extra = optimizer_kwargs(optimizer, speed or SpeedArgs(), fabric.device) if speed is not None else {}
     return fabric.setup_optimizers(instantiate_torch_optimizer(optimizer, model.parameters(), **extra))
+
+
+def _speed_summary(model: Any, opt: Any, speed: SpeedArgs) -> str:
+    """What the speed knobs did, read back from the model and optimizer (not from the config)."""
+    module = getattr(model, "module", model)
+    blocks = list(getattr(getattr(module, "transformer", None), "h", []))
+    compiled = ("model" if getattr(module, "_litgpt_ext_compiled", False)
+                else "blocks" if blocks and all(getattr(b, "_litgpt_ext_compiled", False) for b in blocks) else None)
+    inner = getattr(opt, "optimizer", opt)
+    parts = [f"compile {compiled} ({speed.compile_backend})" if compiled else "eager",
+             "activation checkpointing" if blocks and all(getattr(b, "_litgpt_ext_ac", False) for b in blocks) else None,
+             f"fused {type(inner).__name__}" if inner.defaults.get("fused") else f"unfused {type(inner).__name__}",
+             f"{speed.checkpoint_format} checkpoints"]
+    return "Speed: " + ", ".join(p for p in parts if p)
 
 
 def _throughput(fabric: L.Fabric, config: Config, seq_len: int, speed: SpeedArgs) -> dict:
