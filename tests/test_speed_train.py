@@ -147,6 +147,12 @@ def test_all_knobs_on_two_processes_then_sharded_resume_on_one(config_file, eage
     from litgpt.config import Config as C
 
     GPT(C.from_file(out / "final" / ckpt.CONFIG_FILE)).load_state_dict(sd, strict=True)
+    # into its own folder (no manifest of files it does not hold), which convert-to-hf exports
+    export = config_file.parent / "export"
+    cli_main(["consolidate", str(out / "final"), "--out_dir", str(export)])
+    assert ckpt.is_complete(export, need="weights") and not (export / ckpt.MANIFEST_FILE).exists()
+    cli_main(["convert-to-hf", str(export), str(config_file.parent / "hf")])
+    assert (config_file.parent / "hf" / "model.safetensors").is_file()
 
 
 def test_sharded_checkpoints_fork_and_prune(config_file, tmp_path):
