@@ -15,8 +15,10 @@ is measured over steps warmup+1..steps from each loop's own log lines:
     the batch, which slightly favours litgpt).
 MFU = tokens/s x FLOPs/token / (devices x peak), FLOPs/token from `litgpt_ext.train.speed.flops_per_token`
 (6N + attention) and peak from the GPU name (dense bf16 table) or `--peak_flops`.
-litgpt's pretrain always `torch.compile`s the model. Ours compiles only once the loop reads the
-`speed:` section (issue 12 wiring); until then ours runs eager and the report says so.
+litgpt's pretrain always `torch.compile`s the model; ours gets `speed: {compile: true,
+fused_optimizer: auto}` (--ours_compile off runs it eager). On CPU (`--tiny`) both run eager
+(TORCHDYNAMO_DISABLE=1: inductor's C++ build takes minutes); `benchmarks/train_loop.py --compile`
+is the CPU "both compiled" comparison.
 
 Part 2: a small MoE feed-forward (8 experts, top-2) forward+backward in bf16, `expert_impl:
 grouped_mm` (torch._grouped_mm, CUDA only: on CPU it falls back to the loop) vs `loop`.
@@ -95,9 +97,7 @@ def configs(args, model: dict, root: Path, tag: str) -> tuple[dict, dict]:
     common_train = dict(global_batch_size=mbs * args.devices, micro_batch_size=mbs, max_seq_length=seq,
                         log_interval=1, max_norm=1.0, min_lr=3e-5, lr_warmup_steps=2, save_interval=None)
     lr = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 3e-4, "weight_decay": 0.1}}
-    ours_opt = json.loads(json.dumps(lr))
-    if args.device == "cuda":
-        ours_opt["init_args"]["fused"] = True  # litgpt passes fused=True on CUDA itself
+    ours_opt = json.loads(json.dumps(lr))  # fused on CUDA through speed.fused_optimizer (litgpt fuses on CUDA itself)
     ours = dict(model, out_dir=str(root / f"out-ours-{tag}"), precision=args.precision, devices=args.devices,
                 logger_name="csv", seed=42,
                 data={"class_path": "litgpt_ext.data.ShardedMixedDataset",
@@ -106,7 +106,9 @@ def configs(args, model: dict, root: Path, tag: str) -> tuple[dict, dict]:
                 eval={"interval": 10**9, "initial_validation": False, "final_validation": False},
                 optimizer=ours_opt)
     if ours_accepts_speed():
-        ours["speed"] = {"compile": args.device == "cuda", "fused_optimizer": "auto"}
+        ours["speed"] = {"compile": args.device == "cuda" and args.ours_compile == "on", "fused_optimizer": "auto",
+                         "activation_checkpointing": args.activation_checkpointing,
+                         "peak_flops_per_device": args.peak_flops}
     lit = dict(model, out_dir=str(root / f"out-litgpt-{tag}"), precision=args.precision, devices=args.devices,
                logger_name="csv", seed=42,
                data={"class_path": "litgpt.data.LitData",
@@ -183,7 +185,7 @@ def bench_models(args, root: Path) -> list[dict]:
         mfu = lambda v: f"{100 * v:.1f}%" if v is not None else "n/a (no peak: --peak_flops)"  # noqa: E731
         print(f"[bench] {tag}: ours {row['ours']:,.0f} tok/s (MFU {mfu(row['ours_mfu'])}) | litgpt {row['litgpt']:,.0f}"
               f" tok/s (MFU {mfu(row['litgpt_mfu'])}) | ours/litgpt {row['ratio']:.3f}"
-              + ("" if row["ours_compiled"] else " | NOTE: ours ran eager (speed.compile not wired into the loop yet)"),
+              + ("" if row["ours_compiled"] or args.device == "cpu" else " | NOTE: ours ran eager (--ours_compile off)"),
               flush=True)
     return results
 
@@ -257,6 +259,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ap.add_argument("--moe_iters", type=int, default=20)
     ap.add_argument("--precision", default=None, help="default bf16-true on CUDA, 32-true on CPU")
     ap.add_argument("--peak_flops", type=float, default=None, help="peak FLOP/s per device (default: from the GPU name)")
+    ap.add_argument("--ours_compile", choices=["on", "off"], default="on", help="speed.compile for ours on CUDA")
+    ap.add_argument("--activation_checkpointing", action="store_true", help="speed.activation_checkpointing for ours")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
     tiny = args.tiny

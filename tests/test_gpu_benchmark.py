@@ -23,6 +23,8 @@ def test_window_rates_from_logs(bench):
     ours = "\n".join(f"step {k}/4 | loss 1.0 | lr 1e-3 | gnorm 1.0 | {k * 10**6 / t[k]:,.0f} tok/s | tokens {k * 10**6:,} | ETA 0:00:01"
                      for k in t)
     assert bench.ours_window_rate(ours, 10**6, warmup=1) == pytest.approx(10**6, rel=1e-5)
+    with_mfu = ours.replace(" tok/s | tokens", " tok/s | MFU 41.3% | tokens")  # the line when a peak is known
+    assert bench.ours_window_rate(with_mfu, 10**6, warmup=1) == pytest.approx(10**6, rel=1e-5)
     lit = "\n".join(f"Epoch 1 | iter {k} step {k} | loss train: 1.000, val: n/a | iter time: {ms:.2f} ms (step)"
                     for k, ms in {1: 9000.0, 2: 500.0, 3: 500.0}.items())
     assert bench.litgpt_window_rate(lit, 1000, warmup=1) == pytest.approx(2000.0)
@@ -39,3 +41,4 @@ def test_dry_run_writes_both_configs(bench, capsys):
         assert f"# {name} / ours: " in out and f"# {name} / litgpt: " in out
     assert "max_seq_length: 2048" in out and "precision: bf16-true" in out
     assert "# MoE: 8 experts top-2" in out
+    assert "speed:\n  compile: true\n" in out and "fused_optimizer: auto" in out  # ours compiles like litgpt

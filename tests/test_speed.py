@@ -118,7 +118,8 @@ def test_mfu_and_peak_table():
 
 def test_fused_optimizer_choice():
     cpu = torch.device("cpu")
-    assert sp.optimizer_kwargs("AdamW", SpeedArgs(), cpu) == {"fused": True}  # torch 2.13 fuses on CPU too
+    assert sp.optimizer_kwargs("AdamW", SpeedArgs(), cpu) == {}  # auto: CPU keeps torch's default (same numbers)
+    assert sp.optimizer_kwargs("AdamW", SpeedArgs(fused_optimizer=True), cpu) == {"fused": True}  # torch 2.13 fuses on CPU
     assert sp.optimizer_kwargs({"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-3}}, SpeedArgs(fused_optimizer=True), cpu) == {"fused": True}
     assert sp.optimizer_kwargs("AdamW", SpeedArgs(fused_optimizer=False), cpu) == {}
     assert sp.optimizer_kwargs("RMSprop", SpeedArgs(), cpu) == {}  # auto: quietly unfused
@@ -132,7 +133,7 @@ def test_fused_optimizer_choice():
     torch.manual_seed(0)
     w = [torch.nn.Parameter(torch.randn(8, 4)) for _ in range(2)]
     w2 = [torch.nn.Parameter(p.detach().clone()) for p in w]
-    fused = instantiate_torch_optimizer("AdamW", w, lr=0.1, **sp.optimizer_kwargs("AdamW", SpeedArgs(), cpu))
+    fused = instantiate_torch_optimizer("AdamW", w, lr=0.1, **sp.optimizer_kwargs("AdamW", SpeedArgs(fused_optimizer=True), cpu))
     plain = instantiate_torch_optimizer("AdamW", w2, lr=0.1)
     assert fused.defaults["fused"] is True
     for _ in range(3):

@@ -16,6 +16,9 @@ Layout (litgpt's own, so `litgpt generate/finetune_lora/evaluate/convert` read i
                             manifest.json        step, and size + sha256 of every file above; written
                                                  last, so a checkpoint without it is not complete
     out_dir/final/          the same at the end of the run
+    (speed.checkpoint_format: sharded) sharded/ (torch.distributed.checkpoint: every rank's model and
+    optimizer shards) replaces lit_model.pth and the optimizer in training_state.pth; the manifest
+    lists sharded/* too (`litgpt-ext consolidate` adds a lit_model.pth; see litgpt_ext.train.dcp)
     out_dir/.run.lock       host, pid and SLURM job of the one process writing this run
 
 A checkpoint is written into `<name>.tmp/` and renamed into place, so a killed run never leaves a
@@ -51,8 +54,10 @@ MANIFEST_FILE = "manifest.json"
 FORK_RECORD = "forked_from.json"
 LOCK_FILE = ".run.lock"
 FINAL = "final"
+SHARDED_DIR = "sharded"
 # Files a resumable checkpoint must hold (the manifest lists them all, plus tokenizer files).
 REQUIRED_FILES = (MODEL_FILE, STATE_FILE, HPARAMS_FILE, CONFIG_FILE)
+SHARDED_REQUIRED_FILES = (f"{SHARDED_DIR}/.metadata", STATE_FILE, HPARAMS_FILE, CONFIG_FILE)
 STEP_RE = re.compile(r"^step-(\d+)$")  # we write 8 digits; any width is read
 _WRAPPER_PREFIXES = ("_orig_mod.", "_forward_module.", "module.")  # torch.compile, Fabric, DDP/FSDP
 
@@ -84,6 +89,11 @@ def read_manifest(path: Path) -> Optional[dict]:
         return None
 
 
+def required_files(path: Path) -> tuple[str, ...]:
+    """What a resume reads: lit_model.pth, or for a sharded checkpoint its sharded/ folder."""
+    return SHARDED_REQUIRED_FILES if (Path(path) / SHARDED_DIR).is_dir() else REQUIRED_FILES
+
+
 def is_complete(path: Path, need: str = "resume") -> bool:
     """Cheap completeness check (file presence and sizes; `verify_checkpoint` checks contents).
 
@@ -95,7 +105,7 @@ def is_complete(path: Path, need: str = "resume") -> bool:
         return (path / MODEL_FILE).is_file() and (path / CONFIG_FILE).is_file()
     if need != "resume":
         raise ValueError(f"need={need!r}; valid: 'resume', 'weights'")
-    if not all((path / f).is_file() for f in REQUIRED_FILES):
+    if not all((path / f).is_file() for f in required_files(path)):
         return False
     man = read_manifest(path)
     if man is None:  # written before manifests existed: the required files are all we can check
@@ -117,7 +127,7 @@ def _sha256(file: Path) -> str:
 def verify_checkpoint(path: Path) -> Optional[str]:
     """None if `path` is a complete checkpoint whose files match its manifest, else why not."""
     path = Path(path)
-    missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
+    missing = [f for f in required_files(path) if not (path / f).is_file()]
     if missing:
         broken = [f for f in missing if (path / f).is_symlink()]
         if broken:
@@ -187,6 +197,9 @@ def checkpoint_dir_of(path: Union[str, Path], need: str = "resume") -> Path:
         if found:
             return found[-1][1]
     what = f"{MODEL_FILE} and {CONFIG_FILE}" if need == "weights" else ", ".join(REQUIRED_FILES)
+    if need == "weights" and (path / SHARDED_DIR).is_dir():
+        raise FileNotFoundError(f"{str(path)!r} is a sharded checkpoint without {MODEL_FILE}: run"
+                                f" `litgpt-ext consolidate {path}` first (it writes {MODEL_FILE} next to {SHARDED_DIR}/)")
     raise FileNotFoundError(
         f"{str(path)!r} is not a checkpoint: expected a folder with {what}"
         " (or a file in one, or a run dir holding step-* checkpoints)"
@@ -202,6 +215,11 @@ def resolve_checkpoints(path: Path, all_checkpoints: bool = False) -> list[Path]
         return [path]
     ckpts = [p for _, p in list_checkpoints(path, final=True, need="weights")]
     if not ckpts:
+        sharded = [p for p in [path, *sorted(path.iterdir())] if (p / SHARDED_DIR / ".metadata").is_file()]
+        if sharded:
+            raise FileNotFoundError(
+                f"{str(sharded[-1])!r} is a sharded checkpoint (speed.checkpoint_format: sharded) without"
+                f" {MODEL_FILE}: run `litgpt-ext consolidate {sharded[-1]}` first")
         raise FileNotFoundError(
             f"{str(path)!r} is neither a checkpoint ({MODEL_FILE} + {CONFIG_FILE}) "
             "nor a run directory with step-*/ or final/ checkpoints"
@@ -299,11 +317,15 @@ def set_aside_newer(resume: Union[bool, str, Path, None], out_dir: Path, log: Ca
 # ------------------------------------------------------------------------------------------ write
 
 
+def _files(path: Path) -> list[Path]:
+    """Every file under `path` (sharded/ included), sorted."""
+    return sorted(p for p in Path(path).rglob("*") if p.is_file())
+
+
 def _fsync_tree(path: Path) -> None:
-    for p in path.iterdir():
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
+    for p in _files(path):
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
 
 
 def _jsonable(obj: Any) -> Any:
@@ -352,7 +374,7 @@ def _save_step(tmp: Path, name: str, write: Callable[[Path], None]) -> None:
             free = shutil.disk_usage(tmp).free
         except OSError:
             free = -1
-        written = sum(p.stat().st_size for p in tmp.iterdir() if p.is_file()) if tmp.is_dir() else 0
+        written = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) if tmp.is_dir() else 0
         shutil.rmtree(tmp, ignore_errors=True)
         reason = ("the disk is full or over quota" if no_space or 0 <= free < (1 << 20)
                   else f"{type(cause).__name__}: {cause}")
@@ -371,18 +393,25 @@ def write_checkpoint(
     model_config: Any,
     hparams: dict,
     tokenizer_dir: Optional[Path] = None,
+    prepared: bool = False,
 ) -> Path:
-    """Write one checkpoint atomically (rank 0 only): into `<ckpt_dir>.tmp`, then rename."""
+    """Write one checkpoint atomically (rank 0 only): into `<ckpt_dir>.tmp`, then rename.
+
+    prepared=True: `<ckpt_dir>.tmp/` already holds what all ranks wrote (sharded/); it is kept and
+    `model_state` may be None. The manifest lists every file, sharded/* included.
+    """
     import torch
     import yaml
     from litgpt.utils import copy_config_files, save_config
 
     ckpt_dir = Path(ckpt_dir)
-    tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    _save_step(tmp, MODEL_FILE, lambda f: torch.save(model_state, f))  # bare: litgpt's own format
+    tmp = tmp_dir_of(ckpt_dir)
+    if not prepared:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    if model_state is not None:
+        _save_step(tmp, MODEL_FILE, lambda f: torch.save(model_state, f))  # bare: litgpt's own format
     _save_step(tmp, STATE_FILE, lambda f: torch.save(training_state, f))
 
     def hparams_yaml(f: Path) -> None:
@@ -398,7 +427,7 @@ def write_checkpoint(
     hf = _hf_config_json(model_config, tokenizer_dir)
     if hf is not None:
         _save_step(tmp, HF_CONFIG_FILE, lambda f: f.write_text(hf))
-    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir()) if p.is_file()}
+    files = {p.relative_to(tmp).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in _files(tmp)}
     manifest = {"format": 1, "step": int(training_state.get("step", 0)), "files": files}
     _save_step(tmp, MANIFEST_FILE, lambda f: f.write_text(json.dumps(manifest, indent=1) + "\n"))
     _save_step(tmp, "(fsync)", lambda f: _fsync_tree(tmp))
@@ -412,6 +441,11 @@ def write_checkpoint(
     else:
         os.replace(tmp, ckpt_dir)
     return ckpt_dir
+
+
+def tmp_dir_of(ckpt_dir: Path) -> Path:
+    """Where a checkpoint is written before its atomic rename."""
+    return Path(ckpt_dir).with_name(Path(ckpt_dir).name + ".tmp")
 
 
 def prune_checkpoints(out_dir: Path, keep_last_k: Optional[int]) -> list[Path]:
@@ -734,9 +768,9 @@ def fork(source: Path, to: Path, force: bool = False, abandon_progress: bool = F
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         kinds = set()
-        for f in sorted(src.iterdir()):
-            if f.is_file():
-                kinds.add(_link_or_copy(f, tmp / f.name))
+        for f in _files(src):  # sharded/ too
+            (tmp / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+            kinds.add(_link_or_copy(f, tmp / f.relative_to(src)))
         for p in existing:  # the earlier fork (force)
             if p.exists():
                 shutil.rmtree(p)

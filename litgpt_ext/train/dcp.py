@@ -26,7 +26,7 @@ from torch import nn
 
 from litgpt_ext.train import checkpoint as ckpt
 
-SHARDED_DIR = "sharded"
+SHARDED_DIR = ckpt.SHARDED_DIR  # "sharded"
 
 
 def is_sharded(ckpt_dir: Union[str, Path]) -> bool:
@@ -204,7 +204,9 @@ def consolidate(checkpoint: Path, out_dir: Optional[Path] = None, force: bool = 
         os.fsync(fh.fileno())
     if dst.resolve() != src.resolve():
         for f in sorted(src.iterdir()):
-            if f.is_file() and f.name not in (ckpt.STATE_FILE, ckpt.MODEL_FILE) and not (dst / f.name).exists():
+            # not the manifest: it lists the sharded/ files and training state, which an export does not hold
+            if f.is_file() and f.name not in (ckpt.STATE_FILE, ckpt.MODEL_FILE, ckpt.MANIFEST_FILE) \
+                    and not (dst / f.name).exists():
                 shutil.copy2(f, dst / f.name)
     os.replace(tmp_file, target)
     n = sum(t.numel() for t in sd.values())

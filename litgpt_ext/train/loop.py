@@ -26,6 +26,7 @@ from litgpt.data import DataModule
 
 from litgpt_ext.model import MoEArgs
 from litgpt_ext.train import checkpoint as ckpt
+from litgpt_ext.train import dcp as tdcp
 from litgpt_ext.train import preempt
 from litgpt_ext.train.preempt import PREEMPT_EXIT_CODE
 from litgpt_ext.train.preempt import PreemptFlag as _PreemptFlag
@@ -33,6 +34,7 @@ from litgpt_ext.train.args import EvalArgs, TrainArgs
 from litgpt_ext.train.metrics import StepLogger
 from litgpt_ext.train.objective import LossFn, next_token_loss
 from litgpt_ext.train.plan import RunPlan, choose_plan, phases_of, record_phase, stop_warning
+from litgpt_ext.train.speed import SpeedArgs
 from litgpt_ext.train.state import CheckpointWriter, TrainingState
 from litgpt_ext.train.validate import check_pretrain_inputs, check_shards_fit_model
 from litgpt_ext.train.validation import VAL_CSV, Validator, val_loaders_of
@@ -63,6 +65,7 @@ def pretrain(
     logger_name: Literal["tensorboard", "csv", "wandb"] = "tensorboard",
     seed: int = 42,
     preempt_exit_code: int = PREEMPT_EXIT_CODE,
+    speed: SpeedArgs = SpeedArgs(),
 ) -> dict:
     """Pretrain a model, or midtrain one: resume from a checkpoint with a new data blend.
 
@@ -92,6 +95,8 @@ def pretrain(
         logger_name: tensorboard, csv or wandb.
         seed: Seed for model init (the data order is seeded by data.seed).
         preempt_exit_code: Exit status after a SIGUSR1/SIGTERM checkpoint (requeue me).
+        speed: Speed and scale (compile, activation checkpointing, fused optimizer, meta-device init,
+            sharded checkpoints, peak FLOP/s for MFU; see `litgpt_ext.train.speed.SpeedArgs`).
     """
     hparams = _hparams(locals())  # first: the arguments exactly as given, before any local name exists
     from litgpt.utils import choose_logger
@@ -122,13 +127,13 @@ def pretrain(
         logger_name, out_dir, name=f"pretrain-{model_config.name}", resume=resuming,
         log_interval=train.log_interval, log_args=asdict(log),
     )
-    strategy = build_strategy(devices, num_nodes, expert_parallel_size)
+    strategy = build_strategy(devices, num_nodes, expert_parallel_size, speed=speed, seed=seed)
     fabric = L.Fabric(devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision, loggers=[logger])
     fabric.launch()
     try:
         result = main(fabric, model_config=model_config, moe=moe, out_dir=out_dir, data=data, train=train, eval=eval,
                       optimizer=optimizer, initial_checkpoint_dir=initial_checkpoint_dir, resume=resume,
-                      fork_from=fork_from, tokenizer_dir=tokenizer_dir, seed=seed, hparams=hparams)
+                      fork_from=fork_from, tokenizer_dir=tokenizer_dir, seed=seed, hparams=hparams, speed=speed)
     finally:
         for lg in fabric.loggers:
             lg.finalize("success")
@@ -158,6 +163,7 @@ def main(
     seed: int = 42,
     loss_fn: LossFn = next_token_loss,
     val_loaders: Callable[[Any], dict] = val_loaders_of,
+    speed: Optional[SpeedArgs] = None,
 ) -> dict:
     """Build the model, optimizer and data, restore a checkpoint, fix the phase's plan, then `fit`.
 
@@ -174,13 +180,17 @@ def main(
         accum = train.accumulation_steps(fabric.world_size)
         tokens_per_step = train.global_batch_size * seq_len
 
-        model = _build_model(fabric, model_config, moe, seq_len, weights_from=resume_dir or initial_checkpoint_dir,
-                             seed=seed)
-        opt = _build_optimizer(fabric, model, optimizer)
+        speed = speed or SpeedArgs()
+        weights_from = resume_dir or initial_checkpoint_dir
+        model = _build_model(fabric, model_config, moe, seq_len, weights_from=weights_from, seed=seed, speed=speed)
+        opt = _build_optimizer(fabric, model, optimizer, speed)
+        fabric.print(_speed_summary(model, opt, speed))
         peak_lr = float(opt.param_groups[0]["lr"])
+        if saved is None and weights_from is not None and tdcp.is_sharded(weights_from):  # weights only
+            tdcp.load_sharded(weights_from, model.module)  # every rank reads its shards (any world size)
         state = TrainingState()
-        if saved is not None:
-            saved.restore(fabric, model, opt)
+        if saved is not None:  # a sharded checkpoint: model + optimizer shards load here, together
+            saved.restore(fabric, model, opt, sharded_from=resume_dir if tdcp.is_sharded(resume_dir) else None)
             state = dataclasses.replace(saved, optimizer=None, rng=None, data=None)
             fabric.print(f"Resumed from {resume_dir} at step {state.step} ({state.tokens:,} tokens)")
 
@@ -206,12 +216,14 @@ def main(
                      f" of {train.micro_batch_size} x {fabric.world_size} ranks per step, {tokens_per_step:,} tokens/step")
 
         validator = Validator(fabric, val_loaders(data), eval, out_dir, baseline=state.val_start, loss_fn=loss_fn)
-        writer = CheckpointWriter(out_dir, model_config, hparams, tokenizer_dir, train.keep_last_k)
+        writer = CheckpointWriter(out_dir, model_config, hparams, tokenizer_dir, train.keep_last_k,
+                                  sharded=speed.checkpoint_format == "sharded")
+        throughput = _throughput(fabric, model_config, seq_len, speed)
         if what != "kept" and fabric.global_rank == 0:
             record_phase(out_dir, plan, str(resume_dir) if resume_dir else None)
         with _preemption() as flag:
             return fit(fabric, model, opt, loader, state, plan, train, validator=validator, writer=writer,
-                       loss_fn=loss_fn, preempt=flag)
+                       loss_fn=loss_fn, preempt=flag, throughput=throughput)
 
 
 def _resolve_resume(fabric: L.Fabric, out_dir: Path, resume: Any, fork_from: Optional[Path]) -> Optional[Path]:
@@ -229,30 +241,76 @@ def _resolve_resume(fabric: L.Fabric, out_dir: Path, resume: Any, fork_from: Opt
 
 
 def _build_model(fabric: L.Fabric, config: Config, moe: Optional[MoEArgs], seq_len: int,
-                 weights_from: Optional[Path], seed: int):
+                 weights_from: Optional[Path], seed: int, speed: Optional[SpeedArgs] = None):
+    """Build, initialize or load, apply the speed knobs, and set up (FSDP2: `parallel.parallelize`
+    applies them around the sharding). A sharded checkpoint's weights are loaded by `main` after
+    the optimizer exists (DCP loads model and optimizer shards together)."""
     from litgpt.pretrain import initialize_weights
     from litgpt.utils import num_parameters
 
     from litgpt_ext.model import build_model, initialize_moe_weights
+    from litgpt_ext.train import speed as sp
 
+    speed = speed or SpeedArgs()
     fabric.seed_everything(seed)  # same init on every rank before sharding
     t0 = time.perf_counter()
-    model = build_model(config, moe)  # litgpt's GPT; MoE blocks become litgpt_ext.model.MoEFeedForward
-    initialize_weights(fabric, model, n_layer=config.n_layer, n_embd=config.n_embd)
-    initialize_moe_weights(model, n_layer=config.n_layer, n_embd=config.n_embd)  # litgpt's init only sees nn.Linear
+    with sp.empty_init_context(speed if weights_from is None else None):  # meta device: no memory, no RNG
+        model = build_model(config, moe)  # litgpt's GPT; MoE blocks become litgpt_ext.model.MoEFeedForward
+    if not sp.has_meta(model):
+        if speed.empty_init:  # the init materialize_ reproduces on meta shards; off: today's path, same numbers
+            sp.init_weights(model, seed)
+        else:
+            initialize_weights(fabric, model, n_layer=config.n_layer, n_embd=config.n_embd)
+            initialize_moe_weights(model, n_layer=config.n_layer, n_embd=config.n_embd)  # litgpt's sees nn.Linear only
     model.max_seq_length = seq_len
-    if weights_from is not None:
+    if weights_from is not None and not tdcp.is_sharded(weights_from):
         model.load_state_dict(ckpt.load_model_state(weights_from), strict=True)
         model.max_seq_length = seq_len
     fabric.print(f"Model {config.name}: {num_parameters(model):,} parameters, built in {time.perf_counter() - t0:.2f}s"
+                 + (" on the meta device" if sp.has_meta(model) else "")
                  + (f", weights from {weights_from}" if weights_from else ""))
+    if fabric.world_size == 1:  # FSDP2: parallel.parallelize applies them (AC before, the rest after sharding)
+        sp.apply_speed(model, speed, seed, fabric.device)
     return fabric.setup(model)
 
 
-def _build_optimizer(fabric: L.Fabric, model, optimizer: Union[str, dict]):
+def _build_optimizer(fabric: L.Fabric, model, optimizer: Union[str, dict], speed: Optional[SpeedArgs] = None):
     from litgpt.utils import instantiate_torch_optimizer
 
-    return fabric.setup_optimizers(instantiate_torch_optimizer(optimizer, model.parameters()))
+    from litgpt_ext.train.speed import optimizer_kwargs
+
+    extra = optimizer_kwargs(optimizer, speed or SpeedArgs(), fabric.device) if speed is not None else {}
+    return fabric.setup_optimizers(instantiate_torch_optimizer(optimizer, model.parameters(), **extra))
+
+
+def _speed_summary(model: Any, opt: Any, speed: SpeedArgs) -> str:
+    """What the speed knobs did, read back from the model and optimizer (not from the config)."""
+    module = getattr(model, "module", model)
+    blocks = list(getattr(getattr(module, "transformer", None), "h", []))
+    compiled = ("model" if getattr(module, "_litgpt_ext_compiled", False)
+                else "blocks" if blocks and all(getattr(b, "_litgpt_ext_compiled", False) for b in blocks) else None)
+    inner = getattr(opt, "optimizer", opt)
+    parts = [f"compile {compiled} ({speed.compile_backend})" if compiled else "eager",
+             "activation checkpointing" if blocks and all(getattr(b, "_litgpt_ext_ac", False) for b in blocks) else None,
+             f"fused {type(inner).__name__}" if inner.defaults.get("fused") else f"unfused {type(inner).__name__}",
+             f"{speed.checkpoint_format} checkpoints"]
+    return "Speed: " + ", ".join(p for p in parts if p)
+
+
+def _throughput(fabric: L.Fabric, config: Config, seq_len: int, speed: SpeedArgs) -> dict:
+    """Model FLOPs per token and the devices' peak, once, for the MFU StepLogger reports."""
+    from litgpt_ext.train.speed import device_peak_flops, flops_per_token
+
+    try:
+        fpt = flops_per_token(config, seq_len)
+    except ValueError as e:  # an MLP class the FLOP count does not know: train anyway, without MFU
+        fabric.print(f"MFU n/a: {e}")
+        return {}
+    peak = device_peak_flops(speed, fabric.device)
+    if peak is None:
+        fabric.print(f"MFU n/a: no peak FLOP/s known for {fabric.device} (set speed.peak_flops_per_device);"
+                     f" model FLOPs/token {fpt:.3g}")
+    return {"flops_per_token": fpt, "peak_flops_per_device": peak, "n_devices": fabric.world_size}
 
 
 def _check_data_module(data: Any) -> None:
@@ -372,6 +430,7 @@ def fit(
     writer: CheckpointWriter,
     loss_fn: LossFn = next_token_loss,
     preempt: Optional["_PreemptFlag"] = None,
+    throughput: Optional[dict] = None,
 ) -> dict:
     """Train from `state.step` to `plan.stop_step`: one optimizer step per `accum` micro-batches of
     `loss_fn`, validation every `eval.interval`, checkpoints every `save_interval`, early stop and
@@ -380,7 +439,7 @@ def fit(
 
     accum = train.accumulation_steps(fabric.world_size)
     tokens_per_step = train.global_batch_size * (train.max_seq_length or model.max_seq_length)
-    step_logger = StepLogger(fabric, tokens_per_step, state.step, plan.stop_step)
+    step_logger = StepLogger(fabric, tokens_per_step, state.step, plan.stop_step, **(throughput or {}))
     losses: dict[int, float] = {}
     stopped = "budget"
     if validator and validator.eval.initial_validation and validator.baseline is None:

@@ -5,18 +5,23 @@ from __future__ import annotations
 
 import time
 from datetime import timedelta
-from typing import Any
+from typing import Any, Optional
 
 import lightning as L
 import torch
+
+from litgpt_ext.train.speed import mfu as _mfu
 
 
 class StepLogger:
     """Logs every `log_interval` optimizer steps; rate and ETA are measured from construction."""
 
-    def __init__(self, fabric: L.Fabric, tokens_per_step: int, start_step: int, stop_step: int) -> None:
+    def __init__(self, fabric: L.Fabric, tokens_per_step: int, start_step: int, stop_step: int,
+                 flops_per_token: Optional[float] = None, peak_flops_per_device: Optional[float] = None,
+                 n_devices: int = 1) -> None:
         self.fabric, self.tokens_per_step, self.stop_step = fabric, tokens_per_step, stop_step
         self.t_start, self.step_start = time.perf_counter(), start_step
+        self.flops_per_token, self.peak, self.n_devices = flops_per_token, peak_flops_per_device, n_devices
 
     def log(self, model: torch.nn.Module, loader: Any, *, step: int, tokens: int, loss: float, lr: float,
             grad_norm: float) -> None:
@@ -28,6 +33,9 @@ class StepLogger:
         eta = elapsed / max(done, 1) * (self.stop_step - step)
         metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "tokens_per_sec": tok_s,
                    "step": step}
+        mfu = _mfu(tok_s, self.flops_per_token, self.n_devices, self.peak) if self.flops_per_token else None
+        if mfu is not None:  # tokens/s is the global rate: all devices' model FLOP/s over all devices' peak
+            metrics["mfu"] = mfu
         metrics.update(data_metrics(loader))
         moe = moe_stats(model)  # last micro-batch on this rank, per MoE layer
         if moe:
@@ -40,7 +48,7 @@ class StepLogger:
                        + (f" aux {sum(aux):.3f}" if aux else "")
                        + (f" dropped {int(metrics['moe/dropped_tokens'])}" if metrics["moe/dropped_tokens"] else ""))
         self.fabric.print(f"step {step}/{self.stop_step} | loss {loss:.4f} | lr {lr:.3e} | gnorm {grad_norm:.3f}"
-                          f" | {tok_s:,.0f} tok/s | tokens {tokens:,} | ETA {timedelta(seconds=int(eta))}{moe_msg}")
+                          f" | {tok_s:,.0f} tok/s{'' if mfu is None else f' | MFU {100 * mfu:.1f}%'} | tokens {tokens:,} | ETA {timedelta(seconds=int(eta))}{moe_msg}")
 
 
 def data_metrics(loader: Any) -> dict[str, float]:

@@ -42,7 +42,8 @@ class SpeedArgs:
     activation_checkpointing: bool = False
     """Recompute each transformer block's activations in backward (less memory, ~1/3 more compute)"""
     fused_optimizer: Union[bool, Literal["auto"]] = "auto"
-    """torch's fused Adam/AdamW kernel: auto = when the optimizer and device support it; true = required"""
+    """torch's fused Adam/AdamW kernel: auto = on GPUs (accelerators) when the optimizer supports it, CPU
+    keeps torch's default; true = required (CPU too); false = never"""
     empty_init: bool = False
     """Build the model on the meta device, shard it, then materialize and initialize each rank's shard
     (same values as a full init with the same seed); ignored when weights are loaded"""
@@ -246,6 +247,8 @@ def optimizer_kwargs(optimizer: Union[str, dict], speed: SpeedArgs, device: torc
     """Extra kwargs for `litgpt.utils.instantiate_torch_optimizer`: `{"fused": True}` or `{}`."""
     if speed.fused_optimizer is False:
         return {}
+    if speed.fused_optimizer == "auto" and torch.device(device).type == "cpu":
+        return {}  # auto fuses on accelerators; CPU keeps torch's default (same numbers as before the knob)
     path = optimizer if isinstance(optimizer, str) else str(optimizer.get("class_path", ""))
     name = path.rsplit(".", 1)[-1]
     from torch.optim.optimizer import _get_fused_kernels_supported_devices  # torch's own capability list

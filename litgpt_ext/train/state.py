@@ -64,14 +64,20 @@ class TrainingState:
             d["phase_id"], d["start_step"], d["stop_step"], d["schedule"])
 
     # -- live objects -------------------------------------------------------------------------------
-    def restore(self, fabric: L.Fabric, model: Any, optimizer: Any) -> None:
+    def restore(self, fabric: L.Fabric, model: Any, optimizer: Any, sharded_from: Optional[Path] = None) -> None:
         """Load the optimizer state (keeping this config's hyperparameters) and, on the same world
-        size, this rank's RNG."""
+        size, this rank's RNG. `sharded_from`: a sharded checkpoint, whose model and optimizer
+        shards every rank loads here (any world size)."""
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
         fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        set_optimizer_state_dict(model.module, optimizer.optimizer, self.optimizer,
-                                 options=_state_dict_options(fabric, for_save=False))
+        if sharded_from is not None:
+            from litgpt_ext.train import dcp
+
+            dcp.load_sharded(sharded_from, model.module, optimizer.optimizer)
+        else:
+            set_optimizer_state_dict(model.module, optimizer.optimizer, self.optimizer,
+                                     options=_state_dict_options(fabric, for_save=False))
         for g, f in zip(optimizer.param_groups, fresh):  # this config's hyperparameters win
             g.update(f)
         if self.rng and self.world_size == fabric.world_size:
@@ -80,27 +86,42 @@ class TrainingState:
 
 @dataclass
 class CheckpointWriter:
-    """Writes `out_dir/<name>/` (weights, TrainingState, configs, tokenizer); rank 0 writes."""
+    """Writes `out_dir/<name>/` (weights, TrainingState, configs, tokenizer); rank 0 writes, or with
+    `sharded` every rank writes its model and optimizer shards (torch.distributed.checkpoint) first."""
 
     out_dir: Path
     model_config: Any
     hparams: dict
     tokenizer_dir: Optional[Path] = None
     keep_last_k: Optional[int] = None
+    sharded: bool = False
 
     def save(self, fabric: L.Fabric, name: str, model: Any, optimizer: Any, loader: Any,
              state: TrainingState) -> None:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-        opts = _state_dict_options(fabric, for_save=True)
-        model_sd = get_model_state_dict(model.module, options=opts)
-        state.optimizer = get_optimizer_state_dict(model.module, optimizer.optimizer, options=opts)
+        model_sd = None
+        if self.sharded:  # into <name>.tmp/sharded/ on every rank; rank 0 adds the rest and renames below
+            from litgpt_ext.train import dcp
+
+            tmp = ckpt.tmp_dir_of(self.out_dir / name)
+            if fabric.global_rank == 0 and tmp.exists():
+                import shutil
+
+                shutil.rmtree(tmp)
+            fabric.barrier()
+            ckpt._save_step(tmp, ckpt.SHARDED_DIR, lambda f: dcp.save_sharded(f, model.module, optimizer.optimizer))
+            fabric.barrier()
+        else:
+            opts = _state_dict_options(fabric, for_save=True)
+            model_sd = get_model_state_dict(model.module, options=opts)
+            state.optimizer = get_optimizer_state_dict(model.module, optimizer.optimizer, options=opts)
         state.rng = _gather_rng(fabric)
         state.data = loader.state_dict()
         state.world_size, state.config = fabric.world_size, self.hparams
         if fabric.global_rank == 0:
             path = ckpt.write_checkpoint(self.out_dir / name, model_sd, state.to_dict(), self.model_config,
-                                         self.hparams, self.tokenizer_dir)
+                                         self.hparams, self.tokenizer_dir, prepared=self.sharded)
             if name.startswith("step-"):
                 ckpt.prune_checkpoints(self.out_dir, self.keep_last_k)
             fabric.print(f"Saved {path}")
