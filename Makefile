@@ -7,7 +7,7 @@ CONSTRAINTS ?= constraints-cpu.txt
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean-demo
+.PHONY: install demo test lint bench clean-demo
 
 $(STAMP): pyproject.toml constraints-tested.txt $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# ruff's rules live in pyproject.toml ([tool.ruff]); installs the pinned ruff on first use
+lint: $(STAMP)
+	$(PY) -m ruff --version >/dev/null 2>&1 || $(PY) -m pip install -q -c constraints-tested.txt ruff
+	$(PY) -m ruff check .
 
 bench: $(STAMP)
 	$(PY) benchmarks/data_stream.py

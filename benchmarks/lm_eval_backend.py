@@ -78,7 +78,7 @@ def make_requests(n_contexts: int, n_choices: int, max_ctx_words: int, seed: int
     rng = random.Random(seed)
     texts = make_texts(4 * n_contexts, seed=seed)
     reqs = []
-    for i in range(n_contexts):
+    for _ in range(n_contexts):
         ctx = " ".join(rng.sample(texts, 6))
         ctx = " ".join(ctx.split(" ")[: rng.randint(max_ctx_words // 4, max_ctx_words)])
         for _ in range(n_choices):

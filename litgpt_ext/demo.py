@@ -137,6 +137,8 @@ def demo(
         eval_limit: examples per task (null: all).
         force: delete previous runs under out_dir and redo them.
     """
+    if fork_step < 1 or (eval_limit is not None and eval_limit < 1):  # before minutes of data building
+        raise ValueError(f"fork_step={fork_step} and eval_limit={eval_limit} must be >= 1 (eval_limit: or null)")
     branches = branches or {"midtrain_math": "midtrain_math.yaml", "midtrain_control": "midtrain_control.yaml"}
     t0 = time.perf_counter()
     print(f"== 1/4 demo data in {data_dir}", flush=True)

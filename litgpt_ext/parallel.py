@@ -23,6 +23,8 @@ from torch import nn
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
+    from litgpt_ext.train.speed import SpeedArgs
+
 # a hook may return parameters it sharded itself (MoE experts under EP): FSDP2 leaves those alone
 ParallelizeHook = Callable[[nn.Module, "DeviceMesh", int], Optional[set]]
 _HOOKS: list[ParallelizeHook] = []
@@ -35,8 +37,14 @@ def register_parallelize_hook(fn: ParallelizeHook) -> ParallelizeHook:
     return fn
 
 
-def parallelize(model: nn.Module, device_mesh: "DeviceMesh", expert_parallel_size: int = 1) -> nn.Module:
-    """FSDP2: shard every transformer block, then the root (embeddings, head, final norm)."""
+def parallelize(model: nn.Module, device_mesh: "DeviceMesh", expert_parallel_size: int = 1,
+                speed: Optional["SpeedArgs"] = None, seed: Optional[int] = None) -> nn.Module:
+    """FSDP2: shard every transformer block, then the root (embeddings, head, final norm).
+
+    With `speed` (litgpt_ext.train.speed.SpeedArgs): activation checkpointing before sharding;
+    after it, a meta-device model is materialized on this rank's device and initialized (`seed`),
+    then compiled per block.
+    """
     from torch.distributed.fsdp import fully_shard
 
     dp_mesh = device_mesh["data_parallel"]
@@ -45,6 +53,10 @@ def parallelize(model: nn.Module, device_mesh: "DeviceMesh", expert_parallel_siz
             f"expert_parallel_size={expert_parallel_size} needs an MoE model that registers a parallelize hook"
             " (litgpt_ext.parallel.register_parallelize_hook); a dense model takes expert_parallel_size=1"
         )
+    if speed is not None and speed.activation_checkpointing:
+        from litgpt_ext.train.speed import apply_activation_checkpointing
+
+        apply_activation_checkpointing(model)
     ignored: set = set()
     for hook in _HOOKS:
         ignored |= set(hook(model, dp_mesh, expert_parallel_size) or ())  # params sharded by the hook
@@ -54,29 +66,67 @@ def parallelize(model: nn.Module, device_mesh: "DeviceMesh", expert_parallel_siz
     for block in blocks:
         fully_shard(block, mesh=dp_mesh, ignored_params=ignored or None)
     fully_shard(model, mesh=dp_mesh, ignored_params=ignored or None)
+    if speed is not None:
+        from litgpt_ext.train.speed import apply_speed
+
+        apply_speed(model, speed, seed, _mesh_device(dp_mesh), distributed=True)
     return model
+
+
+def _count(value: Union[str, None]) -> Union[int, None]:
+    """First count of a SLURM per-node list: '2', '2(x3)', '2,1' -> 2."""
+    head = (value or "").split(",")[0].split("(")[0]
+    return int(head) if head.isdigit() else None
+
+
+def _mesh_device(mesh: "DeviceMesh") -> torch.device:
+    if mesh.device_type == "cpu":
+        return torch.device("cpu")
+    return torch.device(mesh.device_type, getattr(torch, mesh.device_type).current_device())
 
 
 def slurm_defaults() -> tuple[Union[int, None], Union[int, None]]:
     """(devices per node, nodes) from the SLURM environment, None where SLURM does not say."""
-    tasks = os.environ.get("SLURM_NTASKS_PER_NODE") or os.environ.get("SLURM_GPUS_ON_NODE")
+    dev = (_count(os.environ.get("SLURM_NTASKS_PER_NODE")) or _count(os.environ.get("SLURM_TASKS_PER_NODE"))
+           or _count(os.environ.get("SLURM_GPUS_ON_NODE")))
     nodes = os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES")
-    dev = int(tasks.split("(")[0]) if tasks and tasks.split("(")[0].isdigit() else None
     return dev, (int(nodes) if nodes and nodes.isdigit() else None)
 
 
+def _slurm_tasks() -> Union[int, None]:
+    """SLURM's task count when SLURM launched this process as one rank of a job (as Lightning's
+    SLURMEnvironment.detect decides: interactive `salloc` shells named bash/interactive are not)."""
+    ntasks = os.environ.get("SLURM_NTASKS", "")
+    if not ntasks.isdigit() or os.environ.get("SLURM_JOB_NAME") in ("bash", "interactive"):
+        return None
+    return int(ntasks)
+
+
 def resolve_devices(devices: Union[int, Literal["auto"]], num_nodes: Union[int, None]) -> tuple[int, int]:
+    """(devices per node, nodes); under SLURM the world size must equal SLURM's task count."""
     slurm_dev, slurm_nodes = slurm_defaults()
     if devices == "auto" or devices == -1:
         devices = slurm_dev or (torch.cuda.device_count() or 1)
     if not isinstance(devices, int) or devices < 1:
         raise ValueError(f"devices must be a positive int or 'auto', got {devices!r}")
     num_nodes = num_nodes or slurm_nodes or 1
+    tasks = _slurm_tasks()
+    if tasks is not None and tasks != devices * num_nodes:
+        # otherwise every task would run its own independent training into the same out_dir
+        per_node = os.environ.get("SLURM_NTASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE") or "?"
+        raise ValueError(
+            f"SLURM runs {tasks} task(s) (tasks per node {per_node}, {slurm_nodes or 1} node(s)) but this run's world"
+            f" size is devices={devices} x num_nodes={num_nodes} = {devices * num_nodes}: one task per device."
+            f" Set devices: auto (or {max(tasks // (slurm_nodes or 1), 1)}), or submit with"
+            f" --ntasks-per-node={devices} --nodes={num_nodes}"
+        )
     return devices, num_nodes
 
 
-def build_strategy(devices: int, num_nodes: int = 1, expert_parallel_size: int = 1):
-    """'auto' for one process; FSDP2 over all data-parallel ranks otherwise."""
+def build_strategy(devices: int, num_nodes: int = 1, expert_parallel_size: int = 1,
+                   speed: Optional["SpeedArgs"] = None, seed: Optional[int] = None):
+    """'auto' for one process; FSDP2 over all data-parallel ranks otherwise (applying `speed`'s
+    activation checkpointing, meta-device materialization and compile around the sharding)."""
     world = devices * num_nodes
     if expert_parallel_size < 1 or world % expert_parallel_size:
         raise ValueError(
@@ -88,12 +138,12 @@ def build_strategy(devices: int, num_nodes: int = 1, expert_parallel_size: int =
 
     if expert_parallel_size > 1:
         return _ExpertParallelStrategy(
-            parallelize_fn=partial(parallelize, expert_parallel_size=expert_parallel_size),
+            parallelize_fn=partial(parallelize, expert_parallel_size=expert_parallel_size, speed=speed, seed=seed),
             data_parallel_size=world,
             tensor_parallel_size=1,
         )
     return ModelParallelStrategy(
-        parallelize_fn=partial(parallelize, expert_parallel_size=expert_parallel_size),
+        parallelize_fn=partial(parallelize, expert_parallel_size=expert_parallel_size, speed=speed, seed=seed),
         data_parallel_size=world,
         tensor_parallel_size=1,
     )

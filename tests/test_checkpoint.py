@@ -2,6 +2,7 @@ import os
 
 import pytest
 import torch
+import yaml
 from litgpt.config import Config
 
 from litgpt_ext.cli import main as cli_main
@@ -29,14 +30,15 @@ def test_atomic_write_and_leftover_tmp_ignored(tmp_path):
     ckpt.prune_checkpoints(tmp_path, None)
     assert not (tmp_path / "step-00000009.tmp").exists()
     d = tmp_path / "step-00000002"
-    assert torch.load(d / "lit_model.pth")["model"]["w"].item() == 2.0
-    assert (d / "model_config.yaml").read_text().startswith("") and "max_iters: 10" in (d / "hyperparameters.yaml").read_text()
+    assert torch.load(d / "lit_model.pth")["w"].item() == 2.0  # a bare state dict, as litgpt writes it
+    assert Config.from_file(d / "model_config.yaml") == CFG  # litgpt reads the architecture back
+    assert yaml.safe_load((d / "hyperparameters.yaml").read_text()) == {"out_dir": str(tmp_path), "train": {"max_iters": 10}}
 
 
 def test_rewrite_final_swaps_in_place(tmp_path):
     for v in (1, 2):
         ckpt.write_checkpoint(tmp_path / "final", {"w": torch.tensor([float(v)])}, {"step": v}, CFG, {})
-    assert torch.load(tmp_path / "final" / "lit_model.pth")["model"]["w"].item() == 2.0
+    assert torch.load(tmp_path / "final" / "lit_model.pth")["w"].item() == 2.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
 
 
@@ -67,8 +69,9 @@ def test_fork_command_links_without_copying(tmp_path):
     assert ckpt.latest_checkpoint(new) == dst
     for f in src.iterdir():
         a, b = os.stat(f), os.stat(dst / f.name)
-        assert (a.st_ino, a.st_dev) == (b.st_ino, b.st_dev) or os.path.islink(dst / f.name)
+        assert (a.st_ino, a.st_dev) == (b.st_ino, b.st_dev) and not os.path.islink(dst / f.name)
     assert '"step": 7' in (new / "forked_from.json").read_text()
-    with pytest.raises(FileExistsError, match="already holds checkpoints"):
+    with pytest.raises(FileExistsError, match=r"already holds the fork \['step-00000007'\]; pass --force true"):
         ckpt.fork(src, new)
     ckpt.fork(src, new, force=True)
+    assert ckpt.verify_checkpoint(dst) is None

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from lm_eval.api.instance import Instance
 from litgpt import GPT
+from lm_eval.api.instance import Instance
 
 sys.path.insert(0, str(Path(__file__).parent))
 from eval_fixtures import EOS, arithmetic_docs, save_checkpoint, tiny_config, train_tokenizer  # noqa: E402

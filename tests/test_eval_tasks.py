@@ -12,7 +12,7 @@ import torch
 from litgpt import GPT, Tokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from eval_fixtures import arithmetic_docs, save_checkpoint, tiny_config, train_tokenizer, train_tiny  # noqa: E402
+from eval_fixtures import arithmetic_docs, save_checkpoint, tiny_config, train_tiny, train_tokenizer  # noqa: E402
 
 from litgpt_ext.eval.build_tasks import build_tasks  # noqa: E402
 from litgpt_ext.eval.evaluate import evaluate, results_path  # noqa: E402

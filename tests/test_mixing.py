@@ -5,7 +5,15 @@ import random
 
 import pytest
 
-from litgpt_ext.data import Blend, MixError, build_registry, discover_shards, mix_spec, parse_weights_str, resolve_weights
+from litgpt_ext.data import (
+    Blend,
+    MixError,
+    build_registry,
+    discover_shards,
+    mix_spec,
+    parse_weights_str,
+    resolve_weights,
+)
 from litgpt_ext.data.inspect import mix_report
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -211,7 +210,7 @@ def test_build_demo_tiny_is_deterministic(tmp_path, capsys):
     kw = dict(vocab_size=400, main_tokens=30_000, code_tokens=12_000, math_tokens=8_000, heldout_docs=5,
               tokenizer_sample_chars=150_000, chunk_tokens=4096, val_fraction=0.1, seed=5)
     a = build_demo(tmp_path / "a", **kw)
-    b = build_demo(tmp_path / "b", **kw)
+    build_demo(tmp_path / "b", **kw)
     assert [r["shard"] for r in a["shards"]] == ["1", "2", "c1", "m1"]
     for r in a["shards"]:
         assert r["train_tokens"] > 0 and r["val_tokens"] > 0

@@ -48,7 +48,9 @@ def test_constant_and_rewarmup_cosine():
 
 def test_pure_and_validated():
     s = Schedule("cosine", 1.0, 0.1, end_step=50, warmup_steps=5)
-    assert [s(i) for i in range(60)] == [s(i) for i in range(60)]
+    lrs = [s(i) for i in range(60)]
+    assert lrs == [Schedule("cosine", 1.0, 0.1, end_step=50, warmup_steps=5)(i) for i in reversed(range(60))][::-1]
+    assert lrs[5] == 1.0 and lrs[50:] == [0.1] * 10  # a function of the step alone: no state between calls
     with pytest.raises(ValueError, match="unknown lr_scheduler 'cosin'.*cosine, wsd, decay"):
         Schedule("cosin", 1.0, 0.1, end_step=50)
 

@@ -164,7 +164,6 @@ def test_named_val_sets(shard_root):
 def test_data_module_from_paper_style_config(shard_root, tmp_path):
     """The class path + init_args form the paper's YAML uses instantiates through jsonargparse."""
     from jsonargparse import ArgumentParser
-
     from litgpt.data import DataModule
 
     parser = ArgumentParser()

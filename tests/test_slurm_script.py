@@ -1,7 +1,8 @@
 """training_scripts/small_model_pretrain.sh: config selection, auto-resume and requeue on preemption.
 
 The training command is replaced by a stub python that records its arguments (the loop's own
-preemption behaviour is tested with the loop); `scontrol` is a stub that records the requeue.
+preemption behaviour is tested with the loop); `scontrol` and `srun` are stubs that record what
+they were asked. tests/test_slurm_real.py runs the script under a real SLURM.
 """
 
 import os
@@ -24,11 +25,16 @@ def env(tmp_path):
     fake_py.write_text(
         "#!/usr/bin/env bash\n"
         f'if [ "$1" = "-" ]; then exec {sys.executable} "$@"; fi\n'
-        'echo "$@" >> "$CALLS"\nexit "${FAKE_EXIT:-0}"\n'
+        'echo "$@" >> "$CALLS"\n'
+        'if [ -n "${FAKE_MARKER:-}" ]; then echo "step 7" > "$LITGPT_EXT_PREEMPT_MARKER"; fi\n'
+        'exit "${FAKE_EXIT:-0}"\n'
     )
     scontrol = bin_dir / "scontrol"
     scontrol.write_text('#!/usr/bin/env bash\necho "scontrol $@" >> "$CALLS"\n')
-    for f in (fake_py, scontrol):
+    srun = bin_dir / "srun"  # records its options, runs the command
+    srun.write_text('#!/usr/bin/env bash\nopts=()\nwhile [ "${1#--}" != "$1" ]; do opts+=("$1"); shift; done\n'
+                    'echo "srun ${opts[*]}" >> "$CALLS"\nexec "$@"\n')
+    for f in (fake_py, scontrol, srun):
         f.chmod(f.stat().st_mode | stat.S_IEXEC)
     e = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     e.update(PATH=f"{bin_dir}:{e['PATH']}", PYTHON=str(fake_py), CALLS=str(tmp_path / "calls"), REPO_DIR=str(tmp_path))
@@ -82,6 +88,8 @@ def test_array_task_indexes_config_list(env, tmp_path):
 def test_missing_config_is_a_clear_error(env, tmp_path):
     r = run(env)
     assert r.returncode == 2 and "no config" in r.stderr
+    r = run(env, "cfgs/typo.yaml", "--train.max_iters", "5")
+    assert r.returncode == 2 and "config 'cfgs/typo.yaml' does not exist" in r.stderr
     r = run(env, model_config_file=str(tmp_path / "nope.yaml"))
     assert r.returncode == 2 and "nope.yaml' does not exist" in r.stderr
 
@@ -96,3 +104,60 @@ def test_preempted_job_is_requeued(env, tmp_path):
     assert r.returncode == 99 and "run this command again to resume" in r.stdout
     r = run(env, str(cfg), FAKE_EXIT="1", SLURM_JOB_ID="5")  # a crash is not requeued
     assert r.returncode == 1 and not any(c.startswith("scontrol") and "5" in c for c in calls(env)[-1:])
+
+
+def test_under_slurm_the_trainer_is_a_job_step_even_for_one_task(env, tmp_path):
+    """--signal=USR1@N reaches job steps only: python runs under srun, with the job's CPUs."""
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("out_dir: out\n")
+    assert run(env, str(cfg), SLURM_JOB_ID="7", SLURM_NTASKS="1", SLURM_CPUS_PER_TASK="4").returncode == 0
+    assert calls(env)[-2:] == ["srun --kill-on-bad-exit=1 --cpus-per-task=4",
+                               f"-m litgpt_ext pretrain --config {cfg} --resume auto"]
+    assert run(env, str(cfg), SLURM_JOB_ID="7", SLURM_STEP_ID="0").returncode == 0  # already a step: no srun
+    assert not calls(env)[-1].startswith("srun")
+    assert (tmp_path / "logs").is_dir()
+
+
+def test_a_rank_killed_after_the_preemption_checkpoint_still_requeues(env, tmp_path):
+    """srun --kill-on-bad-exit=1 turns the last rank's 99 into 143: the trainer's marker decides."""
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text("out_dir: out\n")
+    r = run(env, str(cfg), FAKE_EXIT="143", FAKE_MARKER="1", SLURM_JOB_ID="8")
+    assert r.returncode == 0, r.stderr
+    assert calls(env)[-1] == "scontrol requeue 8" and "exit status 143, but the trainer saved" in r.stdout
+    assert not list((tmp_path / "logs").glob(".preempted-*"))  # consumed
+    r = run(env, str(cfg), FAKE_EXIT="143", SLURM_JOB_ID="9")  # no marker: a failure, not requeued
+    assert r.returncode == 143 and calls(env)[-1] != "scontrol requeue 9"
+
+
+def test_slurm_task_count_must_match_the_world_size(monkeypatch):
+    from litgpt_ext.parallel import resolve_devices
+
+    for k in ("SLURM_NTASKS_PER_NODE", "SLURM_GPUS_ON_NODE", "SLURM_NNODES"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("SLURM_JOB_NAME", "litgpt-ext")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_TASKS_PER_NODE", "2")
+    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "1")
+    assert resolve_devices("auto", None) == (2, 1)
+    with pytest.raises(ValueError, match=r"SLURM runs 2 task\(s\) \(tasks per node 2, 1 node\(s\)\) but this run's"
+                                         r" world size is devices=1 x num_nodes=1 = 1"):
+        resolve_devices(1, None)
+    monkeypatch.setenv("SLURM_JOB_NAME", "bash")  # an interactive salloc shell: not SLURM-launched ranks
+    assert resolve_devices(1, None) == (1, 1)
+
+
+def test_eval_script_defaults_to_the_repo_venv_python(tmp_path):
+    """Like small_model_pretrain.sh: .venv/bin/python of the repo (the submit dir under sbatch)."""
+    venv_py = tmp_path / ".venv" / "bin" / "python"
+    venv_py.parent.mkdir(parents=True)
+    venv_py.write_text('#!/usr/bin/env bash\necho "venv $*" >> "$CALLS"\n')
+    venv_py.chmod(0o755)
+    (tmp_path / "run" / "step-00000001").mkdir(parents=True)
+    (tmp_path / "run" / "step-00000001" / "lit_model.pth").write_bytes(b"")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
+    env.update(SLURM_SUBMIT_DIR=str(tmp_path), CALLS=str(tmp_path / "calls"))
+    r = subprocess.run(["bash", str(ROOT / "training_scripts" / "eval_chkpts.sh"), str(tmp_path / "run"), "t1"],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (tmp_path / "calls").read_text().startswith(f"venv -m litgpt_ext evaluate {tmp_path}/run/step-00000001 --tasks t1")

@@ -48,8 +48,10 @@ def test_straight_run_learns_and_writes_litgpt_checkpoints(straight):
     for d in (out / "step-00000004", out / "final"):
         assert {"lit_model.pth", "model_config.yaml", "hyperparameters.yaml", "training_state.pth"} <= {
             p.name for p in d.iterdir()}
-    sd = torch.load(out / "final" / "lit_model.pth")["model"]
-    assert "transformer.h.0.attn.qkv.weight" in sd or any(k.startswith("transformer.h.0.") for k in sd)
+    sd = ckpt.load_model_state(out / "final")
+    from litgpt.model import GPT
+
+    assert sd.keys() == GPT(Config(**CFG)).state_dict().keys()  # litgpt's own names: litgpt tools load it
     st = ckpt.load_training_state(out / "step-00000004")
     assert st["step"] == 4 and st["data"]["count"] == 16 and st["mix"] == {"weights": {"a": 0.5, "b": 0.5}}
     rows = (out / "val_metrics.csv").read_text().splitlines()
@@ -60,10 +62,12 @@ def test_resume_continues_bit_for_bit(straight, tmp_path):
     out, r = straight
     first = run(tmp_path, train={"max_additional_steps": 3, "save_interval": 3})  # cosine still over 8
     assert first["losses"] == {k: v for k, v in r["losses"].items() if k <= 3}
-    second = run(tmp_path, resume=True)
+    with pytest.raises(ValueError, match=r"(?s)saved plan:.*steps 0 -> 3.*train.new_phase=true.*steps 3 -> 8"):
+        run(tmp_path, resume=True)  # the phase's plan stops at 3: a requeue must not move it silently
+    second = run(tmp_path, resume=True, train={"new_phase": True})  # the budget changed on purpose
     assert second["losses"] == {k: v for k, v in r["losses"].items() if k > 3}
-    a = torch.load(out / "final" / "lit_model.pth")["model"]
-    b = torch.load(tmp_path / "final" / "lit_model.pth")["model"]
+    a = ckpt.load_model_state(out / "final")
+    b = ckpt.load_model_state(tmp_path / "final")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -145,3 +149,27 @@ def test_preemption_saves_and_exits_with_requeue_code(straight, tmp_path):
     assert ckpt.latest_checkpoint(tmp_path).name == "step-00000003" and not (tmp_path / "final").exists()
     again = run(tmp_path, resume="auto")
     assert again["losses"] == {k: v for k, v in r["losses"].items() if k > 3}
+
+
+def test_requeued_phase_stops_where_it_was_planned_with_the_same_lrs(straight, tmp_path):
+    # issue 8.2: a midtraining phase of 8 steps from step 4, preempted and requeued three times
+    out, _ = straight
+    train = {"max_iters": 100, "max_additional_steps": 8, "save_interval": 100}
+    ref = run(tmp_path / "ref", fork_from=out / "step-00000004", train=train)
+    requeued = tmp_path / "requeued"
+    for _ in range(3):  # each job trains 2 steps, then gets SIGUSR1 (the first one forks)
+        with pytest.raises(SystemExit):
+            run(requeued, data=_SignalAfter(n=3), fork_from=out / "step-00000004", train=train)
+    last = run(requeued, fork_from=out / "step-00000004", train=train)
+    assert ref["step"] == last["step"] == 4 + 8  # not 4 + 4 * 8: the stop belongs to the phase
+    assert [s for s, _ in ckpt.list_checkpoints(requeued)] == [4, 6, 8, 10]  # the fork, 3 preemptions
+    dirs = [requeued / ckpt.step_dir_name(s) for s in (6, 8, 10)] + [requeued / "final"]
+    plans = [ckpt.load_training_state(d) for d in dirs]
+    assert [p["step"] for p in plans] == [6, 8, 10, 12]
+    assert len({p["phase_id"] for p in plans}) == 1 and all(p["stop_step"] == 12 for p in plans)
+    assert {k: v for k, v in last["plan"].items() if k != "phase_id"} == {
+        k: v for k, v in ref["plan"].items() if k != "phase_id"}
+    schedule = Schedule(**ref["schedule"])  # cosine over 100 from step 0: the same LR at every step
+    assert [p["lr"] for p in plans] == [schedule(s) for s in (6, 8, 10, 12)]
+    assert last["losses"] == {k: v for k, v in ref["losses"].items() if k > 10}  # bit-identical continuation
+    assert len((requeued / "phases.jsonl").read_text().splitlines()) == 1

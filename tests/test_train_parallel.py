@@ -23,9 +23,24 @@ def test_devices_default_from_slurm(monkeypatch):
         parallel.resolve_devices(0, None)
 
 
-def test_parallelize_hook_registry(monkeypatch):
+def test_parallelize_hook_registry(monkeypatch, tmp_path):
+    import torch.distributed as dist
+    from litgpt.config import Config
+    from litgpt.model import GPT
+    from torch.distributed.device_mesh import init_device_mesh
+
     monkeypatch.setattr(parallel, "_HOOKS", [])
     calls = []
-    hook = parallel.register_parallelize_hook(lambda m, mesh, ep: calls.append(ep))
+    hook = parallel.register_parallelize_hook(lambda m, mesh, ep: calls.append((type(m).__name__, mesh.size(), ep)))
     parallel.register_parallelize_hook(hook)  # idempotent
     assert parallel._HOOKS == [hook]
+    # parallelize runs the registered hook exactly once, before FSDP2 wraps the blocks
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("data_parallel",))
+        model = GPT(Config(name="t", block_size=8, n_layer=1, n_head=1, n_embd=8, padded_vocab_size=16))
+        parallel.parallelize(model, mesh, expert_parallel_size=1)
+        assert calls == [("GPT", 1, 1)]
+        assert type(model.transformer.h[0]).__name__.startswith("FSDP")
+    finally:
+        dist.destroy_process_group()

@@ -8,9 +8,10 @@
 # <checkpoint>/eval/<tasks with , -> +>[_<k>shot][_limit<n>].json; a checkpoint whose results file
 # exists is skipped, so re-running (or re-queueing a preempted job) only does what is missing.
 # Settings (environment variables):
-#   PYTHON=python  NUM_FEWSHOT=  LIMIT=  BATCH_SIZE=8  DEVICE=auto  DTYPE=auto
+#   PYTHON=.venv/bin/python (else python)  NUM_FEWSHOT=  LIMIT=  BATCH_SIZE=8  DEVICE=auto  DTYPE=auto
 #   EVAL_DATA_DIR=data/demo/eval_tasks  EXTRA_ARGS=   (passed verbatim to `litgpt-ext evaluate`)
 # SBATCH defaults below: one GPU, 8 CPUs, 4 h; override on the command line (sbatch --time=...).
+# CPU partition: DEVICE=cpu sbatch --partition=cpu --gpus-per-task=0 --cpus-per-task=2 --mem=8G …
 #SBATCH --job-name=eval_chkpts
 #SBATCH --nodes=1
 #SBATCH --ntasks=1
@@ -22,12 +23,11 @@
 set -uo pipefail
 
 if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
-  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
   exit $(( $# < 1 ? 2 : 0 ))
 fi
 RUN_DIR=${1%/}
 TASKS=${2:-demo_math_mc,demo_code_completion,demo_prose_cloze}
-PYTHON=${PYTHON:-python}
 BATCH_SIZE=${BATCH_SIZE:-8}
 DEVICE=${DEVICE:-auto}
 DTYPE=${DTYPE:-auto}
@@ -36,6 +36,10 @@ EVAL_DATA_DIR=${EVAL_DATA_DIR:-data/demo/eval_tasks}
 # Under sbatch the script runs from a spool copy: the submit dir is the repo root.
 REPO_ROOT=${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# Logs, not terminals: no tqdm carriage-return bars (litgpt-ext sets the same; see README "Evaluation").
+[[ -t 2 ]] || export TQDM_DISABLE=${TQDM_DISABLE:-1} TQDM_MININTERVAL=${TQDM_MININTERVAL:-60}
+# the repo's venv (as `make install` creates it) unless PYTHON says otherwise, as small_model_pretrain.sh
+PYTHON=${PYTHON:-$( [ -x "$REPO_ROOT/.venv/bin/python" ] && echo "$REPO_ROOT/.venv/bin/python" || echo python )}
 
 if [[ ! -d "$RUN_DIR" ]]; then
   echo "eval_chkpts: run dir '$RUN_DIR' does not exist" >&2; exit 2

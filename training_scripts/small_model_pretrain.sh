@@ -11,16 +11,27 @@
 # Further arguments are passed to `litgpt-ext pretrain` and override YAML keys; the config file is
 # never edited (the paper's script rewrote max_additional_steps with sed, which races in arrays).
 #
-# Preemption: SLURM sends SIGUSR1 120 s before the time limit (--signal below). The training loop
-# saves a checkpoint at the next step boundary and exits with PREEMPT_EXIT_CODE (99); this script
-# then requeues the job, and the requeued job resumes from the latest checkpoint in out_dir
-# (`--resume auto` is added unless the config names a checkpoint itself or AUTO_RESUME=0).
+# Preemption: SLURM sends SIGUSR1 120 s before the time limit (--signal below; it reaches job
+# *steps* only, so the trainer always runs under `srun`, even for one task). The training loop
+# saves a checkpoint at the next step boundary and exits with PREEMPT_EXIT_CODE (99); SIGTERM (the
+# time limit itself, `scontrol requeue`, a preempting job) and `scancel --signal=USR1 <job>` do the
+# same. This script then requeues the job, and the requeued job resumes from the latest checkpoint
+# in out_dir (`--resume auto` is added unless the config names a checkpoint itself or
+# AUTO_RESUME=0). With several tasks, `srun --kill-on-bad-exit=1` may report 143 for a rank killed
+# after the others exited 99: the trainer's marker file (logs/.preempted-<job>) tells this script
+# the checkpoint is complete, so it requeues anyway. Requeue by hand: `scontrol requeue <job>`.
 # Midtraining runs that start from another run's checkpoint should say so with `fork_from:`, which
 # is requeue-safe (the fork happens once; later starts resume the fork's own checkpoints).
 #
-# The #SBATCH defaults: one node, one GPU and one task per GPU (Fabric reads the SLURM
-# environment; raise --gpus-per-node and --ntasks-per-node together), 8 CPUs per task for the
-# data workers, 24 h. Override any of them on the sbatch command line.
+# The #SBATCH defaults: one node, one GPU and one task per GPU, 8 CPUs per task for the data
+# workers, 24 h. SLURM's task count must equal the run's world size (devices x num_nodes; the
+# default `devices: auto` takes it from SLURM): raise --gpus-per-node and --ntasks-per-node
+# together. On a CPU partition override the GPU, CPU and memory requests (the job pends forever
+# if it asks for more than a node has), e.g.
+#   sbatch --partition=cpu --gpus-per-node=0 --cpus-per-task=2 --mem=8G training_scripts/small_model_pretrain.sh cfg.yaml
+# Settings (environment): PYTHON (default .venv/bin/python, else python), PREEMPT_EXIT_CODE=99,
+# AUTO_RESUME=1, REPO_DIR (default: the submit dir), SRUN_ARGS (extra srun options).
+# `logs/` must exist when sbatch is called (--output below): it is in the repository.
 #SBATCH --job-name=litgpt-ext
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -45,6 +56,8 @@ mkdir -p logs
 config=""
 if [ $# -gt 0 ] && [ -f "$1" ]; then
   config=$1; shift
+elif [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then
+  echo "config '$1' does not exist (cwd: $PWD)" >&2; exit 2
 elif [ -n "${model_config_file:-${MODEL_CONFIG_FILE:-}}" ]; then
   config=${model_config_file:-$MODEL_CONFIG_FILE}
 elif [ -n "${SLURM_ARRAY_TASK_ID:-}" ]; then
@@ -57,7 +70,7 @@ if [ -z "$config" ]; then
   echo "no config: pass one as the first argument, set model_config_file, or use an array job with CONFIG_LIST" >&2
   exit 2
 fi
-[ -f "$config" ] || { echo "config '$config' does not exist" >&2; exit 2; }
+[ -f "$config" ] || { echo "config '$config' does not exist (cwd: $PWD)" >&2; exit 2; }
 
 extra=()
 if [ "$AUTO_RESUME" = 1 ] && "$PYTHON" - "$config" "$@" <<'PY'
@@ -73,23 +86,40 @@ then
 fi
 
 launcher=()
-if [ -n "${SLURM_JOB_ID:-}" ] && [ "${SLURM_NTASKS:-1}" -gt 1 ]; then
-  launcher=(srun --kill-on-bad-exit=1)
+if [ -n "${SLURM_JOB_ID:-}" ] && [ -z "${SLURM_STEP_ID:-}" ]; then
+  # a job step: --signal=USR1@N without B: reaches steps only, never this batch shell's children
+  # shellcheck disable=SC2206  # SRUN_ARGS is meant to split into words
+  launcher=(srun --kill-on-bad-exit=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK} ${SRUN_ARGS:-})
 fi
+marker="logs/.preempted-${SLURM_JOB_ID:-local-$$}"
+rm -f "$marker"
+export LITGPT_EXT_PREEMPT_MARKER="$PWD/$marker"
 
-echo "[$(date '+%F %T')] config=$config job=${SLURM_JOB_ID:-local} array_task=${SLURM_ARRAY_TASK_ID:-none} extra=${extra[*]:-} $*"
+# This shell must outlive the trainer to requeue: SLURM's SIGTERM (and USR1 with B: or
+# scancel --full) would kill it. A trap runs only after the foreground command returns.
+trap 'echo "[$(date "+%F %T")] batch shell got SIGTERM; waiting for the trainer to save"' TERM
+trap 'echo "[$(date "+%F %T")] batch shell got SIGUSR1; waiting for the trainer to save"' USR1
+
+echo "[$(date '+%F %T')] config=$config job=${SLURM_JOB_ID:-local} array_task=${SLURM_ARRAY_TASK_ID:-none} restart=${SLURM_RESTART_COUNT:-0} extra=${extra[*]:-} $*"
 set +e
 "${launcher[@]}" "$PYTHON" -m litgpt_ext pretrain --config "$config" "${extra[@]}" "$@"
 status=$?
 set -e
 
+if [ "$status" -ne "$PREEMPT_EXIT_CODE" ] && [ -f "$marker" ]; then
+  echo "[$(date '+%F %T')] exit status $status, but the trainer saved a preemption checkpoint ($(cat "$marker")):" \
+       "a rank was killed after the others exited $PREEMPT_EXIT_CODE (srun --kill-on-bad-exit)"
+  status=$PREEMPT_EXIT_CODE
+fi
+rm -f "$marker"
 if [ "$status" -eq "$PREEMPT_EXIT_CODE" ]; then
   if [ -n "${SLURM_JOB_ID:-}" ]; then
     job=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}
     job=${job:-$SLURM_JOB_ID}
     echo "[$(date '+%F %T')] preempted: checkpoint saved; requeueing $job"
-    scontrol requeue "$job"
-    exit 0
+    if scontrol requeue "$job"; then exit 0; fi
+    echo "[$(date '+%F %T')] 'scontrol requeue $job' failed; resubmit this job by hand: it resumes from the checkpoint" >&2
+    exit "$status"
   fi
   echo "[$(date '+%F %T')] stopped by a signal after saving a checkpoint; run this command again to resume"
 fi

@@ -29,12 +29,16 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from litgpt.data import DataModule
 
-from litgpt_ext.data.mixing import Blend, MixSpec, mix_spec, resolve_weights
+from litgpt_ext.data.mixing import (
+    Blend, MixSpec, Phase, ScheduledBlend, apply_repetition_caps, check_max_epochs, constant_record, curve_pieces,
+    describe_schedule, mix_spec, parse_mix_schedule, resolve_schedule, resolve_weights, schedule_weights_at,
+)
 from litgpt_ext.data.shard_io import ShardError, is_shard_dir, read_shard_index
 from litgpt_ext.data.shard_types import MixError, Shard, build_registry, discover_shards
+from litgpt_ext.train.preempt import ignore_in_worker
 
 log = logging.getLogger(__name__)
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2 adds the mixture schedule (`schedule`, `segment_phase_pos`); 1 still loads
 
 
 def _dist_rank_world() -> tuple[int, int]:
@@ -111,10 +115,10 @@ class _Permutations:
 class _BlendedStream(IterableDataset):
     """One rank's infinite sample stream; worker w produces batches w, w+W, … of it."""
 
-    def __init__(self, shards: list[tuple[str, Path, int]], weights: list[float], starts: list[int],
-                 counts: list[int], rank: int, world_size: int, batch_size: int, block_size: int, seed: int):
+    def __init__(self, shards: list[tuple[str, Path, int]], blend_state: dict, starts: list[int],
+                 rank: int, world_size: int, batch_size: int, block_size: int, seed: int):
         super().__init__()
-        self.shards, self.weights, self.starts, self.counts = shards, weights, starts, counts
+        self.shards, self.blend_state, self.starts = shards, blend_state, starts
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.block_size, self.seed = block_size, seed
 
@@ -123,7 +127,7 @@ class _BlendedStream(IterableDataset):
         wid, nworkers = (info.id, info.num_workers) if info is not None else (0, 1)
         readers = [_ShardReader(path, self.block_size) for _, path, _ in self.shards]
         perms = [_Permutations(self.seed, sid, n) for sid, _, n in self.shards]
-        blend = Blend(self.weights, self.counts)
+        blend = make_blend(self.blend_state)
         counts, starts, R, r = blend.counts, self.starts, self.world_size, self.rank
         batch = 0
         while True:
@@ -140,60 +144,114 @@ def _stack_long(rows: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(rows).long()
 
 
+def make_blend(state: Mapping[str, Any]) -> Blend | ScheduledBlend:
+    """The blend of the current segment: constant weights, or the schedule in this rank's coordinates.
+
+    A segment's blend position n (samples drawn by this rank since the segment began) sits at phase
+    sample `segment_phase_pos + n * world_size`, so every rank follows the same schedule.
+    """
+    ids = list(state["weights"])
+    counts = [state["counts"][s] for s in ids]
+    sched = state.get("schedule")
+    if not sched:
+        return Blend([state["weights"][s] for s in ids], counts)
+    pieces = curve_pieces(sched, ids, float(state["segment_phase_pos"]), float(state["world_size"]))
+    if len(pieces) == 1 and all(w > 0 for w in pieces[0][1]):  # past the last point: the constant fast path
+        return Blend(pieces[0][1], counts)
+    return ScheduledBlend(pieces, counts)
+
+
 class MixedLoader:
     """The training loader: an infinite iterable of [batch, block] LongTensors with exact state.
 
     The state advances only for batches handed to the caller (prefetched ones do not count), so
-    `state_dict()` after k batches resumes at batch k+1 whatever `num_workers` is.
+    `state_dict()` after k batches resumes at batch k+1 whatever `num_workers` is. The state is
+    built on first use, so `load_state_dict` can replace it before a phase is known.
     """
 
     def __init__(self, dm: "ShardedMixedDataset"):
         self.dm = dm
-        self._state = dm._fresh_state()
-        self._tracker = self._make_tracker()
+        self._state: dict[str, Any] | None = None
+        self._tracker = None
 
-    def _make_tracker(self) -> Blend:
-        ids = list(self._state["weights"])
-        return Blend([self._state["weights"][s] for s in ids], [self._state["counts"][s] for s in ids])
+    def _ensure(self) -> dict[str, Any]:
+        if self._state is None:
+            self._state = self.dm._fresh_state()
+            self._tracker = self._make_tracker()
+        return self._state
+
+    def _make_tracker(self) -> Blend | ScheduledBlend:
+        self._window = None  # (position, counts) at the last stats() call
+        return make_blend(self._state)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        st, dm = self._state, self.dm
+        st, dm = self._ensure(), self.dm
         ids = list(st["weights"])
         shards = [(sid, dm.shards_by_id[sid].path, st["num_samples"][sid]) for sid in ids]
         stream = _BlendedStream(
-            shards, [st["weights"][s] for s in ids], [st["segment_start"][s] for s in ids],
-            [st["counts"][s] for s in ids], dm.rank, dm.world_size, dm.batch_size, dm.block_size, st["seed"],
+            shards, copy.deepcopy(st), [st["segment_start"][s] for s in ids],
+            dm.rank, dm.world_size, dm.batch_size, dm.block_size, st["seed"],
         )
         loader = DataLoader(stream, batch_size=dm.batch_size, num_workers=dm.num_workers, collate_fn=_stack_long,
+                            worker_init_fn=ignore_in_worker,  # SLURM signals every process; the main one saves
                             persistent_workers=False, prefetch_factor=2 if dm.num_workers > 0 else None)
         for batch in loader:
             self._tracker.take(dm.batch_size)
             yield batch
 
     def state_dict(self) -> dict[str, Any]:
-        st = copy.deepcopy(self._state)
-        R = self.dm.world_size
+        st = copy.deepcopy(self._ensure())
+        R = st["world_size"]
         for sid, c in zip(st["weights"], self._tracker.counts):
             st["counts"][sid] = c
             st["cursors"][sid] = st["segment_start"][sid] + c * R
         return st
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Continue from `state`; with a different mix, keep every cursor and switch the blend."""
+        """Continue from `state`; with a different mix or schedule, keep every cursor and switch the blend."""
         self._state = self.dm._continue_state(dict(state))
         self._tracker = self._make_tracker()
 
+    def phase_position(self) -> int:
+        """Global samples drawn in this phase so far (all ranks)."""
+        st = self._ensure()
+        return int(round(st.get("segment_phase_pos", 0))) + self._tracker.position * st["world_size"]
+
     def stats(self) -> dict[str, Any]:
-        """Global consumption per shard and realized vs target mix (this segment), for logging."""
+        """Global consumption per shard and realized vs target mix, for logging.
+
+        `target_weight` and `realized_weight` cover the samples this rank drew since the previous
+        `stats()` call (the loop calls it once per log interval): the schedule's average weight over
+        that window and the share actually drawn. With a constant mix the target is the weight.
+        `scheduled_weight` is the schedule's weight at the current position.
+        """
         st = self.state_dict()
-        block = self.dm.block_size
+        block, tracker = self.dm.block_size, self._tracker
+        ids = list(st["weights"])
+        pos, counts = tracker.position, list(tracker.counts)
+        prev_pos, prev_counts = self._window or (0, [0] * len(ids))
+        self._window = (pos, counts)
+        if st.get("schedule"):
+            now = schedule_weights_at(st["schedule"], st["segment_phase_pos"] + pos * st["world_size"])
+        else:
+            now = dict(st["weights"])
+        span = pos - prev_pos
         shards = {}
-        seg_total = sum(st["counts"].values()) or 1
         for sid, cursor in st["cursors"].items():
             n = st["num_samples"][sid]
+            if sid in st["weights"]:
+                i = ids.index(sid)
+                if span > 0:
+                    target = (tracker.target(i, pos) - tracker.target(i, prev_pos)) / span
+                    realized = (counts[i] - prev_counts[i]) / span
+                else:
+                    target, realized = now.get(sid, 0.0), counts[i] / max(pos, 1)
+            else:
+                target = realized = 0.0
             shards[sid] = {
-                "target_weight": st["weights"].get(sid, 0.0),
-                "realized_weight": st["counts"].get(sid, 0) / seg_total,
+                "target_weight": target,
+                "realized_weight": realized,
+                "scheduled_weight": now.get(sid, 0.0),
                 "samples": cursor,
                 "tokens": cursor * block,
                 "epochs": cursor / n,
@@ -201,10 +259,11 @@ class MixedLoader:
             }
         types: dict[str, dict[str, float]] = {}
         for sid, s in shards.items():
-            t = types.setdefault(self.dm.shards_by_id[sid].type, {"target": 0.0, "realized": 0.0})
+            t = types.setdefault(self.dm.shards_by_id[sid].type, {"target": 0.0, "realized": 0.0, "scheduled": 0.0})
             t["target"] += s["target_weight"]
             t["realized"] += s["realized_weight"]
-        return {"shards": shards, "types": types, "position": sum(st["counts"].values())}
+            t["scheduled"] += s["scheduled_weight"]
+        return {"shards": shards, "types": types, "position": pos, "phase_position": self.phase_position()}
 
 
 class _ValStream:
@@ -262,6 +321,17 @@ class ShardedMixedDataset(DataModule):
         seed: the shuffle of samples within each shard.
         extra_shard_types: more types {name: folder prefix}, e.g. {"legal": "l"}.
         val_max_samples: cap on samples per validation set (None: all).
+        mix_schedule: the mix as a function of the phase position instead of one mix: a list of points
+            `{at_step: N | at_fraction: F, mix_weights_str | literal_weights_str | weights | literal_weights,
+            ramp: constant | linear}`; needs the phase (`set_phase`).
+        max_epochs: the most epochs this phase may draw from a shard: one number for all shards, or
+            {shard id or type: epochs}; needs the phase (`set_phase`).
+        cap_repetition: when a shard would exceed max_epochs, cap its weight and renormalise the others
+            (logged) instead of refusing the plan.
+
+    The training loop calls `set_phase(start_step, stop_step, global_batch_size)` after `setup()` and
+    before `train_dataloader()`: the phase's optimizer steps and global samples per step place the
+    schedule's points and give the repetition caps their budget.
     """
 
     def __init__(
@@ -276,6 +346,9 @@ class ShardedMixedDataset(DataModule):
         seed: int = 42,
         extra_shard_types: dict[str, str] | None = None,
         val_max_samples: int | None = None,
+        mix_schedule: list[dict] | None = None,
+        max_epochs: float | dict[str, float] | None = None,
+        cap_repetition: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()  # the loop writes these (mix strings included) to hyperparameters.yaml
@@ -287,7 +360,19 @@ class ShardedMixedDataset(DataModule):
         self.seed = seed
         self.val_max_samples = val_max_samples
         self.registry = build_registry(extra_shard_types)
-        self.spec: MixSpec = mix_spec(mix_weights_str, literal_weights_str, mix_config_path, proportional_sampling)
+        self.schedule_points = parse_mix_schedule(mix_schedule, proportional_sampling)
+        if self.schedule_points:
+            given = [n for n, v in (("mix_weights_str", mix_weights_str), ("literal_weights_str", literal_weights_str),
+                                    ("mix_config_path", mix_config_path)) if v not in (None, "")]
+            if given:
+                raise MixError(f"set the mix either in mix_schedule's points or in {given[0]}, not both")
+            self.spec: MixSpec = self.schedule_points[0].spec
+        else:
+            self.spec = mix_spec(mix_weights_str, literal_weights_str, mix_config_path, proportional_sampling)
+        self.max_epochs = max_epochs
+        self.cap_repetition = cap_repetition
+        self.phase: Phase | None = None
+        self.record: dict | None = None  # the phase's plan: the schedule (or constant mix), caps applied
         self.batch_size = 1
         self.block_size: int | None = None
         self.rank, self.world_size = 0, 1
@@ -295,7 +380,8 @@ class ShardedMixedDataset(DataModule):
         self.weights: dict[str, float] | None = None
 
     def __repr__(self) -> str:
-        return f"ShardedMixedDataset(data_path={str(self.data_path)!r}, mix={self.spec.describe()})"
+        mix = describe_schedule(self.schedule_points) or self.spec.describe()
+        return f"ShardedMixedDataset(data_path={str(self.data_path)!r}, mix={mix})"
 
     def connect(self, tokenizer=None, batch_size: int = 1, max_seq_length: int | None = None, **kwargs) -> None:
         if batch_size < 1:
@@ -310,7 +396,12 @@ class ShardedMixedDataset(DataModule):
             raise MixError("data_path is not set; point it at a folder of shard folders (1, 2, c1, m1, …)")
         self.shards = discover_shards(self.data_path, self.registry)
         self.shards_by_id = {s.id: s for s in self.shards}
-        self.weights = resolve_weights(self.spec, self.shards, self.registry)
+        check_max_epochs(self.max_epochs, self.shards, self.registry)
+        if self.schedule_points:  # every shard any point uses, with the first point's weights
+            union = resolve_schedule(self.schedule_points, self.shards, self.registry, Phase(0, 1, 1))
+            self.weights = dict(union["weights"][0])
+        else:
+            self.weights = resolve_weights(self.spec, self.shards, self.registry)
         return self.weights
 
     def setup(self, stage: str = "", rank: int | None = None, world_size: int | None = None) -> None:
@@ -321,46 +412,118 @@ class ShardedMixedDataset(DataModule):
         self.world_size = d_world if world_size is None else world_size
         self.resolve()
         for sid in self.weights:
-            shard = self.shards_by_id[sid]
-            if shard.index.num_samples(self.block_size) == 0:
-                raise MixError(
-                    f"shard {sid!r} ({shard.path}) has {shard.num_tokens} tokens in chunks of "
-                    f"{max(shard.index.chunk_tokens)} at most: fewer than one sample of {self.block_size} tokens "
-                    f"(max_seq_length + 1); drop it from the mix or re-prepare it with larger chunks"
-                )
+            self._check_sample_size(sid)
+
+    def _check_sample_size(self, sid: str) -> None:
+        shard = self.shards_by_id[sid]
+        if shard.index.num_samples(self.block_size) == 0:
+            raise MixError(
+                f"shard {sid!r} ({shard.path}) has {shard.num_tokens} tokens in chunks of "
+                f"{max(shard.index.chunk_tokens)} at most: fewer than one sample of {self.block_size} tokens "
+                f"(max_seq_length + 1); drop it from the mix or re-prepare it with larger chunks"
+            )
+
+    def set_phase(self, start_step: int, stop_step: int, global_batch_size: int) -> None:
+        """The training phase: optimizer steps [start_step, stop_step) of `global_batch_size` samples each.
+
+        Places `at_step`/`at_fraction` points and checks `max_epochs` against the phase's samples
+        (refusing, or capping with `cap_repetition`) before any sample is drawn. Call after `setup()`
+        (needs the block size) and before `train_dataloader()`. On resume with the same schedule the
+        checkpoint's phase wins, so a requeue never moves the schedule.
+        """
+        if self.block_size is None:
+            raise MixError("call connect(batch_size=…, max_seq_length=…) before set_phase()")
+        if self.shards is None:
+            self.resolve()
+        self.phase = Phase(int(start_step), int(stop_step), int(global_batch_size))
+        self.record = self._plan(self.phase)
+        if not self.schedule_points:
+            self.weights = dict(self.record["weights"][0])  # caps may have changed them
+
+    def _plan(self, phase: Phase) -> dict:
+        if self.schedule_points:
+            record = resolve_schedule(self.schedule_points, self.shards, self.registry, phase)
+        else:
+            record = constant_record(resolve_weights(self.spec, self.shards, self.registry), phase)
+        for sid in record["weights"][0]:
+            self._check_sample_size(sid)
+        num = {sid: self._num_samples(sid) for sid in record["weights"][0]}
+        record, lines = apply_repetition_caps(record, self.shards_by_id, num, phase.total_samples, self.max_epochs,
+                                              self.cap_repetition, self.block_size, phase.global_batch_size)
+        if lines:
+            log.warning("%s", "\n".join(lines))
+        self.cap_log = lines
+        return record
+
+    def _needs_phase(self) -> str | None:
+        if self.schedule_points:
+            return "mix_schedule"
+        if self.max_epochs is not None:
+            return "max_epochs"
+        return None
 
     @property
     def resolved_mix(self) -> dict[str, Any]:
         if self.weights is None:
             self.resolve()
-        return {
-            "spec": self.spec.describe(),
+        out = {
+            "spec": self.spec.describe() if not self.schedule_points else describe_schedule(self.schedule_points),
             "weights": dict(self.weights),
             "tokens": {sid: self.shards_by_id[sid].num_tokens for sid in self.weights},
         }
+        # the schedule's resolved points and phase live in the loader state (the checkpoint's phase wins
+        # on a requeue), so this summary stays the same for a requeue whatever phase it is handed
+        return out
 
     def _num_samples(self, sid: str) -> int:
         return self.shards_by_id[sid].index.num_samples(self.block_size)
 
+    def _phase_record(self, saved_phase: Mapping | None = None) -> dict | None:
+        """This run's plan (None for a plain constant mix); the phase is set_phase's, else the checkpoint's."""
+        need = self._needs_phase()
+        if self.record is not None:
+            return self.record
+        if need is None:
+            return None
+        if saved_phase:
+            self.phase = Phase(**saved_phase)
+            self.record = self._plan(self.phase)
+            return self.record
+        raise MixError(
+            f"{need} needs the training phase (its optimizer steps and global batch size): the training loop "
+            "calls data.set_phase(start_step, stop_step, global_batch_size) after data.setup() and before "
+            "data.train_dataloader()"
+        )
+
     def _fresh_state(self) -> dict[str, Any]:
         if self.weights is None:
             self.setup()
+        record = self._phase_record()
+        weights = dict(schedule_weights_at(record, 0.0)) if record is not None else dict(self.weights)
+        sched = record if (record is not None and self.schedule_points) else None
         return {
             "version": STATE_VERSION,
             "seed": self.seed,
             "block_size": self.block_size,
             "world_size": self.world_size,
-            "weights": dict(self.weights),
-            "segment_start": {s: 0 for s in self.weights},
-            "counts": {s: 0 for s in self.weights},
-            "cursors": {s: 0 for s in self.weights},
-            "num_samples": {s: self._num_samples(s) for s in self.weights},
-            "mix_history": [{"spec": self.spec.describe(), "weights": dict(self.weights), "at_cursors": {}}],
+            "weights": weights,
+            "segment_start": {s: 0 for s in weights},
+            "counts": {s: 0 for s in weights},
+            "cursors": {s: 0 for s in weights},
+            "num_samples": {s: self._num_samples(s) for s in weights},
+            "phase": self.phase.as_dict() if self.phase else None,
+            "schedule": copy.deepcopy(sched),
+            "segment_phase_pos": 0,
+            "mix_history": [{"spec": self._spec_text(), "weights": weights, "at_cursors": {}}],
         }
 
+    def _spec_text(self) -> str:
+        return describe_schedule(self.schedule_points) or self.spec.describe()
+
     def _continue_state(self, saved: dict[str, Any]) -> dict[str, Any]:
-        if saved.get("version") != STATE_VERSION:
-            raise MixError(f"loader state version {saved.get('version')!r} is not {STATE_VERSION}; cannot resume it")
+        if saved.get("version") not in (1, STATE_VERSION):
+            raise MixError(f"loader state version {saved.get('version')!r} is not 1 or {STATE_VERSION}; cannot resume it")
+        saved = {"phase": None, "schedule": None, "segment_phase_pos": 0, **saved, "version": STATE_VERSION}
         if saved["block_size"] != self.block_size:
             raise MixError(
                 f"the checkpoint's loader used samples of {saved['block_size']} tokens, this run {self.block_size}: "
@@ -376,26 +539,63 @@ class ShardedMixedDataset(DataModule):
                     "its data changed under the run"
                 )
         new = copy.deepcopy(saved)
-        same_mix = set(saved["weights"]) == set(self.weights) and all(
-            abs(saved["weights"][s] - self.weights[s]) < 1e-12 for s in self.weights
-        )
+        # where the phase stands: global samples drawn in it (all ranks)
+        pos_now = saved["segment_phase_pos"] + sum(saved["counts"].values()) * saved["world_size"]
+        sched_spec = describe_schedule(self.schedule_points)
+        old_sched = saved.get("schedule")
+        if sched_spec is not None and old_sched is not None and old_sched.get("spec") == sched_spec:
+            # same schedule: the checkpoint's plan and phase win (a requeue never moves the schedule)
+            if self.phase is not None and self.phase.as_dict() != saved["phase"]:
+                log.info("data: keeping the checkpoint's phase %s for the unchanged mix_schedule (this run "
+                            "passed %s); a requeue never moves the schedule", saved["phase"], self.phase.as_dict())
+            self.phase, self.record = Phase(**saved["phase"]), copy.deepcopy(old_sched)
+            record, same_mix = old_sched, True
+        else:
+            last_spec = (saved.get("mix_history") or [{}])[-1].get("spec")
+            if (sched_spec is None and self.max_epochs is not None and saved["phase"] and old_sched is None
+                    and last_spec == self._spec_text()):
+                # same capped mix: plan it over the checkpoint's phase, so a requeue draws the same weights
+                self.phase = Phase(**saved["phase"])
+                self.record = self._plan(self.phase)
+            record = self._phase_record(saved["phase"])
+            if sched_spec is None and record is not None:
+                self.weights = dict(record["weights"][0])
+            weights0 = dict(record["weights"][0]) if sched_spec is not None else dict(self.weights)
+            same_mix = old_sched is None and sched_spec is None and set(saved["weights"]) == set(weights0) and all(
+                abs(saved["weights"][s] - weights0[s]) < 1e-12 for s in weights0
+            )
         if same_mix and saved["world_size"] == self.world_size:
             return new
+        sched = copy.deepcopy(record) if sched_spec is not None else None
+        if same_mix:
+            seg_pos = pos_now  # same plan, new world size: the schedule continues from here
+        elif sched is not None:
+            seg_pos = pos_now if saved["phase"] == (self.phase.as_dict() if self.phase else None) else 0
+        else:
+            seg_pos = 0
+        weights = (dict(record["weights"][0]) if sched is not None else dict(self.weights))
         cursors = dict(saved["cursors"])
-        for sid in self.weights:
+        for sid in weights:
             cursors.setdefault(sid, 0)
         new.update(
             world_size=self.world_size,
-            weights=dict(self.weights),
-            segment_start={s: cursors[s] for s in self.weights},
-            counts={s: 0 for s in self.weights},
+            weights=weights,
+            segment_start={s: cursors[s] for s in weights},
+            counts={s: 0 for s in weights},
             cursors=cursors,
-            num_samples={**saved["num_samples"], **{s: self._num_samples(s) for s in self.weights}},
+            num_samples={**saved["num_samples"], **{s: self._num_samples(s) for s in weights}},
+            phase=self.phase.as_dict() if self.phase else saved["phase"],
+            schedule=sched,
+            segment_phase_pos=seg_pos,
         )
-        new["mix_history"] = list(saved.get("mix_history", [])) + [
-            {"spec": self.spec.describe(), "weights": dict(self.weights), "at_cursors": dict(cursors)}
-        ]
-        reason = "world size %d -> %d" % (saved["world_size"], self.world_size) if same_mix else "new blend"
+        if sched is not None:
+            new["weights"] = dict(schedule_weights_at(sched, seg_pos))  # the table shows the mix from here
+        if not same_mix:
+            new["mix_history"] = list(saved.get("mix_history", [])) + [
+                {"spec": self._spec_text(), "weights": dict(new["weights"]), "at_cursors": dict(cursors)}
+            ]
+        reason = "world size %d -> %d" % (saved["world_size"], self.world_size) if same_mix else (
+            "new mix schedule" if sched is not None else "new blend")
         log.warning("data mix: %s; shard cursors kept (no replay)\n%s", reason, mix_change_table(saved, new))
         return new
 

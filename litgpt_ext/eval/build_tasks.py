@@ -111,15 +111,25 @@ def code_items(
     return items
 
 
-def prose_items(docs: list[dict], n_choices: int, rng: random.Random, max_context_sentences: int = 5) -> list[dict]:
-    """Cloze: the opening sentences of a document, then its true next sentence vs others'."""
+def prose_items(
+    docs: list[dict], n_choices: int, rng: random.Random, max_context_sentences: int = 5, max_choice_chars: int = 200,
+) -> list[dict]:
+    """Cloze: the opening sentences of a document, then its true next sentence vs others'.
+
+    Every choice (true or not) is at most `max_choice_chars` characters, so that it fits the small
+    demo models' context window: a scorer that kept only a choice's tail would grade a different
+    answer (our backend and HF's refuse such requests).
+    """
     sents = [[s.strip() for s in _SENTENCE_SPLIT.split(" ".join(str(d.get("text", "")).split())) if s.strip()] for d in docs]
-    pool = [(f, s) for f, ss in enumerate(sents) for s in ss[1:] if len(s) >= 20]
+    pool = [(f, s) for f, ss in enumerate(sents) for s in ss[1:] if 20 <= len(s) <= max_choice_chars]
     items = []
     for f, ss in enumerate(sents):
         if len(ss) < 3:
             continue
-        k = rng.randint(2, min(max_context_sentences, len(ss) - 1))
+        fits = [k for k in range(2, min(max_context_sentences, len(ss) - 1) + 1) if len(ss[k]) <= max_choice_chars]
+        if not fits:
+            continue
+        k = rng.choice(fits)
         true = ss[k]
         others = sorted({s for g, s in pool if g != f and s != true})
         if len(others) < n_choices - 1:
@@ -138,6 +148,7 @@ def build_tasks(
     max_examples: int = 500,
     max_ppl_docs: int = 200,
     seed: int = 1234,
+    max_choice_chars: int = 200,
 ) -> dict[str, dict[str, int]]:
     """Write the local tasks' JSONL from `<demo_dir>/raw/*_heldout.jsonl`.
 
@@ -149,6 +160,8 @@ def build_tasks(
         max_examples: cap on test items per task.
         max_ppl_docs: cap on documents per perplexity task.
         seed: RNG seed for sampling and shuffling.
+        max_choice_chars: longest prose-cloze answer choice, in characters; the default keeps
+            every choice well inside the demo models' 128-token window.
 
     Returns:
         {task folder: {split: count}}; also written to `<out_dir>/manifest.json`.
@@ -157,6 +170,9 @@ def build_tasks(
     out_dir = Path(out_dir) if out_dir is not None else demo_dir / "eval_tasks"
     if n_choices < 2:
         raise ValueError(f"n_choices must be >= 2, got {n_choices}")
+    for name, value in (("n_fewshot", n_fewshot), ("max_examples", max_examples), ("max_ppl_docs", max_ppl_docs)):
+        if value < (0 if name == "n_fewshot" else 1):
+            raise ValueError(f"{name} must be >= {0 if name == 'n_fewshot' else 1}, got {value}")
     raw = demo_dir / "raw"
     sources = {"main": raw / "main_heldout.jsonl", "code": raw / "code_heldout.jsonl", "math": raw / "math_heldout.jsonl"}
     if not any(p.is_file() for p in sources.values()):
@@ -169,7 +185,7 @@ def build_tasks(
     if docs["code"]:
         tasks["demo_code_completion"] = code_items(docs["code"], n_choices, random.Random(seed + 1))
     if docs["main"]:
-        tasks["demo_prose_cloze"] = prose_items(docs["main"], n_choices, random.Random(seed + 2))
+        tasks["demo_prose_cloze"] = prose_items(docs["main"], n_choices, random.Random(seed + 2), max_choice_chars=max_choice_chars)
     for name, key in (("demo_prose_ppl", "main"), ("demo_code_ppl", "code"), ("demo_math_ppl", "math")):
         texts = [{"text": d["text"]} for d in docs[key] if str(d.get("text", "")).strip()]
         if texts:

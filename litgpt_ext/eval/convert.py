@@ -99,7 +99,11 @@ def hf_config(config: Config, family: str, eos_id: int | None = None, bos_id: in
 
 def convert_state_dict(config: Config, lit_sd: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
     """Rename (and for GPT-NeoX, re-interleave QKV) with litgpt's converter functions."""
-    from litgpt.scripts.convert_lit_checkpoint import check_conversion_supported, copy_weights_gpt_neox, copy_weights_llama
+    from litgpt.scripts.convert_lit_checkpoint import (
+        check_conversion_supported,
+        copy_weights_gpt_neox,
+        copy_weights_llama,
+    )
 
     check_conversion_supported(lit_sd)
     out: dict[str, torch.Tensor] = {}
@@ -163,4 +167,76 @@ def convert_to_hf(checkpoint: Path, out_dir: Path, dtype: str = "float32", safe_
         if (checkpoint / name).is_file():
             shutil.copy2(checkpoint / name, out_dir / name)
     print(f"convert-to-hf: {checkpoint} -> {out_dir} ({family}, {sum(p.numel() for p in model.parameters()):,} params, {dtype})")
+    return out_dir
+
+
+@torch.inference_mode()
+def convert_moe_to_litgpt(checkpoint: Path, out_dir: Path, allow_routing_change: bool = False) -> Path:
+    """Rewrite an MoE checkpoint in litgpt's own `LLaMAMoE` layout (for `litgpt generate`, `chat`, ...).
+
+    Our MoE stacks the experts' weights (`experts.fc_1: [n_expert, I, C]`); litgpt keeps one
+    module per expert (`experts.{i}.fc_1.weight`). Dense checkpoints need no conversion.
+
+    Args:
+        checkpoint: MoE checkpoint folder (lit_model.pth, model_config.yaml, hyperparameters.yaml).
+        out_dir: output folder: a bare litgpt state dict in `lit_model.pth`, `model_config.yaml`
+            and the tokenizer files.
+        allow_routing_change: convert even when litgpt's LLaMAMoE would route differently from the
+            trained model (a non-default gate, a capacity factor, or a learned aux-free routing
+            bias that litgpt's softmax router has no place for). Refused by default.
+
+    Returns:
+        `out_dir`.
+    """
+    from litgpt import GPT
+    from litgpt.utils import save_config
+
+    from litgpt_ext.model import load_moe_args, to_litgpt_state_dict
+
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    if not is_checkpoint_dir(checkpoint):
+        raise FileNotFoundError(f"{str(checkpoint)!r} is not a checkpoint folder (lit_model.pth + model_config.yaml)")
+    if out_dir.resolve() == checkpoint.resolve():
+        raise ValueError(f"out_dir {str(out_dir)!r} is the checkpoint itself; choose a new folder")
+    config = Config.from_file(checkpoint / "model_config.yaml")
+    if config.n_expert == 0:
+        raise ValueError(f"{str(checkpoint)!r} is a dense model (n_expert=0): litgpt loads it as is, nothing to convert")
+    moe = load_moe_args(checkpoint)
+    sd = load_state_dict(checkpoint)
+    # what litgpt's LLaMAMoE computes: softmax top-k, renormalised, unless group-limited sigmoid routing
+    litgpt_gate = "sigmoid" if config.n_expert_groups else "softmax"
+    litgpt_norm = True if litgpt_gate == "softmax" else bool(config.norm_topk_prob)
+    problems = []
+    if moe is not None:
+        if moe.gate not in (None, litgpt_gate):
+            problems.append(f"gate={moe.gate!r} (litgpt uses {litgpt_gate!r} for this config)")
+        if moe.normalize_gates not in (None, litgpt_norm):
+            problems.append(f"normalize_gates={moe.normalize_gates} (litgpt: {litgpt_norm})")
+        if moe.capacity_factor is not None:
+            problems.append(f"capacity_factor={moe.capacity_factor} (litgpt is dropless)")
+    with torch.device("meta"):
+        target_keys = set(GPT(config).state_dict())
+    out = to_litgpt_state_dict(sd)
+    for key, value in sd.items():  # routing biases: keep them where litgpt's router has the buffer
+        if key.endswith("gate.e_score_correction_bias"):
+            if key in target_keys:
+                out[key] = value
+            elif bool(value.abs().sum() > 0):
+                problems.append(f"{key} is non-zero (aux-free balancing) and litgpt's softmax router has no bias")
+    if problems and not allow_routing_change:
+        raise ValueError(
+            f"litgpt's LLaMAMoE would route {str(checkpoint)!r} differently: {'; '.join(problems[:4])}"
+            f"{' ...' if len(problems) > 4 else ''}. Pass --allow_routing_change true to convert anyway."
+        )
+    missing, unexpected = sorted(target_keys - set(out)), sorted(set(out) - target_keys)
+    if missing or unexpected:
+        raise RuntimeError(f"converted weights do not match litgpt's GPT: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(out, out_dir / "lit_model.pth")  # bare state dict, as litgpt's own checkpoints
+    save_config(config, out_dir)
+    for name in (*TOKENIZER_FILES, "config.json"):
+        if (checkpoint / name).is_file():
+            shutil.copy2(checkpoint / name, out_dir / name)
+    print(f"convert-moe-to-litgpt: {checkpoint} -> {out_dir} ({config.n_expert} experts x {config.n_layer} layers)"
+          + (f"; routing differs: {'; '.join(problems)}" if problems else ""))
     return out_dir

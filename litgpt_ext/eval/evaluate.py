@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from litgpt_ext.eval.naming import checkpoint_step
+from litgpt_ext.train.checkpoint import checkpoint_step
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 DEMO_TASK_PREFIX = "demo_"
@@ -171,6 +171,29 @@ def evaluate_checkpoint(
     return results
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")
+
+
+def check_eval_args(tasks: str, num_fewshot: int | None, batch_size: int, limit: float | None, device: str,
+                    dtype: str, bootstrap_iters: int) -> None:
+    """Refuse bad arguments before lm-eval, torch and the model are loaded (each names the valid range)."""
+    if not [t for t in str(tasks).split(",") if t.strip()]:
+        raise ValueError(f"tasks={tasks!r} names no task; pass e.g. --tasks demo_math_mc,arc_easy")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise ValueError(f"num_fewshot={num_fewshot} must be >= 0 (or null: the task's default)")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    if limit is not None and not limit > 0:
+        raise ValueError(f"limit={limit} must be > 0: a count of examples, or a fraction < 1 (null: all)")
+    if not DEVICE_RE.match(str(device)):
+        raise ValueError(f"device={device!r} is not valid; choose from: auto, cpu, cuda, cuda:N, mps")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not valid; choose from: {', '.join(DTYPES)}")
+    if bootstrap_iters < 0:
+        raise ValueError(f"bootstrap_iters={bootstrap_iters} must be >= 0 (0 disables)")
+
+
 def evaluate(
     checkpoint: Path,
     tasks: str = "demo_math_mc,demo_code_completion,demo_prose_cloze",
@@ -214,7 +237,8 @@ def evaluate(
     Returns:
         The results files written (or found, when skipped).
     """
-    from litgpt_ext.eval.loading import resolve_checkpoints  # torch/litgpt: only when running
+    check_eval_args(tasks, num_fewshot, batch_size, limit, device, dtype, bootstrap_iters)
+    from litgpt_ext.train.checkpoint import resolve_checkpoints  # torch/litgpt: only when running
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     ckpts = resolve_checkpoints(Path(checkpoint), all_checkpoints=all_checkpoints)

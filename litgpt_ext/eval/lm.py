@@ -14,14 +14,12 @@ import logging
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import Collator, normalize_gen_kwargs
-from tqdm import tqdm
-
 from litgpt_ext.eval.loading import load_model, load_tokenizer, resolve_device
+from litgpt_ext.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +140,8 @@ class LitGPTExtLM(TemplateLM):
     ) -> list[tuple[float, bool]]:
         """Score each `(strings, context_tokens, continuation_tokens)`; (sum logprob, is_greedy)."""
 
+        self._refuse_truncated(requests)
+
         def sort_key(req):
             toks = req[1] + req[2]
             return -len(toks), tuple(toks)
@@ -153,7 +153,7 @@ class LitGPTExtLM(TemplateLM):
             group_fn=lambda req: req[-2] + req[-1][:-1],
         )
         results = []
-        pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="loglikelihood")
+        pbar = progress(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="loglikelihood", unit="req")
         for chunk in collator.get_batched(n=self.batch_size):
             rows, cont_lens = [], []
             for _, ctx, cont in chunk:
@@ -180,6 +180,23 @@ class LitGPTExtLM(TemplateLM):
                     pbar.update(1)
         pbar.close()
         return collator.get_original(results)
+
+    def _refuse_truncated(self, requests) -> None:
+        """Refuse continuations longer than the context window instead of scoring only their tail.
+
+        Keeping the last `max_length` tokens (what the left-truncation would do) scores a different
+        answer than the task asked about; HF's backend refuses these too. Fix the task (shorter
+        choices) or evaluate with a longer `max_length`.
+        """
+        bad = [(s, len(cont)) for s, _, cont in requests if len(cont) > self.max_length]
+        if bad:
+            (ctx, cont), n = bad[0][0] or ("?", "?"), bad[0][1]
+            raise ValueError(
+                f"{len(bad)} of {len(requests)} loglikelihood request(s) have a continuation longer than "
+                f"max_length={self.max_length} tokens, which would be scored truncated; first: "
+                f"{n} tokens, context {str(ctx)[:60]!r}..., continuation {str(cont)[:80]!r}...; "
+                "shorten the task's answer choices or raise max_length (up to the model's block_size)"
+            )
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Full-document log-likelihood in disjoint windows of `max_length` tokens (perplexity)."""
@@ -221,7 +238,7 @@ class LitGPTExtLM(TemplateLM):
         )
         results = []
         warned = False
-        pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="generate_until")
+        pbar = progress(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="generate_until", unit="req")
         for chunk in collator.get_batched(n=self.batch_size):
             contexts, all_kwargs = zip(*chunk)
             kw = normalize_gen_kwargs(dict(all_kwargs[0]), default_max_gen_toks=self.max_gen_toks)

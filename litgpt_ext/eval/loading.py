@@ -1,8 +1,7 @@
 """Load our checkpoints natively (dense and MoE) and find them inside run folders.
 
-A checkpoint folder is litgpt-compatible: `lit_model.pth` (a plain GPT state dict, or a dict whose
-"model" entry holds it, as Fabric saves it), `model_config.yaml` and tokenizer files. A run folder
-holds `step-XXXXXXXX/` folders and `final/`.
+Checkpoint names, completeness and the weight loader come from litgpt_ext.train.checkpoint (one
+vocabulary for training and evaluation); this module builds models and tokenizers from them.
 """
 
 from __future__ import annotations
@@ -12,56 +11,15 @@ from pathlib import Path
 import torch
 from litgpt import Config, Tokenizer
 
-from litgpt_ext.eval.naming import STEP_RE, checkpoint_step
-
 from litgpt_ext.model import build_model, load_moe_args
-
-# Prefixes that wrappers leave on parameter names (torch.compile, Fabric, DDP/FSDP).
-_WRAPPER_PREFIXES = ("_orig_mod.", "_forward_module.", "module.")
+# One checkpoint vocabulary for training and evaluation (names, completeness, weight loading).
+from litgpt_ext.train.checkpoint import MODEL_FILE, is_complete, resolve_checkpoints  # noqa: F401
+from litgpt_ext.train.checkpoint import load_model_state as load_state_dict  # noqa: F401
 
 
 def is_checkpoint_dir(path: Path) -> bool:
-    path = Path(path)
-    return (path / "lit_model.pth").is_file() and (path / "model_config.yaml").is_file()
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """All `step-*` and `final` checkpoints of a run, in training order."""
-    run_dir = Path(run_dir)
-    found = [
-        p for p in run_dir.iterdir()
-        if p.is_dir() and (p.name == "final" or STEP_RE.match(p.name)) and is_checkpoint_dir(p)
-    ]
-    return sorted(found, key=checkpoint_step)
-
-
-def resolve_checkpoints(path: Path, all_checkpoints: bool = False) -> list[Path]:
-    """A checkpoint folder -> [it]; a run folder -> its latest checkpoint (or all of them)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint or run directory {str(path)!r} does not exist")
-    if is_checkpoint_dir(path):
-        return [path]
-    ckpts = list_checkpoints(path)
-    if not ckpts:
-        raise FileNotFoundError(
-            f"{str(path)!r} is neither a checkpoint (lit_model.pth + model_config.yaml) "
-            "nor a run directory with step-*/ or final/ checkpoints"
-        )
-    return ckpts if all_checkpoints else ckpts[-1:]
-
-
-def load_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
-    """The model weights of `lit_model.pth`, with wrapper prefixes stripped."""
-    sd = torch.load(Path(checkpoint_dir) / "lit_model.pth", map_location="cpu", mmap=True, weights_only=False)
-    sd = sd.get("model", sd)
-    out = {}
-    for k, v in sd.items():
-        for prefix in _WRAPPER_PREFIXES:
-            while k.startswith(prefix):
-                k = k[len(prefix):]
-        out[k] = v
-    return out
+    """Weights a model can be built from: lit_model.pth + model_config.yaml (no training state needed)."""
+    return is_complete(path, need="weights")
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -80,6 +80,20 @@ class _ExpertGrad(torch.autograd.Function):
         return grad / ctx.divisor, None, None
 
 
+def comm_device(group: Any) -> torch.device:
+    """The device a process group's collectives take: CUDA (this rank's) for NCCL, CPU for gloo.
+
+    NCCL rejects CPU tensors, so small metadata such as the per-expert token counts must live on
+    the GPU there; gloo takes CPU tensors.
+    """
+    backend = str(dist.get_backend(group)).lower()
+    if "nccl" in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    if "xccl" in backend:
+        return torch.device("xpu", torch.xpu.current_device())
+    return torch.device("cpu")
+
+
 class ExpertParallelDispatcher:
     """Moves expert-sorted tokens to the ranks holding their experts and back (see module doc)."""
 
@@ -88,16 +102,18 @@ class ExpertParallelDispatcher:
         self.group, self.ep, self.n_expert = group, ep_size, n_expert
         self.local = n_expert // ep_size
         self.grad_divisor, self.replicate_group = grad_divisor, replicate_group
+        self.device = comm_device(group)
 
     def __call__(self, xs: torch.Tensor, counts: list[int], experts: nn.Module) -> torch.Tensor:
         ep, local = self.ep, self.local
-        send_counts = torch.tensor(counts, dtype=torch.int64)
+        send_counts = torch.tensor(counts, dtype=torch.int64, device=self.device)
         recv_counts = torch.empty_like(send_counts)
         t0 = time.perf_counter()
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)  # equal splits of `local`
         COMM_SECONDS[0] += time.perf_counter() - t0
         recv = recv_counts.view(ep, local)  # recv[j, e]: rows from rank j for my local expert e
-        in_splits = send_counts.view(ep, local).sum(1).tolist()
+        recv = recv.cpu()  # one device->host copy: the splits and the regrouping below need host ints
+        in_splits = [sum(counts[j * local : (j + 1) * local]) for j in range(ep)]
         out_splits = recv.sum(1).tolist()
         xr = _AllToAll.apply(xs, out_splits, in_splits, self.group)
         # received rows are ordered (source rank, local expert); regroup them by local expert
@@ -218,5 +234,5 @@ def expert_parallel_hook(model: nn.Module, dp_mesh: Any, expert_parallel_size: i
     return expert_parameters(model)
 
 
-__all__ = ["expert_parallel_hook", "clip_grad_norm_", "apply_expert_parallel", "expert_parameters", "reset_comm_time", "ExpertParallelDispatcher",
+__all__ = ["comm_device", "expert_parallel_hook", "clip_grad_norm_", "apply_expert_parallel", "expert_parameters", "reset_comm_time", "ExpertParallelDispatcher",
            "MoEFeedForward"]

@@ -36,7 +36,7 @@ CHARS_PER_TOKEN_GUESS = {"main": 4.5, "code": 3.5, "math": 2.5}
 SHARD_PREFIX = {"main": "", "code": "c", "math": "m"}
 
 
-class DemoError(RuntimeError):
+class DemoError(RuntimeError, ValueError):  # ValueError: the CLI shows it without a traceback
     pass
 
 
@@ -136,6 +136,19 @@ def build_demo(
     settings["version"] = DEMO_VERSION
     if main_shards < 1:
         raise DemoError(f"main_shards={main_shards} must be >= 1")
+    for name, v in (("main_tokens", main_tokens), ("chunk_tokens", chunk_tokens), ("num_workers", num_workers),
+                    ("tokenizer_sample_chars", tokenizer_sample_chars), ("max_doc_chars", max_doc_chars)):
+        if v < 1:
+            raise DemoError(f"{name}={v} must be >= 1")
+    for name, v in (("code_tokens", code_tokens), ("math_tokens", math_tokens)):
+        if v < 0:
+            raise DemoError(f"{name}={v} must be >= 0")
+    if not 0 < val_fraction < 1:
+        raise DemoError(f"val_fraction={val_fraction} must be in (0, 1): every shard gets a val split")
+    if not 0 <= min_fraction <= 1:
+        raise DemoError(f"min_fraction={min_fraction} must be in [0, 1]")
+    if vocab_size < 257:
+        raise DemoError(f"vocab_size={vocab_size} is too small: a byte-level BPE needs at least 257 (256 bytes + EOS)")
     for name, v in (("code_shards", code_shards), ("math_shards", math_shards), ("heldout_docs", heldout_docs)):
         if v < 0:
             raise DemoError(f"{name}={v} must be >= 0")

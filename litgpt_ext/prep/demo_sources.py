@@ -226,7 +226,7 @@ def collect_code(
     files = [p for p in walk_sorted(root, skip_dirs=skip_dirs) if p.endswith(".py")]
     docs: list[str] = []
     total = 0
-    for path, text in _read_shuffled(files, seed, max_file_bytes):
+    for _path, text in _read_shuffled(files, seed, max_file_bytes):
         for piece in split_long(text, max_doc_chars):
             if len(piece) >= min_doc_chars:
                 docs.append(piece)

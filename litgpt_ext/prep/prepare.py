@@ -36,12 +36,12 @@ import uuid
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal
 
 import numpy as np
 
 from litgpt_ext.data.shard_io import write_token_shard
-from litgpt_ext.prep.readers import DocStream, InputError, expand_inputs, file_signature
+from litgpt_ext.prep.readers import DocStream, expand_inputs, file_signature
 
 META_FILENAME = "prepare_meta.json"
 SHARD_NAME_RE = re.compile(r"^(?:[1-9][0-9]*|[a-z]+[1-9][0-9]*)$")
@@ -151,6 +151,9 @@ class PrepareStats:
     val_chunks: int = 0
     seconds: float = 0.0
     skipped: bool = False  # resume found the shard complete
+    invalid_utf8_documents: int = 0  # documents with bytes that are not UTF-8 (replaced or skipped)
+    invalid_utf8_bytes: int = 0
+    max_token_id: int = -1
 
     def summary(self) -> str:
         rate = self.tokens / self.seconds if self.seconds > 0 else 0.0
@@ -159,6 +162,8 @@ class PrepareStats:
             f"{self.tokens:,} tokens = {self.train_tokens:,} train ({self.train_chunks} chunks) + "
             f"{self.val_tokens:,} val ({self.val_documents:,} docs, {self.val_chunks} chunks) "
             f"in {self.seconds:.1f}s ({_fmt_int(rate)} tok/s)"
+            + (f"; {self.invalid_utf8_documents:,} documents had {self.invalid_utf8_bytes:,} invalid UTF-8 bytes"
+               if self.invalid_utf8_documents else "")
         )
 
 
@@ -246,6 +251,7 @@ def prepare(
     resume: bool = False,
     seed: int = 42,
     log_interval_s: float = 10.0,
+    invalid_utf8: Literal["error", "replace", "skip"] = "error",
 ) -> PrepareStats:
     """Tokenize raw text into a litdata token shard `<output_dir>/<shard>` and `<output_dir>/val/<shard>`.
 
@@ -270,6 +276,8 @@ def prepare(
         resume: Skip when the existing output is complete with the same fingerprint; rebuild an incomplete one.
         seed: Seed of the val split hash.
         log_interval_s: Seconds between progress lines.
+        invalid_utf8: Input bytes that are not UTF-8: error (refuse, naming file and byte), replace (U+FFFD)
+            or skip (drop the document); replaced/skipped ones are counted in the summary and prepare_meta.json.
     """
     t_start = time.perf_counter()
     shard = validate_shard_name(shard)
@@ -284,22 +292,29 @@ def prepare(
             raise PrepareError(f"{name}={value} must be >= 1")
     if overwrite and resume:
         raise PrepareError("give overwrite or resume, not both")
+    if skip_docs < 0 or (max_docs is not None and max_docs < 1):
+        raise PrepareError(f"skip_docs={skip_docs} must be >= 0 and max_docs={max_docs} >= 1 (or null: all)")
+    if log_interval_s < 0:
+        raise PrepareError(f"log_interval_s={log_interval_s} must be >= 0 (0: a line per batch)")
     inputs = list(inputs or [])
     if not inputs and not hf_dataset:
         raise PrepareError("no inputs: give files/globs in `inputs` or a Hugging Face dataset in `hf_dataset`")
     if inputs and hf_dataset:
         raise PrepareError(f"give either inputs ({inputs}) or hf_dataset ({hf_dataset!r}), not both")
-    tokenizer_dir = Path(tokenizer_dir)
-    if not tokenizer_dir.is_dir():
-        raise PrepareError(f"tokenizer_dir {str(tokenizer_dir)!r} is not a folder; train one with `litgpt-ext train-tokenizer`")
-    from litgpt_ext.prep.tokenizer import FastTokenizer
+    from litgpt_ext.prep.tokenizer import FastTokenizer, check_tokenizer_dir
+
+    try:
+        tokenizer_dir = check_tokenizer_dir(tokenizer_dir)
+    except ValueError as e:
+        raise PrepareError(str(e)) from None
 
     tokenizer = FastTokenizer(tokenizer_dir)
     if tokenizer.eos_id is None:
         raise PrepareError(f"tokenizer in {str(tokenizer_dir)!r} has no EOS token (eos_token in tokenizer_config.json)")
 
     files = expand_inputs(inputs) if inputs else []
-    stream = DocStream(files, text_field=text_field, hf_dataset=hf_dataset, hf_config=hf_config, hf_split=hf_split)
+    stream = DocStream(files, text_field=text_field, hf_dataset=hf_dataset, hf_config=hf_config, hf_split=hf_split,
+                       invalid_utf8=invalid_utf8)
     with_val = val_fraction > 0 or bool(val_count)
     settings = {
         "version": META_VERSION,
@@ -313,10 +328,13 @@ def prepare(
         "max_docs": max_docs,
         "skip_docs": skip_docs,
         "seed": seed,
+        **({"invalid_utf8": invalid_utf8} if invalid_utf8 != "error" else {}),  # old fingerprints stay valid
     }
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
     output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise PrepareError(f"output_dir {str(output_dir)!r} is a file; give a folder (it holds the shard folders)")
     train_dir = output_dir / shard
     val_dir = output_dir / "val" / shard
     outputs = [train_dir] + ([val_dir] if with_val else [])
@@ -376,6 +394,8 @@ def prepare(
                 yield is_val_doc(doc_index, seed, val_fraction, val_count), flat[offsets[j] : offsets[j + 1]]
             stats.documents += n_block
             stats.tokens += int(lengths.sum())
+            if flat.size:
+                stats.max_token_id = max(stats.max_token_id, int(flat.max()))
             progress.maybe_log(stats.documents, stats.tokens, done_bytes)
 
     try:
@@ -386,6 +406,11 @@ def prepare(
                 f"prepare {shard}: no training tokens (documents read: {stats.documents}, empty: {stats.skipped_empty}, "
                 f"val: {stats.val_documents}); check inputs {inputs or hf_dataset} and text_field {text_field!r}"
             )
+        stats.invalid_utf8_documents, stats.invalid_utf8_bytes = stream.utf8.documents, stream.utf8.bytes
+        if stats.invalid_utf8_documents:
+            print(f"prepare {shard}: warning: {stats.invalid_utf8_documents:,} documents held "
+                  f"{stats.invalid_utf8_bytes:,} bytes that are not UTF-8: "
+                  + ("replaced by U+FFFD" if invalid_utf8 == "replace" else "those documents were skipped"), flush=True)
         stats.train_chunks = _chunk_count(tmp_train)
         stats.val_chunks = _chunk_count(tmp_val) if with_val else 0
         meta = {
@@ -395,6 +420,7 @@ def prepare(
             "inputs": [str(f) for f in files] if files else None,
             "tokenizer_dir": str(tokenizer_dir),
             "eos_id": tokenizer.eos_id,
+            "max_token_id": stats.max_token_id,  # checked against the model's vocabulary before training
             "stats": asdict(stats),
         }
         # Rename val first, train last: a train shard with prepare_meta.json means the whole run finished.
@@ -428,7 +454,7 @@ def _write_split(
     if val_dir is None:
 
         def train_only() -> Iterator[np.ndarray]:
-            for is_val, toks in docs:
+            for _is_val, toks in docs:
                 stats.train_documents += 1
                 stats.train_tokens += len(toks)
                 yield toks

@@ -83,19 +83,54 @@ def expand_inputs(inputs: list[str] | tuple[str, ...] | str) -> list[str]:
     return out
 
 
+INVALID_UTF8_MODES = ("error", "replace", "skip")
+
+
+@dataclass
+class InvalidUtf8:
+    """What to do with input bytes that are not UTF-8, and how many were met (never silent)."""
+
+    mode: str = "error"
+    documents: int = 0
+    bytes: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in INVALID_UTF8_MODES:
+            raise InputError(f"invalid_utf8={self.mode!r}; choose from: {', '.join(INVALID_UTF8_MODES)}")
+
+    def decode(self, data: bytes, where: str) -> str | None:
+        """`data` as text; None means: skip this document."""
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if self.mode == "error":
+                raise InputError(
+                    f"{where}: invalid UTF-8 at byte {e.start} ({data[e.start:e.start + 4]!r}); pass invalid_utf8=replace "
+                    f"(U+FFFD, counted and reported) or invalid_utf8=skip (drop such documents, counted), or fix the encoding"
+                ) from None
+        escaped = data.decode("utf-8", errors="surrogateescape")
+        self.documents += 1
+        self.bytes += sum(1 for ch in escaped if "\udc80" <= ch <= "\udcff")
+        return None if self.mode == "skip" else data.decode("utf-8", errors="replace")
+
+
 def _open_bytes(path: str) -> io.BufferedIOBase:
     return gzip.open(path, "rb") if path.lower().endswith(".gz") else open(path, "rb")
 
 
-def _iter_jsonl(path: str, text_field: str) -> Iterator[tuple[str, int]]:
+def _iter_jsonl(path: str, text_field: str, utf8: InvalidUtf8) -> Iterator[tuple[str, int]]:
     gz = path.lower().endswith(".gz")
     with open(path, "rb") as raw:
         f = gzip.GzipFile(fileobj=raw) if gz else raw
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            decoded = utf8.decode(line, f"{path}:{lineno}")
+            if decoded is None:
+                yield "", (raw.tell() if gz else f.tell())
+                continue
             try:
-                row = json.loads(line)
+                row = json.loads(decoded)
             except json.JSONDecodeError as e:
                 raise InputError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
             if not isinstance(row, dict) or text_field not in row:
@@ -129,10 +164,10 @@ def _iter_parquet(path: str, text_field: str, batch_rows: int = 1024) -> Iterato
                 yield text or "", done
 
 
-def _iter_txt(path: str) -> Iterator[tuple[str, int]]:
+def _iter_txt(path: str, utf8: InvalidUtf8) -> Iterator[tuple[str, int]]:
     with _open_bytes(path) as f:
         data = f.read()
-    yield data.decode("utf-8", errors="replace"), os.path.getsize(path)
+    yield utf8.decode(data, path) or "", os.path.getsize(path)
 
 
 @dataclass
@@ -144,6 +179,10 @@ class DocStream:
     hf_dataset: str | None = None
     hf_config: str | None = None
     hf_split: str = "train"
+    invalid_utf8: str = "error"
+
+    def __post_init__(self) -> None:
+        self.utf8 = InvalidUtf8(self.invalid_utf8)
 
     @property
     def total_bytes(self) -> int | None:
@@ -158,11 +197,11 @@ class DocStream:
         for path in self.files:
             kind = _kind(path)
             if kind == "jsonl":
-                it = _iter_jsonl(path, self.text_field)
+                it = _iter_jsonl(path, self.text_field, self.utf8)
             elif kind == "parquet":
                 it = _iter_parquet(path, self.text_field)
             else:
-                it = _iter_txt(path)
+                it = _iter_txt(path, self.utf8)
             for text, pos in it:
                 yield text, base + pos
             base += os.path.getsize(path)

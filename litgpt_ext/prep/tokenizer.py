@@ -12,7 +12,7 @@ import itertools
 import json
 import time
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Literal
 
 from litgpt_ext.prep.readers import DocStream, expand_inputs
 
@@ -107,6 +107,7 @@ def train_tokenizer(
     min_frequency: int = 2,
     split_digits: bool = True,
     model_max_length: int = 4096,
+    invalid_utf8: Literal["error", "replace", "skip"] = "error",
 ) -> Path:
     """Train a byte-level BPE tokenizer on local text files, offline, into a folder litgpt loads.
 
@@ -121,12 +122,19 @@ def train_tokenizer(
         min_frequency: Minimum pair frequency for a merge.
         split_digits: Split numbers into single digits before BPE (helps arithmetic).
         model_max_length: Written to tokenizer_config.json for Hugging Face users.
+        invalid_utf8: Input bytes that are not UTF-8: error, replace (U+FFFD) or skip (the document); counted.
     """
+    for name, value in (("max_docs", max_docs), ("max_chars", max_chars), ("min_frequency", min_frequency),
+                        ("model_max_length", model_max_length)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name}={value} must be >= 1" + (" (or null: no limit)" if name.startswith("max_") else ""))
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ValueError(f"out_dir {str(out_dir)!r} is a file; give a folder for tokenizer.json and its configs")
     if not inputs:
         raise ValueError("no inputs: give text files, directories or globs, e.g. --inputs+ 'corpus/*.jsonl'")
     files = expand_inputs(inputs)
     t0 = time.perf_counter()
-    stream = DocStream(files, text_field=text_field)
+    stream = DocStream(files, text_field=text_field, invalid_utf8=invalid_utf8)
     out = train_tokenizer_from_texts(
         _limited(iter(stream), max_docs, max_chars),
         Path(out_dir),
@@ -137,8 +145,30 @@ def train_tokenizer(
         model_max_length=model_max_length,
         meta={"inputs": [str(f) for f in files], "text_field": text_field, "max_docs": max_docs, "max_chars": max_chars},
     )
+    if stream.utf8.documents:
+        print(f"warning: {stream.utf8.documents:,} documents held {stream.utf8.bytes:,} bytes that are not UTF-8 "
+              f"({'replaced by U+FFFD' if invalid_utf8 == 'replace' else 'skipped'})")
     print(f"trained tokenizer (vocab {vocab_size}) on {len(files)} file(s) in {time.perf_counter() - t0:.1f}s -> {out}")
     return out
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+def check_tokenizer_dir(tokenizer_dir: str | Path, what: str = "tokenizer_dir") -> Path:
+    """A folder `litgpt.Tokenizer` can load, else a ValueError naming it and the files it needs.
+
+    litgpt answers a folder without tokenizer.json/tokenizer.model with a bare NotImplementedError.
+    """
+    path = Path(tokenizer_dir)
+    if not path.is_dir():
+        raise ValueError(f"{what} {str(path)!r} is not a folder; train one with `litgpt-ext train-tokenizer` "
+                         f"or point it at a Hugging Face checkpoint folder")
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        present = sorted(p.name for p in path.iterdir())[:10]
+        raise ValueError(f"{what} {str(path)!r} holds no tokenizer: it needs {' or '.join(TOKENIZER_FILES)} "
+                         f"(found: {present or 'nothing'}); train one with `litgpt-ext train-tokenizer`")
+    return path
 
 
 class FastTokenizer:
@@ -151,7 +181,7 @@ class FastTokenizer:
     """
 
     def __init__(self, tokenizer_dir: str | Path) -> None:
-        tokenizer_dir = Path(tokenizer_dir)
+        tokenizer_dir = check_tokenizer_dir(tokenizer_dir)
         self.bos_id: int | None = None
         self.eos_id: int | None = None
         self._litgpt = None

@@ -15,9 +15,9 @@ from litgpt_ext.train.schedules import SCHEDULES
 class TrainArgs(_LitTrainArgs):
     """Training arguments (litgpt's, with the paper's budget and schedule keys).
 
-    Budgets count optimizer steps of `global_batch_size` sequences. The run stops at the earliest of
-    `max_iters`, `max_tokens // (global_batch_size * max_seq_length)` and, on a resumed run,
-    `resumed_step + max_additional_steps`. That stop is the LR schedule's horizon.
+    Budgets count optimizer steps of `global_batch_size` sequences. A phase stops at the earliest of
+    `max_iters`, `max_tokens // (global_batch_size * max_seq_length)` and `phase start +
+    max_additional_steps`, fixed when the phase begins (see `litgpt_ext.train.plan`).
     """
 
     lr_warmup_steps: Optional[int] = None
@@ -27,7 +27,7 @@ class TrainArgs(_LitTrainArgs):
     max_iters: Optional[int] = None
     """Total optimizer steps of the run (the paper's key; litgpt's `max_steps` is an alias)"""
     max_additional_steps: Optional[int] = None
-    """Optimizer steps beyond the step the run resumed from (midtraining budget)"""
+    """Optimizer steps beyond the step this phase began at (midtraining budget; requeues keep it)"""
     lr_scheduler: Literal["cosine", "wsd", "decay", "constant", "rewarmup_cosine"] = "cosine"
     """LR schedule; see `litgpt_ext.train.schedules`"""
     stable_steps: Optional[int] = None
@@ -36,17 +36,36 @@ class TrainArgs(_LitTrainArgs):
     """Gradient clipping norm (None: no clipping, the norm is still logged)"""
     keep_last_k: Optional[int] = None
     """Keep only the newest k `step-*` checkpoints of this run (None: keep all)"""
+    lr_horizon: Optional[int] = None
+    """Optimizer step at which the LR schedule ends (reaches min_lr), when it is not the budget's
+    total: e.g. the real length of a run whose config says `max_iters: 10000000` ("no limit")"""
+    new_phase: bool = False
+    """Resume with a changed budget/schedule: start a new phase (plan) from the resumed step. Without
+    it a resumed run keeps the plan fixed when its phase began; safe to leave on across requeues"""
 
     def __post_init__(self) -> None:
+        _refuse_unused(self, "train", {"epochs": None, "max_time": None, "tie_embeddings": None},
+                       "set the budget with max_iters, max_tokens or max_additional_steps; tie weights in model_config")
+        if self.lr_warmup_fraction is not None and not 0 <= self.lr_warmup_fraction <= 1:
+            raise ValueError(f"train.lr_warmup_fraction must be in [0, 1], got {self.lr_warmup_fraction}")
         super().__post_init__()
         if self.lr_scheduler not in SCHEDULES:
             raise ValueError(f"unknown train.lr_scheduler {self.lr_scheduler!r}; choose from {', '.join(SCHEDULES)}")
         if self.max_iters is None and self.max_steps is not None:
             self.max_iters = self.max_steps
-        for name in ("max_iters", "max_additional_steps", "max_tokens", "keep_last_k", "save_interval"):
+        for name in ("max_iters", "max_additional_steps", "max_tokens", "keep_last_k", "save_interval",
+                     "log_interval", "max_seq_length"):
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ValueError(f"train.{name} must be positive, got {v}")
+        for name in ("lr_warmup_steps", "stable_steps"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {v}")
+        if self.min_lr is None or self.min_lr < 0:
+            raise ValueError(f"train.min_lr must be >= 0, got {self.min_lr}")
+        if self.max_norm is not None and self.max_norm <= 0:
+            raise ValueError(f"train.max_norm must be positive (or null: no clipping), got {self.max_norm}")
         if self.micro_batch_size <= 0 or self.global_batch_size <= 0:
             raise ValueError(
                 f"train.micro_batch_size and train.global_batch_size must be positive, got"
@@ -79,5 +98,21 @@ class EvalArgs(_LitEvalArgs):
     above its value at the start of this run, e.g. {general: 0.5}"""
 
     def __post_init__(self) -> None:
+        _refuse_unused(self, "eval", {"max_new_tokens": None, "evaluate_example": "first"},
+                       "pretraining validation computes losses only; it generates nothing")
         if self.interval <= 0:
             raise ValueError(f"eval.interval must be positive, got {self.interval}")
+        if self.max_iters <= 0:
+            raise ValueError(f"eval.max_iters must be positive, got {self.max_iters}")
+        for name, limit in (self.early_stop or {}).items():
+            if not isinstance(limit, (int, float)) or limit < 0:
+                raise ValueError(f"eval.early_stop[{name!r}] must be a loss increase >= 0, got {limit!r}")
+
+
+def _refuse_unused(args, group: str, unused: dict, hint: str) -> None:
+    """Refuse litgpt's inherited knobs this loop does not implement, as litgpt's `validate_args` does:
+    a value that would be silently ignored is an error naming the knob."""
+    bad = [f"{group}.{k}={getattr(args, k)!r}" for k, default in unused.items() if getattr(args, k) != default]
+    if bad:
+        raise ValueError(f"{', '.join(bad)}: not supported by litgpt-ext pretrain (it would be ignored); remove it"
+                         f" ({hint}). Unsupported in {group}: {', '.join(unused)}")

@@ -1,27 +1,24 @@
 """One Fabric loop for pretraining and midtraining (midtraining == resume with a new blend).
 
 `litgpt-ext pretrain --config run.yaml [--train.max_additional_steps 100 ...]`. Mirrors
-`litgpt/pretrain.py` (same `setup`-style signature and argument dataclasses), adding the paper's
-budget/schedule keys, named validation sets, exact resume (model, optimizer, data cursors, RNG),
-FSDP2 on a DeviceMesh, atomic checkpoints and preemption handling.
+`litgpt/pretrain.py`: `pretrain` (the CLI entry: parse, Fabric) -> `main` (model, optimizer, data,
+resume state, run plan) -> `fit` (the step loop). Each concern lives in its own module:
+`state` (TrainingState, checkpoint writer), `plan` (stop step and LR schedule of a phase),
+`objective` (the loss/batch seam), `validation` (named sets, baseline, CSV, early stop),
+`metrics` (step logging). `fit` takes a `loss_fn`, so another objective (SFT) reuses the loop.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import inspect
-import math
-import random
-import signal
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import lightning as L
-import numpy as np
 import torch
 from litgpt.args import LogArgs
 from litgpt.config import Config
@@ -29,12 +26,18 @@ from litgpt.data import DataModule
 
 from litgpt_ext.model import MoEArgs
 from litgpt_ext.train import checkpoint as ckpt
+from litgpt_ext.train import preempt
+from litgpt_ext.train.preempt import PREEMPT_EXIT_CODE
+from litgpt_ext.train.preempt import PreemptFlag as _PreemptFlag
 from litgpt_ext.train.args import EvalArgs, TrainArgs
-from litgpt_ext.train.schedules import Schedule, warmup_steps_for
+from litgpt_ext.train.metrics import StepLogger
+from litgpt_ext.train.objective import LossFn, next_token_loss
+from litgpt_ext.train.plan import RunPlan, choose_plan, phases_of, record_phase, stop_warning
+from litgpt_ext.train.state import CheckpointWriter, TrainingState
+from litgpt_ext.train.validate import check_pretrain_inputs, check_shards_fit_model
+from litgpt_ext.train.validation import VAL_CSV, Validator, val_loaders_of
 
-PREEMPT_EXIT_CODE = 99
-"""Exit status after SIGUSR1/SIGTERM: a checkpoint was saved, requeue the job with `resume: auto`."""
-VAL_CSV = "val_metrics.csv"
+__all__ = ["pretrain", "main", "fit", "PREEMPT_EXIT_CODE", "VAL_CSV"]
 
 
 def pretrain(
@@ -90,15 +93,22 @@ def pretrain(
         seed: Seed for model init (the data order is seeded by data.seed).
         preempt_exit_code: Exit status after a SIGUSR1/SIGTERM checkpoint (requeue me).
     """
+    hparams = _hparams(locals())  # first: the arguments exactly as given, before any local name exists
+    from litgpt.utils import choose_logger
+
     from litgpt_ext.parallel import build_strategy, resolve_devices
 
-    hparams = _hparams(locals())
+    # CLI overrides folded into optimizer.init_args (jsonargparse leaves `--optimizer.init_args.lr` beside
+    # them), lr > 0, the tokenizer loads; the saved config records the optimizer actually used
+    optimizer = check_pretrain_inputs(optimizer, tokenizer_dir, num_nodes, None if model_config else model_name)
+    hparams["optimizer"] = _hparams({"optimizer": optimizer})["optimizer"]
     if model_config is None:
         if model_name is None:
             raise ValueError("give model_name (a litgpt model name such as pythia-14m) or an inline model_config")
         model_config = Config.from_name(model_name)  # raises naming the valid choices
     if data is None:
         raise ValueError("no data module: set data.class_path (litgpt_ext.data.ShardedMixedDataset) and data.init_args")
+    _check_data_module(data)
     if initial_checkpoint_dir is not None and resume not in (False, None):
         raise ValueError("initial_checkpoint_dir (weights only) and resume (full state) are exclusive; choose one")
     devices, num_nodes = resolve_devices(devices, num_nodes)
@@ -106,8 +116,6 @@ def pretrain(
         bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         precision = "bf16-mixed" if bf16 else "32-true"
     out_dir = Path(out_dir)
-
-    from litgpt.utils import choose_logger
 
     resuming = resume not in (False, None) or fork_from is not None
     logger = choose_logger(
@@ -117,11 +125,308 @@ def pretrain(
     strategy = build_strategy(devices, num_nodes, expert_parallel_size)
     fabric = L.Fabric(devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision, loggers=[logger])
     fabric.launch()
-    return _run(fabric, model_config, out_dir, initial_checkpoint_dir, resume, fork_from, data, train, eval,
-                optimizer, tokenizer_dir, seed, preempt_exit_code, hparams, moe)
+    try:
+        result = main(fabric, model_config=model_config, moe=moe, out_dir=out_dir, data=data, train=train, eval=eval,
+                      optimizer=optimizer, initial_checkpoint_dir=initial_checkpoint_dir, resume=resume,
+                      fork_from=fork_from, tokenizer_dir=tokenizer_dir, seed=seed, hparams=hparams)
+    finally:
+        for lg in fabric.loggers:
+            lg.finalize("success")
+    if result["stopped"] == "preempted":
+        preempt.exit_preempted(fabric, result["step"], result["signal"], preempt_exit_code)
+    return result
 
 
-# ----------------------------------------------------------------------------------------------- setup
+# ----------------------------------------------------------------------------------------------- main
+
+
+def main(
+    fabric: L.Fabric,
+    *,
+    model_config: Config,
+    out_dir: Path,
+    data: DataModule,
+    train: TrainArgs,
+    eval: EvalArgs,
+    optimizer: Union[str, dict],
+    hparams: dict,
+    moe: Optional[MoEArgs] = None,
+    initial_checkpoint_dir: Optional[Path] = None,
+    resume: Union[bool, Literal["auto"], Path] = False,
+    fork_from: Optional[Path] = None,
+    tokenizer_dir: Optional[Path] = None,
+    seed: int = 42,
+    loss_fn: LossFn = next_token_loss,
+) -> dict:
+    """Build the model, optimizer and data, restore a checkpoint, fix the phase's plan, then `fit`."""
+    with _writer_lock(fabric, out_dir):  # one writer per out_dir: a double submit is refused clearly
+        resume_dir = _resolve_resume(fabric, out_dir, resume, fork_from)
+        saved = TrainingState.load(resume_dir) if resume_dir else None
+
+        seq_len = train.max_seq_length or model_config.block_size
+        if seq_len > model_config.block_size:
+            raise ValueError(f"train.max_seq_length={seq_len} exceeds the model's block_size={model_config.block_size}")
+        accum = train.accumulation_steps(fabric.world_size)
+        tokens_per_step = train.global_batch_size * seq_len
+
+        model = _build_model(fabric, model_config, moe, seq_len, weights_from=resume_dir or initial_checkpoint_dir,
+                             seed=seed)
+        opt = _build_optimizer(fabric, model, optimizer)
+        peak_lr = float(opt.param_groups[0]["lr"])
+        state = TrainingState()
+        if saved is not None:
+            saved.restore(fabric, model, opt)
+            state = dataclasses.replace(saved, optimizer=None, rng=None, data=None)
+            fabric.print(f"Resumed from {resume_dir} at step {state.step} ({state.tokens:,} tokens)")
+
+        plan, what = _phase_plan(fabric, out_dir, train, peak_lr, tokens_per_step, state, saved)
+        if saved is not None and what == "kept" and state.step >= plan.stop_step:
+            fabric.print(f"Already finished: {resume_dir} is at step {state.step}, where this phase's plan stops"
+                         f" ({plan.describe()}); nothing to do (train.new_phase: true with a new budget continues it)")
+            return {"stopped": "finished", "step": state.step, "tokens": state.tokens, "losses": {}, "val": [],
+                    "val_start": state.val_start, "schedule": asdict(plan.schedule), "plan": plan.to_dict(),
+                    "signal": None}
+        loader = _setup_data(fabric, data, train, seq_len, tokenizer_dir, saved, plan)
+        check_shards_fit_model(data, model_config, tokenizer_dir)  # token ids < vocab, same tokenizer: before step 1
+        state.mix = getattr(data, "resolved_mix", None)
+        if saved is not None:  # restored: do not hold a second copy of the optimizer state during training
+            saved.optimizer = saved.rng = saved.data = None
+
+        if plan.phase_id != state.phase_id:
+            state.val_start = None  # a new phase measures its own baseline
+        state.set_plan(plan)
+        if state.lr is None or saved is None:
+            state.lr = plan.schedule(state.step)
+        fabric.print(f"Schedule {plan.schedule}; this run: steps {state.step} -> {plan.stop_step}, {accum} micro-batches"
+                     f" of {train.micro_batch_size} x {fabric.world_size} ranks per step, {tokens_per_step:,} tokens/step")
+
+        validator = Validator(fabric, val_loaders_of(data), eval, out_dir, baseline=state.val_start, loss_fn=loss_fn)
+        writer = CheckpointWriter(out_dir, model_config, hparams, tokenizer_dir, train.keep_last_k)
+        if what != "kept" and fabric.global_rank == 0:
+            record_phase(out_dir, plan, str(resume_dir) if resume_dir else None)
+        with _preemption() as flag:
+            return fit(fabric, model, opt, loader, state, plan, train, validator=validator, writer=writer,
+                       loss_fn=loss_fn, preempt=flag)
+
+
+def _resolve_resume(fabric: L.Fabric, out_dir: Path, resume: Any, fork_from: Optional[Path]) -> Optional[Path]:
+    """The checkpoint to resume (forking `fork_from` into an empty out_dir first)."""
+    if fabric.global_rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.prune_checkpoints(out_dir, None)  # leftover *.tmp of a killed save
+        ckpt.set_aside_newer(resume, out_dir, log=fabric.print)  # resuming an older step abandons newer ones
+        if fork_from is not None and not ckpt.list_checkpoints(out_dir, final=True):
+            ckpt.fork(fork_from, out_dir)
+    fabric.barrier()
+    if fork_from is not None and resume in (False, None):
+        resume = "auto"
+    return ckpt.resolve_resume(resume, out_dir, log=fabric.print)
+
+
+def _build_model(fabric: L.Fabric, config: Config, moe: Optional[MoEArgs], seq_len: int,
+                 weights_from: Optional[Path], seed: int):
+    from litgpt.pretrain import initialize_weights
+    from litgpt.utils import num_parameters
+
+    from litgpt_ext.model import build_model, initialize_moe_weights
+
+    fabric.seed_everything(seed)  # same init on every rank before sharding
+    t0 = time.perf_counter()
+    model = build_model(config, moe)  # litgpt's GPT; MoE blocks become litgpt_ext.model.MoEFeedForward
+    initialize_weights(fabric, model, n_layer=config.n_layer, n_embd=config.n_embd)
+    initialize_moe_weights(model, n_layer=config.n_layer, n_embd=config.n_embd)  # litgpt's init only sees nn.Linear
+    model.max_seq_length = seq_len
+    if weights_from is not None:
+        model.load_state_dict(ckpt.load_model_state(weights_from), strict=True)
+        model.max_seq_length = seq_len
+    fabric.print(f"Model {config.name}: {num_parameters(model):,} parameters, built in {time.perf_counter() - t0:.2f}s"
+                 + (f", weights from {weights_from}" if weights_from else ""))
+    return fabric.setup(model)
+
+
+def _build_optimizer(fabric: L.Fabric, model, optimizer: Union[str, dict]):
+    from litgpt.utils import instantiate_torch_optimizer
+
+    return fabric.setup_optimizers(instantiate_torch_optimizer(optimizer, model.parameters()))
+
+
+def _check_data_module(data: Any) -> None:
+    """The loop shards data by rank and resumes its cursors: it needs the ShardedMixedDataset interface."""
+    setup = getattr(data, "setup", None)
+    params = inspect.signature(setup).parameters if callable(setup) else {}
+    if not {"rank", "world_size"} <= set(params) or not callable(getattr(data, "train_dataloader", None)):
+        raise ValueError(
+            f"data module {type(data).__name__} is not supported: the loop needs one whose setup(rank=, world_size=)"
+            " shards by rank and whose train loader has state_dict()/load_state_dict() for exact resume, such as"
+            " litgpt_ext.data.ShardedMixedDataset (prepare other data with `litgpt-ext prepare`)"
+        )
+
+
+def _setup_data(fabric: L.Fabric, data: Any, train: TrainArgs, seq_len: int, tokenizer_dir: Optional[Path],
+                saved: Optional[TrainingState], plan: RunPlan):
+    from litgpt import Tokenizer
+
+    tokenizer = Tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
+    data.connect(tokenizer=tokenizer, batch_size=train.micro_batch_size, max_seq_length=seq_len)
+    with fabric.rank_zero_first():
+        data.prepare_data()
+    data.setup(rank=fabric.global_rank, world_size=fabric.world_size)
+    if callable(getattr(data, "set_phase", None)):  # mix schedules and repetition caps need the phase's budget
+        data.set_phase(plan.start_step, plan.stop_step, train.global_batch_size)
+    loader = data.train_dataloader()
+    for method in ("state_dict", "load_state_dict"):
+        if not callable(getattr(loader, method, None)):
+            raise ValueError(f"{type(data).__name__}.train_dataloader() returned {type(loader).__name__} without"
+                             f" {method}(): the loop cannot checkpoint its position (use ShardedMixedDataset)")
+    if saved is not None and saved.data is not None:
+        new_mix = getattr(data, "resolved_mix", None)
+        if saved.mix is not None and new_mix is not None and saved.mix != new_mix:
+            fabric.print(f"New blend for this run:\n  checkpoint mix: {saved.mix}\n  new mix:        {new_mix}")
+        loader.load_state_dict(saved.data)
+    return loader
+
+
+def _phase_plan(fabric: L.Fabric, out_dir: Path, train: TrainArgs, peak_lr: float, tokens_per_step: int,
+                state: TrainingState, saved: Optional[TrainingState]) -> tuple[RunPlan, str]:
+    """Keep the resumed phase's plan when the phase belongs to this run dir, else begin a new phase.
+
+    Rank 0 decides (it reads out_dir/phases.jsonl and draws the new phase id) and broadcasts. A new
+    phase is recorded by `main` once the whole setup has succeeded (a refused config leaves no trace).
+    """
+    decision = None
+    if fabric.global_rank == 0:
+        own = {p["phase_id"] for p in phases_of(out_dir)}
+        old = saved.plan if saved is not None else None
+        try:
+            plan, what = choose_plan(train, peak_lr, state.step, tokens_per_step,
+                                     old if (old is not None and old.phase_id in own) else None, state.lr)
+            decision = (plan.to_dict(), what, None)
+        except ValueError as e:
+            decision = (None, None, str(e))
+    plan_d, what, error = fabric.broadcast(decision, src=0)
+    if error is not None:
+        raise ValueError(error)
+    plan = RunPlan.from_dict(plan_d)
+    old = saved.plan if saved is not None else None
+    if what == "kept":
+        fabric.print(f"Continuing {plan.describe()}")
+    else:
+        fabric.print("=" * 100 + f"\nNew {plan.describe()}"
+                     + (f"\n  previous: {old.describe()}" if old is not None else "")
+                     + ("\n  (train.new_phase: the budget/schedule changed)" if what == "replaced" else "")
+                     + "\n" + "=" * 100)
+    warning = stop_warning(plan)
+    if warning:
+        fabric.print("!" * 100 + "\n" + warning + "\n" + "!" * 100)
+    return plan, what
+
+
+@contextmanager
+def _writer_lock(fabric: L.Fabric, out_dir: Path):
+    """Rank 0 holds out_dir/.run.lock (host, pid, SLURM job) for the whole run; every rank raises if
+    another live writer holds it."""
+    lock = ckpt.hold_run_lock(fabric, out_dir)
+    try:
+        yield lock
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+@contextmanager
+def _preemption():
+    """The one place the loop takes the preemption flag (installed by the CLI at start-up, so a signal
+    that came while torch loaded is kept) and puts the previous handlers back."""
+    flag = preempt.shared_flag()
+    try:
+        yield flag
+    finally:
+        flag.restore()
+
+
+def _preempt_requested(fabric: L.Fabric, flag: "_PreemptFlag") -> bool:
+    if fabric.world_size == 1:
+        return flag.signum is not None
+    t = torch.tensor(1.0 if flag.signum is not None else 0.0, device=fabric.device)
+    return bool(fabric.all_reduce(t, reduce_op="max") > 0)
+
+
+# ----------------------------------------------------------------------------------------------- fit
+
+
+def fit(
+    fabric: L.Fabric,
+    model: Any,
+    optimizer: Any,
+    loader: Any,
+    state: TrainingState,
+    plan: RunPlan,
+    train: TrainArgs,
+    *,
+    validator: Validator,
+    writer: CheckpointWriter,
+    loss_fn: LossFn = next_token_loss,
+    preempt: Optional["_PreemptFlag"] = None,
+) -> dict:
+    """Train from `state.step` to `plan.stop_step`: one optimizer step per `accum` micro-batches of
+    `loss_fn`, validation every `eval.interval`, checkpoints every `save_interval`, early stop and
+    preemption at step boundaries. Returns what happened (stopped, step, tokens, losses, val)."""
+    from litgpt_ext.model import moe_aux_loss, update_router_biases
+
+    accum = train.accumulation_steps(fabric.world_size)
+    tokens_per_step = train.global_batch_size * (train.max_seq_length or model.max_seq_length)
+    step_logger = StepLogger(fabric, tokens_per_step, state.step, plan.stop_step)
+    losses: dict[int, float] = {}
+    stopped = "budget"
+    if validator and validator.eval.initial_validation and validator.baseline is None:
+        if validator.run(model, state.step, state.tokens):
+            stopped = "early_stop"
+        state.val_start = validator.baseline
+    it = iter(loader)
+    while state.step < plan.stop_step and stopped == "budget":
+        loss_sum = torch.zeros((), device=fabric.device)
+        for micro in range(accum):
+            batch = fabric.to_device(next(it))
+            with fabric.no_backward_sync(model, enabled=micro < accum - 1):
+                loss, _ = loss_fn(model, batch)
+                aux = moe_aux_loss(model)  # 0 for dense models
+                fabric.backward((loss + aux) / accum)
+            loss_sum += loss.detach()
+            state.iter_num += 1
+        state.lr = plan.schedule(state.step + 1)
+        for g in optimizer.param_groups:
+            g["lr"] = state.lr
+        grad_norm = fabric.clip_gradients(model, optimizer, max_norm=train.max_norm or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        update_router_biases(model)  # aux-loss-free balancing (no-op unless moe.bias_update_rate > 0)
+        state.step += 1
+        state.tokens += tokens_per_step
+
+        last = state.step >= plan.stop_step
+        if state.step % train.log_interval == 0 or last:
+            loss_val = float(fabric.all_reduce(loss_sum / accum, reduce_op="mean"))
+            gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            losses[state.step] = loss_val
+            step_logger.log(model, loader, step=state.step, tokens=state.tokens, loss=loss_val, lr=state.lr,
+                            grad_norm=float(gn))
+        if validator.due(state.step, last) and validator.run(model, state.step, state.tokens) is not None:
+            stopped = "early_stop"
+        state.val_start = validator.baseline
+        if preempt is not None and _preempt_requested(fabric, preempt):
+            stopped = "preempted"
+        saving = train.save_interval is not None and state.step % train.save_interval == 0
+        if saving or stopped != "budget":
+            writer.save(fabric, ckpt.step_dir_name(state.step), model, optimizer, loader, state)
+    if stopped != "preempted":
+        writer.save(fabric, "final", model, optimizer, loader, state)
+    fabric.print(f"Done: {stopped} at step {state.step}, {state.tokens:,} tokens")
+    return {"stopped": stopped, "step": state.step, "tokens": state.tokens, "losses": losses,
+            "val": validator.history, "val_start": validator.baseline, "schedule": asdict(plan.schedule),
+            "plan": plan.to_dict(), "signal": preempt.signum if preempt is not None else None}
+
+
+# ----------------------------------------------------------------------------------------------- config
 
 
 def _hparams(args: dict) -> dict:
@@ -146,392 +451,3 @@ def _init_args(obj: Any) -> dict:
     params = inspect.signature(type(obj).__init__).parameters
     return {n: saved[n] if n in saved else getattr(obj, n) for n in params
             if n != "self" and (n in saved or hasattr(obj, n))}
-
-
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def _set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    if s.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def _is_distributed(fabric: L.Fabric) -> bool:
-    return fabric.world_size > 1
-
-
-def _state_dict_options(fabric: L.Fabric, for_save: bool):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    dist = _is_distributed(fabric)
-    if for_save:
-        return StateDictOptions(full_state_dict=dist, cpu_offload=dist)
-    return StateDictOptions(full_state_dict=dist, broadcast_from_rank0=False)
-
-
-def _plan(train: TrainArgs, peak_lr: float, step: int, tokens_per_step: int, prev: Optional[dict],
-          same_run: bool, resumed_lr: Optional[float]) -> tuple[Schedule, int]:
-    """This invocation's LR schedule and the step it stops at.
-
-    The run's total is `min(max_iters, max_tokens // tokens_per_step)`. Whole-run schedules
-    (cosine, wsd, constant) span 0 -> total, and `max_additional_steps` only stops this invocation
-    early. Phase schedules (decay, rewarmup_cosine) start at an anchor, the step this phase began
-    from, and end at `anchor + max_additional_steps` (or the total). A requeued run of the same
-    phase (same out_dir, same schedule name) keeps its saved anchor; anything else anchors here.
-    """
-    name = train.lr_scheduler
-    anchored = name in ("decay", "rewarmup_cosine")
-    if prev is not None and same_run and prev.get("name") == name:
-        anchor, anchor_lr = prev["start_step"], prev.get("start_lr")
-    else:
-        anchor, anchor_lr = step, resumed_lr
-    totals = []
-    if train.max_iters is not None:
-        totals.append(train.max_iters)
-    if train.max_tokens is not None:
-        totals.append(train.max_tokens // tokens_per_step)
-    ends = list(totals)
-    if train.max_additional_steps is not None:
-        ends.append((anchor if anchored else step) + train.max_additional_steps)
-    if not ends:
-        raise ValueError("no training budget: set train.max_iters, train.max_tokens or train.max_additional_steps")
-    stop = min(ends)
-    end = stop if (anchored or not totals) else min(totals)
-    begin = anchor if anchored else 0
-    warmup = warmup_steps_for(name, end - begin, train.lr_warmup_steps, train.lr_warmup_fraction)
-    schedule = Schedule(name=name, peak_lr=peak_lr, min_lr=train.min_lr, end_step=end, warmup_steps=warmup,
-                        stable_steps=train.stable_steps, start_step=begin,
-                        start_lr=anchor_lr if name == "decay" else None)
-    return schedule, stop
-
-
-class _PreemptFlag:
-    """SIGUSR1/SIGTERM set a flag; the loop checkpoints at the next step boundary and exits."""
-
-    def __init__(self) -> None:
-        self.signum: Optional[int] = None
-        self._old = {}
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. called from a worker thread): no handler
-                pass
-
-    def _handle(self, signum, frame) -> None:
-        self.signum = signum
-
-    def restore(self) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-# ----------------------------------------------------------------------------------------------- run
-
-
-def _run(fabric, config, out_dir, initial_checkpoint_dir, resume, fork_from, data, train, eval, optimizer,
-         tokenizer_dir, seed, preempt_exit_code, hparams, moe=None) -> dict:
-    from litgpt.pretrain import initialize_weights
-
-    from litgpt_ext.model import build_model, initialize_moe_weights
-    from litgpt.utils import instantiate_torch_optimizer, num_parameters
-
-    if fabric.global_rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.prune_checkpoints(out_dir, None)  # leftover *.tmp of a killed save
-        if fork_from is not None and not ckpt.list_checkpoints(out_dir):
-            ckpt.fork(fork_from, out_dir)
-            resume = "auto" if resume in (False, None) else resume
-    fabric.barrier()
-    if fork_from is not None and resume in (False, None):
-        resume = "auto"
-    resume_dir = ckpt.resolve_resume(resume, out_dir)
-    state = ckpt.load_training_state(resume_dir) if resume_dir else None
-
-    seq_len = train.max_seq_length or config.block_size
-    if seq_len > config.block_size:
-        raise ValueError(f"train.max_seq_length={seq_len} exceeds the model's block_size={config.block_size}")
-    accum = train.accumulation_steps(fabric.world_size)
-    tokens_per_step = train.global_batch_size * seq_len
-
-    fabric.seed_everything(seed)  # same init on every rank before sharding
-    t0 = time.perf_counter()
-    model = build_model(config, moe)  # litgpt's GPT; MoE blocks become litgpt_ext.model.MoEFeedForward
-    initialize_weights(fabric, model, n_layer=config.n_layer, n_embd=config.n_embd)
-    initialize_moe_weights(model, n_layer=config.n_layer, n_embd=config.n_embd)  # litgpt's init only sees nn.Linear
-    model.max_seq_length = seq_len
-    weights_from = resume_dir or initial_checkpoint_dir
-    if weights_from is not None:
-        model.load_state_dict(ckpt.load_model_state(weights_from), strict=True)
-        model.max_seq_length = seq_len
-    fabric.print(f"Model {config.name}: {num_parameters(model):,} parameters, built in {time.perf_counter() - t0:.2f}s"
-                 + (f", weights from {weights_from}" if weights_from else ""))
-    model = fabric.setup(model)
-    opt = instantiate_torch_optimizer(optimizer, model.parameters())
-    opt = fabric.setup_optimizers(opt)
-    fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
-    peak_lr = float(fresh_groups[0]["lr"])
-
-    step, tokens, iter_num, resumed_lr = 0, 0, 0, None
-    if state is not None:
-        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
-        set_optimizer_state_dict(model.module, opt.optimizer, state["optimizer"],
-                                 options=_state_dict_options(fabric, for_save=False))
-        for g, fresh in zip(opt.param_groups, fresh_groups):  # this config's hyperparameters win
-            g.update(fresh)
-        step, tokens, iter_num = int(state["step"]), int(state["tokens"]), int(state["iter_num"])
-        resumed_lr = state.get("lr")
-        same_world = state.get("world_size") == fabric.world_size
-        if state.get("rng") and same_world:
-            _set_rng_state(state["rng"][fabric.global_rank])
-        fabric.print(f"Resumed from {resume_dir} at step {step} ({tokens:,} tokens)")
-
-    # data
-    from litgpt import Tokenizer
-
-    tokenizer = Tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
-    data.connect(tokenizer=tokenizer, batch_size=train.micro_batch_size, max_seq_length=seq_len)
-    with fabric.rank_zero_first():
-        data.prepare_data()
-    try:
-        data.setup(rank=fabric.global_rank, world_size=fabric.world_size)
-    except TypeError:  # a plain litgpt DataModule: setup(stage)
-        data.setup()
-    loader = data.train_dataloader()
-    if state is not None and state.get("data") is not None:
-        old_mix = state.get("mix")
-        new_mix = getattr(data, "resolved_mix", None)
-        if old_mix is not None and new_mix is not None and old_mix != new_mix:
-            fabric.print(f"New blend for this run:\n  checkpoint mix: {old_mix}\n  new mix:        {new_mix}")
-        loader.load_state_dict(state["data"])
-    val_loaders = _val_loaders(data)
-    if eval.early_stop:
-        unknown = sorted(set(eval.early_stop) - set(val_loaders))
-        if unknown:
-            raise ValueError(f"eval.early_stop names unknown validation sets {unknown}; known: {sorted(val_loaders)}")
-
-    same_run = state is not None and Path(state.get("out_dir", "")).resolve() == out_dir.resolve()
-    prev = state.get("schedule") if state else None
-    schedule, horizon = _plan(train, peak_lr, step, tokens_per_step, prev, same_run, resumed_lr)
-    fabric.print(f"Schedule {schedule}; this run: steps {step} -> {horizon}, {accum} micro-batches of {train.micro_batch_size}"
-                 f" x {fabric.world_size} ranks per step, {tokens_per_step:,} tokens/step")
-
-    loop = _Loop(fabric, model, opt, loader, val_loaders, train, eval, out_dir, config, tokenizer_dir, hparams,
-                 schedule, data, step, tokens, iter_num, accum, seq_len, horizon)
-    loop.val_start = state.get("val_start") if (same_run and state) else None
-    loop.lr = resumed_lr if resumed_lr is not None else schedule(step)
-    flag = _PreemptFlag()
-    try:
-        result = loop.fit(flag)
-    finally:
-        flag.restore()
-        for lg in fabric.loggers:
-            lg.finalize("success")
-    if result["stopped"] == "preempted":
-        fabric.print(f"Preempted (signal {flag.signum}): checkpoint saved at step {loop.step}; exit {preempt_exit_code}")
-        raise SystemExit(preempt_exit_code)
-    return result
-
-
-def _val_loaders(data) -> dict:
-    if hasattr(data, "val_dataloaders"):
-        loaders = data.val_dataloaders() or {}
-    else:
-        one = data.val_dataloader() if hasattr(data, "val_dataloader") else None
-        loaders = {"val": one} if one is not None else {}
-    return dict(loaders)
-
-
-class _Loop:
-    def __init__(self, fabric, model, opt, loader, val_loaders, train, eval, out_dir, config, tokenizer_dir, hparams,
-                 schedule, data, step, tokens, iter_num, accum, seq_len, horizon):
-        self.__dict__.update(locals())
-        del self.__dict__["self"]
-        self.losses: dict[int, float] = {}
-        self.val_history: list[dict] = []
-        self.val_start: Optional[dict] = None
-        self.lr: float = 0.0
-
-    # -- evaluation ---------------------------------------------------------------------------
-    @torch.no_grad()
-    def validate(self) -> dict[str, float]:
-        from litgpt.utils import chunked_cross_entropy
-
-        fabric, model = self.fabric, self.model
-        model.eval()
-        out = {}
-        for name, loader in self.val_loaders.items():
-            total = torch.zeros(2, dtype=torch.float64, device=fabric.device)
-            for k, batch in enumerate(loader):
-                if k >= self.eval.max_iters:
-                    break
-                batch = batch.to(fabric.device, non_blocking=True).long()
-                logits = model(batch[:, :-1])
-                loss = chunked_cross_entropy(logits, batch[:, 1:])
-                total += torch.stack([loss.detach().double() * batch.shape[0],
-                                      torch.tensor(float(batch.shape[0]), dtype=torch.float64, device=fabric.device)])
-            total = fabric.all_reduce(total, reduce_op="sum")
-            out[name] = float(total[0] / total[1]) if total[1] > 0 else float("nan")
-        model.train()
-        return out
-
-    def record_val(self, losses: dict[str, float]) -> Optional[str]:
-        """Log, append to val_metrics.csv, and return the name of a set past its early-stop limit."""
-        fabric = self.fabric
-        if self.val_start is None:
-            self.val_start = dict(losses)
-        metrics, parts = {}, []
-        for name, loss in losses.items():
-            ppl = math.exp(min(loss, 50.0))
-            delta = loss - self.val_start.get(name, loss)
-            metrics.update({f"val/{name}/loss": loss, f"val/{name}/ppl": ppl, f"val/{name}/delta": delta})
-            parts.append(f"{name} {loss:.4f} (ppl {ppl:.2f}, {delta:+.4f} vs start)")
-            self.val_history.append({"step": self.step, "tokens": self.tokens, "set": name, "loss": loss, "ppl": ppl})
-        fabric.log_dict(metrics, step=self.step)
-        fabric.print(f"val step {self.step}: " + " | ".join(parts))
-        if fabric.global_rank == 0:
-            path = self.out_dir / VAL_CSV
-            new = not path.exists()
-            with open(path, "a", newline="") as f:
-                w = csv.writer(f)
-                if new:
-                    w.writerow(["step", "tokens", "set", "loss", "ppl"])
-                for name, loss in losses.items():
-                    w.writerow([self.step, self.tokens, name, f"{loss:.6f}", f"{math.exp(min(loss, 50.0)):.6f}"])
-        for name, limit in (self.eval.early_stop or {}).items():
-            if losses[name] - self.val_start[name] > limit:
-                return name
-        return None
-
-    # -- checkpointing ----------------------------------------------------------------------------
-    def save(self, name: str) -> None:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-        fabric = self.fabric
-        opts = _state_dict_options(fabric, for_save=True)
-        model_sd = get_model_state_dict(self.model.module, options=opts)
-        opt_sd = get_optimizer_state_dict(self.model.module, self.opt.optimizer, options=opts)
-        rng = self._gather_rng()
-        loader_state = self.loader.state_dict()
-        if fabric.global_rank == 0:
-            state = {
-                "step": self.step, "tokens": self.tokens, "iter_num": self.iter_num, "lr": self.lr,
-                "optimizer": opt_sd, "data": loader_state, "rng": rng, "world_size": fabric.world_size,
-                "mix": getattr(self.data, "resolved_mix", None), "schedule": asdict(self.schedule),
-                "out_dir": str(self.out_dir.resolve()), "val_start": self.val_start, "config": self.hparams,
-            }
-            path = ckpt.write_checkpoint(self.out_dir / name, model_sd, state, self.config, self.hparams,
-                                         self.tokenizer_dir)
-            if name.startswith("step-"):
-                ckpt.prune_checkpoints(self.out_dir, self.train.keep_last_k)
-            fabric.print(f"Saved {path}")
-        fabric.barrier()
-
-    def _gather_rng(self) -> list:
-        if not _is_distributed(self.fabric):
-            return [_rng_state()]
-        import torch.distributed as dist
-
-        out = [None] * self.fabric.world_size
-        dist.all_gather_object(out, _rng_state())
-        return out
-
-    # -- training ---------------------------------------------------------------------------------
-    def _log(self, loss: float, grad_norm: float, t_start: float, step_start: int) -> None:
-        fabric = self.fabric
-        elapsed = time.perf_counter() - t_start
-        done = self.step - step_start
-        tok_s = done * self.train.global_batch_size * self.seq_len / max(elapsed, 1e-9)
-        eta = elapsed / max(done, 1) * (self.horizon - self.step)
-        metrics = {"loss": loss, "lr": self.lr, "grad_norm": grad_norm, "tokens": self.tokens,
-                   "tokens_per_sec": tok_s, "step": self.step}
-        stats = self.loader.stats() if hasattr(self.loader, "stats") else None
-        if stats:
-            for sid, s in stats.get("shards", {}).items():
-                metrics[f"data/shard/{sid}/tokens"] = s.get("tokens", 0)
-                metrics[f"data/shard/{sid}/epochs"] = s.get("epochs", 0)
-            for t, s in stats.get("types", {}).items():
-                metrics[f"data/mix/{t}/target"] = s.get("target", 0.0)
-                metrics[f"data/mix/{t}/realized"] = s.get("realized", 0.0)
-        from litgpt_ext.model import flatten_moe_stats, moe_stats
-
-        moe = moe_stats(self.model)  # last micro-batch on this rank, per MoE layer
-        if moe:
-            metrics.update(flatten_moe_stats(moe))
-        fabric.log_dict(metrics, step=self.step)
-        moe_msg = ""
-        if moe:
-            aux = [s["aux_loss"] for s in moe.values() if "aux_loss" in s]
-            moe_msg = (f" | moe imbalance {metrics['moe/imbalance_max']:.2f}"
-                       + (f" aux {sum(aux):.3f}" if aux else "")
-                       + (f" dropped {int(metrics['moe/dropped_tokens'])}" if metrics["moe/dropped_tokens"] else ""))
-        fabric.print(f"step {self.step}/{self.horizon} | loss {loss:.4f} | lr {self.lr:.3e} | gnorm {grad_norm:.3f}"
-                     f" | {tok_s:,.0f} tok/s | tokens {self.tokens:,} | ETA {timedelta(seconds=int(eta))}{moe_msg}")
-
-    def fit(self, flag: _PreemptFlag) -> dict:
-        from litgpt.utils import chunked_cross_entropy
-
-        from litgpt_ext.model import moe_aux_loss, update_router_biases
-
-        fabric, model, opt, train = self.fabric, self.model, self.opt, self.train
-        stopped = "budget"
-        if self.val_loaders and (self.eval.initial_validation and self.val_start is None):
-            if self.record_val(self.validate()):
-                stopped = "early_stop"
-        it = iter(self.loader)
-        t_start, step_start = time.perf_counter(), self.step
-        while self.step < self.horizon and stopped == "budget":
-            loss_sum = torch.zeros((), device=fabric.device)
-            for micro in range(self.accum):
-                batch = next(it).to(fabric.device, non_blocking=True).long()
-                with fabric.no_backward_sync(model, enabled=micro < self.accum - 1):
-                    logits = model(batch[:, :-1])
-                    loss = chunked_cross_entropy(logits, batch[:, 1:])
-                    aux = moe_aux_loss(model)  # 0 for dense models
-                    fabric.backward((loss + aux) / self.accum)
-                loss_sum += loss.detach()
-                self.iter_num += 1
-            self.lr = self.schedule(self.step + 1)
-            for g in opt.param_groups:
-                g["lr"] = self.lr
-            grad_norm = fabric.clip_gradients(model, opt, max_norm=train.max_norm or float("inf"))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            update_router_biases(model)  # aux-loss-free balancing (no-op unless moe.bias_update_rate > 0)
-            self.step += 1
-            self.tokens += train.global_batch_size * self.seq_len
-
-            last = self.step >= self.horizon
-            if self.step % train.log_interval == 0 or last:
-                loss_val = float(fabric.all_reduce(loss_sum / self.accum, reduce_op="mean"))
-                gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-                self.losses[self.step] = loss_val
-                self._log(loss_val, float(gn), t_start, step_start)
-            if self.val_loaders and (self.step % self.eval.interval == 0 or (last and self.eval.final_validation)):
-                bad = self.record_val(self.validate())
-                if bad is not None:
-                    fabric.print(f"Early stop: validation set {bad!r} rose more than {self.eval.early_stop[bad]}"
-                                 f" above its start value")
-                    stopped = "early_stop"
-            preempted = self._preempt_requested(flag)
-            if preempted:
-                stopped = "preempted"
-            saving = train.save_interval is not None and self.step % train.save_interval == 0
-            if saving or stopped != "budget":
-                self.save(ckpt.step_dir_name(self.step))
-        if stopped != "preempted":
-            self.save("final")
-        fabric.print(f"Done: {stopped} at step {self.step}, {self.tokens:,} tokens")
-        return {"stopped": stopped, "step": self.step, "tokens": self.tokens, "losses": self.losses,
-                "val": self.val_history, "val_start": self.val_start, "schedule": asdict(self.schedule)}
-
-    def _preempt_requested(self, flag: _PreemptFlag) -> bool:
-        if not _is_distributed(self.fabric):
-            return flag.signum is not None
-        t = torch.tensor(1.0 if flag.signum is not None else 0.0, device=self.fabric.device)
-        return bool(self.fabric.all_reduce(t, reduce_op="max") > 0)

@@ -1,0 +1,140 @@
+"""What a checkpoint holds beyond the weights: one `TrainingState`, written and read by the same
+code (`to_dict`/`from_dict` over its fields), and the writer that puts it in a checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import numpy as np
+import torch
+
+from litgpt_ext.train import checkpoint as ckpt
+from litgpt_ext.train.plan import RunPlan
+
+
+@dataclass
+class TrainingState:
+    """Everything but the weights that a resume needs (`training_state.pth`)."""
+
+    step: int = 0  # optimizer steps
+    tokens: int = 0
+    iter_num: int = 0  # micro-batches on each rank
+    lr: Optional[float] = None  # the LR of the last step taken
+    phase_id: Optional[str] = None  # the phase this state belongs to (see litgpt_ext.train.plan)
+    phase_start: Optional[int] = None
+    stop_step: Optional[int] = None
+    schedule: Optional[dict] = None  # the phase's `Schedule` record
+    val_start: Optional[dict] = None  # each val set's loss when the phase began (early-stop baseline)
+    mix: Optional[dict] = None  # the data module's resolved mix
+    world_size: int = 1
+    config: Optional[dict] = None  # the run's resolved config (as hyperparameters.yaml)
+    optimizer: Optional[dict] = None  # full, FQN-keyed: loads on any device count
+    data: Optional[dict] = None  # the train loader's state_dict
+    rng: Optional[list] = None  # one RNG state per rank
+
+    # -- (de)serialization: one definition of the contents ----------------------------------------
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainingState":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})  # older checkpoints: e.g. 'out_dir' dropped
+
+    @classmethod
+    def load(cls, ckpt_dir: Path) -> "TrainingState":
+        return cls.from_dict(ckpt.load_training_state(ckpt_dir))
+
+    # -- the phase's plan ---------------------------------------------------------------------------
+    @property
+    def plan(self) -> Optional[RunPlan]:
+        if self.phase_id is None or self.schedule is None or self.stop_step is None:
+            return None  # a checkpoint from before phases were recorded
+        return RunPlan.from_dict({"phase_id": self.phase_id, "start_step": self.phase_start,
+                                  "stop_step": self.stop_step, "schedule": self.schedule})
+
+    def set_plan(self, plan: RunPlan) -> None:
+        d = plan.to_dict()
+        self.phase_id, self.phase_start, self.stop_step, self.schedule = (
+            d["phase_id"], d["start_step"], d["stop_step"], d["schedule"])
+
+    # -- live objects -------------------------------------------------------------------------------
+    def restore(self, fabric: L.Fabric, model: Any, optimizer: Any) -> None:
+        """Load the optimizer state (keeping this config's hyperparameters) and, on the same world
+        size, this rank's RNG."""
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        set_optimizer_state_dict(model.module, optimizer.optimizer, self.optimizer,
+                                 options=_state_dict_options(fabric, for_save=False))
+        for g, f in zip(optimizer.param_groups, fresh):  # this config's hyperparameters win
+            g.update(f)
+        if self.rng and self.world_size == fabric.world_size:
+            _set_rng_state(self.rng[fabric.global_rank])
+
+
+@dataclass
+class CheckpointWriter:
+    """Writes `out_dir/<name>/` (weights, TrainingState, configs, tokenizer); rank 0 writes."""
+
+    out_dir: Path
+    model_config: Any
+    hparams: dict
+    tokenizer_dir: Optional[Path] = None
+    keep_last_k: Optional[int] = None
+
+    def save(self, fabric: L.Fabric, name: str, model: Any, optimizer: Any, loader: Any,
+             state: TrainingState) -> None:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        opts = _state_dict_options(fabric, for_save=True)
+        model_sd = get_model_state_dict(model.module, options=opts)
+        state.optimizer = get_optimizer_state_dict(model.module, optimizer.optimizer, options=opts)
+        state.rng = _gather_rng(fabric)
+        state.data = loader.state_dict()
+        state.world_size, state.config = fabric.world_size, self.hparams
+        if fabric.global_rank == 0:
+            path = ckpt.write_checkpoint(self.out_dir / name, model_sd, state.to_dict(), self.model_config,
+                                         self.hparams, self.tokenizer_dir)
+            if name.startswith("step-"):
+                ckpt.prune_checkpoints(self.out_dir, self.keep_last_k)
+            fabric.print(f"Saved {path}")
+        state.optimizer = state.rng = None  # not kept alive between saves
+        fabric.barrier()
+
+
+def _state_dict_options(fabric: L.Fabric, for_save: bool):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    dist = fabric.world_size > 1
+    if for_save:
+        return StateDictOptions(full_state_dict=dist, cpu_offload=dist)
+    return StateDictOptions(full_state_dict=dist, broadcast_from_rank0=False)
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def _gather_rng(fabric: L.Fabric) -> list:
+    if fabric.world_size == 1:
+        return [_rng_state()]
+    import torch.distributed as dist
+
+    out = [None] * fabric.world_size
+    dist.all_gather_object(out, _rng_state())
+    return out
