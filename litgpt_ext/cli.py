@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "consolidate": ("litgpt_ext.train.dcp:consolidate", "turn a sharded (DCP) checkpoint into litgpt's lit_model.pth"),
     "convert-to-hf": ("litgpt_ext.eval.convert:convert_to_hf", "export a dense checkpoint to Hugging Face format"),
     "sweep": ("litgpt_ext.study.sweep:sweep", "expand a grid of midtraining/SFT runs: plan table, SLURM arrays, or run locally"),
+    "reproduce": ("litgpt_ext.study.reproduce:reproduce", "the paper's study at CPU scale: pretrain, midtrain, SFT, bridge, REPORT.md"),
     "similarity": ("litgpt_ext.study.similarity:similarity", "dataset similarity, proximity advantage and its correlation (the bridge)"),
     "convert-moe-to-litgpt": ("litgpt_ext.eval.convert:convert_moe_to_litgpt", "rewrite an MoE checkpoint in litgpt's own MoE layout"),
     "lm-eval": ("litgpt_ext.eval.interop:lm_eval_main", "lm-eval's CLI with --model litgpt_ext and the demo_* tasks"),

@@ -77,7 +77,8 @@ class SweepSpec:
     grid: dict[str, list] = field(default_factory=dict)
     """Cartesian product over domain, start, weight (each a list)"""
     arms: list[dict[str, Any]] = field(default_factory=list)
-    """Explicit extra arms: {domain, start, weight[, name]} (e.g. continued-pretraining controls)"""
+    """Explicit extra arms: {domain, start, weight[, name][, seeds]} (e.g. continued-pretraining controls;
+    `seeds` limits an arm to some of the pretraining seeds)"""
     base_overrides: dict[str, Any] = field(default_factory=dict)
     """Dotted-key overrides of the base runs (e.g. train.log_interval)"""
     arm_overrides: dict[str, Any] = field(default_factory=dict)
@@ -230,6 +231,8 @@ def plan_sweep(spec: SweepSpec) -> list[Job]:
 
     for seed in spec.seeds:
         for a in arms:
+            if a.get("seeds") is not None and seed not in a["seeds"]:
+                continue  # this arm runs under some pretraining seeds only
             cfg = copy.deepcopy(base_cfg)
             name = arm_name(a, seed)
             out = root / name
