@@ -30,6 +30,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fork": ("litgpt_ext.train.checkpoint:fork", "start a new run from another run's checkpoint"),
     "demo": ("litgpt_ext.demo:demo", "the README's main job: data, pretrain, fork, midtrain, compare"),
     "evaluate": ("litgpt_ext.eval.evaluate:evaluate", "run lm-eval on a checkpoint or a run's checkpoints"),
+    "sft": ("litgpt_ext.sft.run:sft", "supervised fine-tuning of a checkpoint (post-training) on the same loop"),
+    "sft-grid": ("litgpt_ext.sft.sweep:sft_grid", "SFT LRs x seeds from one or several checkpoints; best LR per checkpoint"),
     "build-sft-tasks": ("litgpt_ext.sft.tasks:build_sft_tasks", "build the demo's SFT tasks (code, math, prose) as litgpt JSON"),
     "build-eval-tasks": ("litgpt_ext.eval.build_tasks:build_tasks", "build the local lm-eval tasks from held-out demo docs"),
     "consolidate": ("litgpt_ext.train.dcp:consolidate", "turn a sharded (DCP) checkpoint into litgpt's lit_model.pth"),
@@ -52,7 +54,7 @@ def _load(target: str) -> Callable:
 
 
 # commands whose signals (SIGUSR1/SIGTERM/SIGINT) mean "checkpoint and exit 99" (train/preempt.py)
-PREEMPTIBLE = {"pretrain"}
+PREEMPTIBLE = {"pretrain", "sft", "sft-grid"}
 
 # flags whose natural name is a Python keyword: `fork --from X` is the function's `source`
 ALIASES: dict[str, dict[str, str]] = {"fork": {"--from": "--source"}}

@@ -161,3 +161,17 @@ def test_eval_script_defaults_to_the_repo_venv_python(tmp_path):
                        env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     assert (tmp_path / "calls").read_text().startswith(f"venv -m litgpt_ext evaluate {tmp_path}/run/step-00000001 --tasks t1")
+
+
+def test_sft_configs_run_the_sft_command(env, tmp_path):
+    sft = tmp_path / "sft.yaml"
+    sft.write_text("checkpoint_dir: runs/a/final\ndata:\n  class_path: litgpt_ext.sft.data.SFTData\n")
+    pre = tmp_path / "pre.yaml"
+    pre.write_text("out_dir: out/a\ndata:\n  class_path: litgpt_ext.data.ShardedMixedDataset\n")
+    assert run(env, str(sft)).returncode == 0
+    assert run(env, str(pre)).returncode == 0
+    assert run(env, str(pre), LITGPT_EXT_COMMAND="sft").returncode == 0  # the sweep's SFT arrays say so
+    got = [c.split(" --config")[0] for c in calls(env)]
+    assert got == ["-m litgpt_ext sft", "-m litgpt_ext pretrain", "-m litgpt_ext sft"]
+    r = run(env, str(pre), LITGPT_EXT_COMMAND="evaluate")
+    assert r.returncode == 2 and "LITGPT_EXT_COMMAND='evaluate' is not a training command" in r.stderr

@@ -8,7 +8,7 @@
 #
 # Which config: the first argument if it is a file, else $model_config_file / $MODEL_CONFIG_FILE,
 # else line $SLURM_ARRAY_TASK_ID of $CONFIG_LIST (1-based; blank lines and # comments skipped).
-# Further arguments are passed to `litgpt-ext pretrain` and override YAML keys; the config file is
+# Further arguments are passed to `litgpt-ext pretrain` (or `sft`, see below) and override YAML keys; the config file is
 # never edited (the paper's script rewrote max_additional_steps with sed, which races in arrays).
 #
 # Preemption: SLURM sends SIGUSR1 120 s before the time limit (--signal below; it reaches job
@@ -72,6 +72,19 @@ if [ -z "$config" ]; then
 fi
 [ -f "$config" ] || { echo "config '$config' does not exist (cwd: $PWD)" >&2; exit 2; }
 
+# Which command: $LITGPT_EXT_COMMAND (pretrain | sft), else sft for an SFT config (its data module is
+# litgpt_ext.sft.data.SFTData), else pretrain. `litgpt-ext sweep` writes CONFIG_LISTs of both kinds.
+command=${LITGPT_EXT_COMMAND:-$("$PYTHON" - "$config" <<'PY'
+import sys, yaml
+cfg = yaml.safe_load(open(sys.argv[1])) or {}
+print("sft" if str((cfg.get("data") or {}).get("class_path") or "").endswith("SFTData") else "pretrain")
+PY
+)}
+case "$command" in
+  pretrain|sft) ;;
+  *) echo "LITGPT_EXT_COMMAND='$command' is not a training command; expected pretrain or sft" >&2; exit 2 ;;
+esac
+
 extra=()
 if [ "$AUTO_RESUME" = 1 ] && "$PYTHON" - "$config" "$@" <<'PY'
 import sys, yaml
@@ -100,9 +113,9 @@ export LITGPT_EXT_PREEMPT_MARKER="$PWD/$marker"
 trap 'echo "[$(date "+%F %T")] batch shell got SIGTERM; waiting for the trainer to save"' TERM
 trap 'echo "[$(date "+%F %T")] batch shell got SIGUSR1; waiting for the trainer to save"' USR1
 
-echo "[$(date '+%F %T')] config=$config job=${SLURM_JOB_ID:-local} array_task=${SLURM_ARRAY_TASK_ID:-none} restart=${SLURM_RESTART_COUNT:-0} extra=${extra[*]:-} $*"
+echo "[$(date '+%F %T')] $command config=$config job=${SLURM_JOB_ID:-local} array_task=${SLURM_ARRAY_TASK_ID:-none} restart=${SLURM_RESTART_COUNT:-0} extra=${extra[*]:-} $*"
 set +e
-"${launcher[@]}" "$PYTHON" -m litgpt_ext pretrain --config "$config" "${extra[@]}" "$@"
+"${launcher[@]}" "$PYTHON" -m litgpt_ext "$command" --config "$config" "${extra[@]}" "$@"
 status=$?
 set -e
 

@@ -1,7 +1,7 @@
 """The `sft` run's configuration and its plan (steps, warmup, schedule) as pure, tested code.
 
-The draft entry point (to be wired into the shared loop; see `SFTConfig`'s fields for its
-arguments, one per top-level YAML key of `midtrain_configs/sft/*.yaml`):
+The `litgpt-ext sft` command (`litgpt_ext.sft.run.sft`; `SFTConfig`'s fields are its arguments,
+one per top-level YAML key of `midtrain_configs/sft/*.yaml`):
 
     litgpt-ext sft --config midtrain_configs/sft/demo_math.yaml [--train.lr ...] [--seed ...]
 

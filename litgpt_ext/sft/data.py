@@ -28,7 +28,6 @@ from typing import Any, Iterator, Literal, Mapping
 
 import numpy as np
 import torch
-
 from litgpt.data import DataModule, get_sft_collate_fn
 from litgpt.prompts import Default, PromptStyle, prompt_styles
 
@@ -411,6 +410,10 @@ class SFTData(DataModule):
             s = self.stats[split]
             log.info("SFT %s %s: %d examples, %d tokens, %d target tokens, longest %d", self.name, split,
                      s["examples"], s["tokens"], s["target_tokens"], s["longest"])
+
+    def num_train_examples(self) -> int:
+        """Training examples (read from the files, no tokenizer needed): what the run's plan counts."""
+        return len(self.train_examples) if self.train_examples else len(self._files()[0])
 
     @property
     def longest_seq_length(self) -> int:

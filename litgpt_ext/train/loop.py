@@ -16,7 +16,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import lightning as L
 import torch
@@ -157,8 +157,13 @@ def main(
     tokenizer_dir: Optional[Path] = None,
     seed: int = 42,
     loss_fn: LossFn = next_token_loss,
+    val_loaders: Callable[[Any], dict] = val_loaders_of,
 ) -> dict:
-    """Build the model, optimizer and data, restore a checkpoint, fix the phase's plan, then `fit`."""
+    """Build the model, optimizer and data, restore a checkpoint, fix the phase's plan, then `fit`.
+
+    `val_loaders(data)` gives the named validation loaders (after `data.setup`); SFT adds its own
+    set to the token-shard sets there.
+    """
     with _writer_lock(fabric, out_dir):  # one writer per out_dir: a double submit is refused clearly
         resume_dir = _resolve_resume(fabric, out_dir, resume, fork_from)
         saved = TrainingState.load(resume_dir) if resume_dir else None
@@ -200,7 +205,7 @@ def main(
         fabric.print(f"Schedule {plan.schedule}; this run: steps {state.step} -> {plan.stop_step}, {accum} micro-batches"
                      f" of {train.micro_batch_size} x {fabric.world_size} ranks per step, {tokens_per_step:,} tokens/step")
 
-        validator = Validator(fabric, val_loaders_of(data), eval, out_dir, baseline=state.val_start, loss_fn=loss_fn)
+        validator = Validator(fabric, val_loaders(data), eval, out_dir, baseline=state.val_start, loss_fn=loss_fn)
         writer = CheckpointWriter(out_dir, model_config, hparams, tokenizer_dir, train.keep_last_k)
         if what != "kept" and fabric.global_rank == 0:
             record_phase(out_dir, plan, str(resume_dir) if resume_dir else None)

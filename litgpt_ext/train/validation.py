@@ -26,7 +26,8 @@ class Validator:
     """Evaluates the named sets and keeps the run's validation record.
 
     `baseline` holds each set's loss at the start of this phase (restored on requeue); early stop
-    compares against it.
+    compares against it. A loader with a true `full_pass` attribute (SFT's val set) is read in
+    full; the others stop after `eval.max_iters` batches.
     """
 
     def __init__(self, fabric: L.Fabric, loaders: dict, eval: EvalArgs, out_dir: Path,
@@ -46,14 +47,15 @@ class Validator:
 
     @torch.no_grad()
     def losses(self, model: torch.nn.Module) -> dict[str, float]:
-        """Mean loss per target token on each set (at most `eval.max_iters` batches per rank)."""
+        """Mean loss per target token on each set (at most `eval.max_iters` batches per rank, unless
+        the loader asks for a `full_pass`)."""
         fabric = self.fabric
         model.eval()
         out = {}
         for name, loader in self.loaders.items():
             total = torch.zeros(2, dtype=torch.float64, device=fabric.device)
             for k, batch in enumerate(loader):
-                if k >= self.eval.max_iters:
+                if k >= self.eval.max_iters and not getattr(loader, "full_pass", False):
                     break
                 loss, n = self.loss_fn(model, fabric.to_device(batch))
                 total += torch.stack([loss.detach().double() * n, n.double()])
