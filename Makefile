@@ -7,7 +7,7 @@ CONSTRAINTS ?= constraints-cpu.txt
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean-demo
+.PHONY: install demo test lint bench reproduce clean-demo
 
 $(STAMP): pyproject.toml constraints-tested.txt $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff --version >/dev/null 2>&1 || $(PY) -m pip install -q -c constraints-tested.txt ruff
 	$(PY) -m ruff check .
+
+# the paper's study at CPU scale (litgpt-ext reproduce): runs/reproduce/REPORT.md
+reproduce: $(STAMP)
+	$(PY) -m litgpt_ext reproduce --config midtrain_configs/reproduce/cpu.yaml
 
 bench: $(STAMP)
 	$(PY) benchmarks/data_stream.py

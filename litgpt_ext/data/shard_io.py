@@ -97,3 +97,23 @@ def read_shard_index(path: str | Path) -> ShardIndex:
 
 def is_shard_dir(path: str | Path) -> bool:
     return os.path.isfile(os.path.join(path, INDEX_FILENAME))
+
+
+def read_chunk_tokens(path: str | Path) -> list[np.ndarray]:
+    """Every chunk of an uncompressed token shard as a read-only memmap of its tokens, in order.
+
+    The layout is litdata `TokensLoader`'s: a header of 1 + items + 1 uint32, then the tokens.
+    """
+    from litdata.constants import _NUMPY_DTYPES_MAPPING, _TORCH_DTYPES_MAPPING
+
+    path = Path(path)
+    read_shard_index(path)  # clear errors for a missing or corrupt index
+    meta = json.loads((path / INDEX_FILENAME).read_text())
+    cfg = meta["config"]
+    if cfg.get("compression") or cfg.get("encryption"):
+        raise ShardError(f"shard {str(path)!r} is compressed or encrypted; only plain token chunks can be read directly")
+    serializer, code = cfg["data_format"][0].split(":")
+    dtype = _TORCH_DTYPES_MAPPING[int(code)] if serializer == "no_header_tensor" else _NUMPY_DTYPES_MAPPING[int(code)]
+    np_dtype = torch.empty(0, dtype=dtype).numpy().dtype if isinstance(dtype, torch.dtype) else np.dtype(dtype)
+    return [np.memmap(path / c["filename"], dtype=np_dtype, mode="r", offset=(1 + c["chunk_size"] + 1) * 4)
+            for c in meta["chunks"]]

@@ -1,0 +1,378 @@
+"""Sweeps as grids, not copies: one base config + a grid → run configs, a SLURM plan and a local runner.
+
+`litgpt-ext sweep --spec sweep.yaml` prints the plan as a table (a dry run); `--action write` writes
+every run's YAML, one `CONFIG_LIST` per stage and `submit.sh` (SLURM arrays chained with
+`--dependency=afterok`); `--action local` runs the same plan on this machine, in dependency order,
+skipping runs whose output exists.
+
+The paper's design, as generated here: one general-only base run per pretraining seed trains to the
+shared total (`total_steps`); each midtraining arm forks the base run of its seed at `start`,
+switches the blend to `replay:(1-w),domain:w` (or `domain:1.0` for a continued-pretraining control,
+`weight: 1.0`), and trains to the same total with the base run's schedule (no re-warmup: the fork
+continues the schedule of the phase it came from). SFT runs (a grid of tasks x LRs x seeds) start
+from each arm's final checkpoint, and from the base run's when `sft.include_base` is true.
+
+Spec (YAML; every key is listed in `SweepSpec`):
+
+    name: demo_study
+    base_config: midtrain_configs/demo/pretrain.yaml
+    total_steps: 240
+    seeds: [42]
+    grid: {domain: [math, code], start: [80, 160], weight: [0.2]}
+    arms: [{name: cpt_math, domain: math, start: 200, weight: 1.0}]
+    sft: {config: midtrain_configs/sft/demo_math.yaml, tasks: {math: {...}}, lr: [1e-3, 3e-3], seeds: [0, 1, 2]}
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+STAGES = ("base", "midtrain", "sft")
+
+
+@dataclass
+class SFTGrid:
+    config: Optional[Path] = None
+    """Base SFT config (for `litgpt-ext sft`); every SFT run is a copy with the overrides below"""
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Task name -> dotted-key overrides of the SFT config (e.g. its data paths)"""
+    lr: list[float] = field(default_factory=list)
+    """Learning rates to sweep (the best by SFT validation loss is kept per checkpoint and task)"""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """SFT seeds (mean and std are reported over them)"""
+    include_base: bool = True
+    """Also fine-tune the base run's final checkpoint: the general-only baseline"""
+    lr_key: str = "optimizer.init_args.lr"
+    """Where the LR goes in the SFT config"""
+    checkpoint_key: str = "checkpoint_dir"
+    """Where the source checkpoint goes in the SFT config"""
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    """Sweep name; runs go to out_root/<run>, configs to out_root/configs"""
+    base_config: Path
+    """The general-only pretraining config every run is derived from"""
+    total_steps: int
+    """The shared total: every run ends at this optimizer step (the paper: 61,035)"""
+    out_root: Optional[Path] = None
+    """Default runs/sweeps/<name>"""
+    seeds: list[int] = field(default_factory=lambda: [42])
+    """Pretraining seeds: one base run each (sets `seed` and `data.init_args.seed`)"""
+    replay: str = "main"
+    """The general (replay) shard type mixed with the domain"""
+    grid: dict[str, list] = field(default_factory=dict)
+    """Cartesian product over domain, start, weight (each a list)"""
+    arms: list[dict[str, Any]] = field(default_factory=list)
+    """Explicit extra arms: {domain, start, weight[, name][, seeds]} (e.g. continued-pretraining controls;
+    `seeds` limits an arm to some of the pretraining seeds)"""
+    base_overrides: dict[str, Any] = field(default_factory=dict)
+    """Dotted-key overrides of the base runs (e.g. train.log_interval)"""
+    arm_overrides: dict[str, Any] = field(default_factory=dict)
+    """Dotted-key overrides of every midtraining arm"""
+    sft: Optional[SFTGrid] = None
+
+
+@dataclass
+class Job:
+    name: str
+    stage: str
+    command: str  # litgpt-ext command
+    config: dict
+    out_dir: Path
+    depends: list[str] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+
+    def done(self) -> bool:
+        if self.command == "sft":
+            return (self.out_dir / "sft_metrics.json").is_file()
+        from litgpt_ext.train.checkpoint import is_complete
+
+        return is_complete(self.out_dir / "final")
+
+
+# ------------------------------------------------------------------------------------------- spec
+
+
+def load_spec(path: Path) -> SweepSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"sweep spec {str(path)!r} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    known = set(SweepSpec.__dataclass_fields__)
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"sweep spec {str(path)!r}: unknown keys {unknown}; known: {sorted(known)}")
+    missing = [k for k in ("name", "base_config", "total_steps") if k not in raw]
+    if missing:
+        raise ValueError(f"sweep spec {str(path)!r} lacks {missing}")
+    sft = raw.pop("sft", None)
+    if sft is not None:
+        bad = sorted(set(sft) - set(SFTGrid.__dataclass_fields__))
+        if bad:
+            raise ValueError(f"sweep spec sft: unknown keys {bad}; known: {sorted(SFTGrid.__dataclass_fields__)}")
+        sft = SFTGrid(**sft)
+    spec = SweepSpec(**raw, sft=sft)
+    spec.base_config = Path(spec.base_config)
+    return spec
+
+
+def _set(cfg: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = cfg
+    for k in keys[:-1]:
+        if not isinstance(node.get(k), dict):
+            node[k] = {}
+        node = node[k]
+    node[keys[-1]] = value
+
+
+def _get(cfg: dict, dotted: str, default: Any = None) -> Any:
+    node = cfg
+    for k in dotted.split("."):
+        if not isinstance(node, dict) or k not in node:
+            return default
+        node = node[k]
+    return node
+
+
+def mix_string(replay: str, domain: str, weight: float) -> str:
+    if weight == 1.0:
+        return f"{domain}:1.0"
+    return f"{replay}:{1 - weight:g},{domain}:{weight:g}"
+
+
+def arm_name(a: dict, seed: int) -> str:
+    base = a.get("name") or f"{a['domain']}_w{a['weight']:g}_at{a['start']}"
+    return f"{base}_seed{seed}"
+
+
+def _arms(spec: SweepSpec) -> list[dict]:
+    arms = []
+    if spec.grid:
+        bad = sorted(set(spec.grid) - {"domain", "start", "weight"})
+        if bad:
+            raise ValueError(f"sweep grid: unknown dimensions {bad}; the grid spans domain, start, weight")
+        missing = [k for k in ("domain", "start", "weight") if not spec.grid.get(k)]
+        if missing:
+            raise ValueError(f"sweep grid lacks values for {missing}")
+        for d, s, w in itertools.product(spec.grid["domain"], spec.grid["start"], spec.grid["weight"]):
+            arms.append({"domain": d, "start": s, "weight": w})
+    for a in spec.arms:
+        missing = [k for k in ("domain", "start", "weight") if k not in a]
+        if missing:
+            raise ValueError(f"sweep arm {a} lacks {missing}")
+        arms.append(dict(a))
+    for a in arms:
+        if not (0 < float(a["weight"]) <= 1):
+            raise ValueError(f"sweep arm {a}: weight must be in (0, 1], got {a['weight']}")
+        if not (0 < int(a["start"]) < spec.total_steps):
+            raise ValueError(f"sweep arm {a}: start must be in (0, total_steps={spec.total_steps}), got {a['start']}")
+    names = [arm_name(a, 0) for a in arms]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"sweep: duplicate arms {dup}")
+    return arms
+
+
+# ------------------------------------------------------------------------------------------- plan
+
+
+def plan_sweep(spec: SweepSpec) -> list[Job]:
+    """Every run of the sweep with its config and dependencies, in an order that respects them."""
+    if not spec.base_config.is_file():
+        raise FileNotFoundError(f"base_config {str(spec.base_config)!r} does not exist")
+    if spec.total_steps < 2:
+        raise ValueError(f"total_steps must be >= 2, got {spec.total_steps}")
+    base_cfg = yaml.safe_load(spec.base_config.read_text()) or {}
+    root = Path(spec.out_root or Path("runs/sweeps") / spec.name)
+    arms = _arms(spec)
+    starts = sorted({int(a["start"]) for a in arms})
+    jobs: list[Job] = []
+    finals: list[tuple[str, Path, int]] = []  # (job name, run dir, seed) whose final/ SFT starts from
+
+    for seed in spec.seeds:
+        cfg = copy.deepcopy(base_cfg)
+        name = f"base_seed{seed}"
+        out = root / name
+        _set(cfg, "out_dir", str(out))
+        _set(cfg, "seed", seed)
+        _set(cfg, "data.init_args.seed", seed)
+        _set(cfg, "train.max_iters", spec.total_steps)
+        for k in ("train.max_additional_steps", "train.max_tokens"):
+            _set(cfg, k, None)
+        for k, v in spec.base_overrides.items():
+            _set(cfg, k, v)
+        save = _get(cfg, "train.save_interval")
+        if starts:
+            need = math.gcd(*starts)
+            if not save or need % save:
+                new = math.gcd(need, save) if save else need
+                print(f"sweep: base save_interval {save} does not hit every fork step {starts}; using {new}")
+                _set(cfg, "train.save_interval", new)
+            if _get(cfg, "train.keep_last_k") is not None:
+                print("sweep: base keep_last_k would delete fork points; keeping every checkpoint")
+                _set(cfg, "train.keep_last_k", None)
+        jobs.append(Job(name, "base", "pretrain", cfg, out, info={"seed": seed, "mix": _get(cfg, "data.init_args.mix_weights_str")}))
+        finals.append((name, out, seed))
+
+    for seed in spec.seeds:
+        for a in arms:
+            if a.get("seeds") is not None and seed not in a["seeds"]:
+                continue  # this arm runs under some pretraining seeds only
+            cfg = copy.deepcopy(base_cfg)
+            name = arm_name(a, seed)
+            out = root / name
+            mix = mix_string(spec.replay, a["domain"], float(a["weight"]))
+            _set(cfg, "out_dir", str(out))
+            _set(cfg, "fork_from", str(root / f"base_seed{seed}" / f"step-{int(a['start']):08d}"))
+            _set(cfg, "resume", "auto")
+            _set(cfg, "seed", seed)
+            _set(cfg, "data.init_args.seed", seed)
+            _set(cfg, "data.init_args.mix_weights_str", mix)
+            for k in ("data.init_args.literal_weights_str", "data.init_args.mix_config_path",
+                      "train.max_additional_steps", "train.max_tokens"):
+                _set(cfg, k, None)
+            _set(cfg, "train.max_iters", spec.total_steps)
+            for k, v in spec.arm_overrides.items():
+                _set(cfg, k, v)
+            jobs.append(Job(name, "midtrain", "pretrain", cfg, out, depends=[f"base_seed{seed}"],
+                            info={"seed": seed, "mix": mix, "start": int(a["start"]), "domain": a["domain"],
+                                  "weight": float(a["weight"])}))
+            finals.append((name, out, seed))
+
+    if spec.sft is not None:
+        g = spec.sft
+        if g.config is None or not Path(g.config).is_file():
+            raise FileNotFoundError(f"sft.config {str(g.config)!r} does not exist")
+        if not g.tasks or not g.lr:
+            raise ValueError("sft needs tasks (name -> config overrides) and at least one lr")
+        sft_cfg = yaml.safe_load(Path(g.config).read_text()) or {}
+        for src, src_dir, pseed in finals:
+            if src.startswith("base_") and not g.include_base:
+                continue
+            for task, overrides in g.tasks.items():
+                for lr, sseed in itertools.product(g.lr, g.seeds):
+                    cfg = copy.deepcopy(sft_cfg)
+                    for k, v in (overrides or {}).items():
+                        _set(cfg, k, v)
+                    name = f"sft_{task}_{src}_lr{lr:g}_s{sseed}"
+                    out = root / "sft" / task / src / f"lr{lr:g}_seed{sseed}"
+                    _set(cfg, g.checkpoint_key, str(src_dir / "final"))
+                    _set(cfg, g.lr_key, float(lr))
+                    _set(cfg, "seed", sseed)
+                    _set(cfg, "out_dir", str(out))
+                    jobs.append(Job(name, "sft", "sft", cfg, out, depends=[src],
+                                    info={"task": task, "source": src, "lr": float(lr), "seed": sseed,
+                                          "pretrain_seed": pseed}))
+    return jobs
+
+
+def plan_table(jobs: list[Job]) -> str:
+    rows = [("#", "stage", "run", "depends on", "details", "done")]
+    for i, j in enumerate(jobs, 1):
+        if j.stage == "midtrain":
+            d = f"fork @{j.info['start']}, {j.info['mix']}"
+        elif j.stage == "sft":
+            d = f"{j.info['task']}, lr {j.info['lr']:g}, seed {j.info['seed']}"
+        else:
+            d = f"{j.info.get('mix') or 'base mix'}, seed {j.info['seed']}"
+        rows.append((str(i), j.stage, j.name, ",".join(j.depends) or "-", d, "yes" if j.done() else ""))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+# ------------------------------------------------------------------------------------------- outputs
+
+
+def write_plan(jobs: list[Job], config_dir: Path, script: str = "training_scripts/small_model_pretrain.sh") -> Path:
+    """Each run's YAML, a CONFIG_LIST per stage, and submit.sh chaining the stages' SLURM arrays."""
+    config_dir.mkdir(parents=True, exist_ok=True)
+    lists: dict[str, list[str]] = {s: [] for s in STAGES}
+    for j in jobs:
+        path = config_dir / f"{j.name}.yaml"
+        path.write_text(f"# generated by litgpt-ext sweep ({j.stage}); depends on: {', '.join(j.depends) or 'nothing'}\n"
+                        + yaml.safe_dump(j.config, sort_keys=False))
+        lists[j.stage].append(str(path))
+    lines = ["#!/usr/bin/env bash",
+             "# Submit the sweep as SLURM arrays, one per stage, each after the previous stage succeeded.",
+             "# Run from the repository root. Extra sbatch options: SBATCH_OPTS='--partition=… --time=…'.",
+             "set -euo pipefail", f"SCRIPT=${{SCRIPT:-{script}}}", "prev=''"]
+    for stage in STAGES:
+        if not lists[stage]:
+            continue
+        lst = config_dir / f"{stage}.txt"
+        lst.write_text("\n".join(lists[stage]) + "\n")
+        cmd = "pretrain" if stage != "sft" else "sft"
+        lines += [
+            f"dep=${{prev:+--dependency=afterok:$prev}}",
+            f"prev=$(LITGPT_EXT_COMMAND={cmd} CONFIG_LIST={shlex.quote(str(lst))} sbatch --parsable "
+            f"--array=1-{len(lists[stage])} $dep ${{SBATCH_OPTS:-}} \"$SCRIPT\")",
+            f"echo \"{stage}: job $prev ({len(lists[stage])} runs)\"",
+        ]
+    submit = config_dir / "submit.sh"
+    submit.write_text("\n".join(lines) + "\n")
+    submit.chmod(0o755)
+    return submit
+
+
+def run_local(jobs: list[Job], config_dir: Path, python: str = sys.executable) -> list[str]:
+    """Run the plan here, one job at a time in dependency order; finished runs are skipped."""
+    write_plan(jobs, config_dir)
+    done_names, ran = set(), []
+    todo = [j for j in jobs if not j.done()]
+    done_names |= {j.name for j in jobs if j.done()}
+    t0 = time.perf_counter()
+    for k, j in enumerate(todo, 1):
+        missing = [d for d in j.depends if d not in done_names]
+        if missing:
+            raise RuntimeError(f"sweep: {j.name} depends on {missing}, which did not finish")
+        elapsed = time.perf_counter() - t0
+        eta = elapsed / (k - 1) * (len(todo) - k + 1) if k > 1 else float("nan")
+        print(f"[sweep {k}/{len(todo)}] {j.stage} {j.name} (elapsed {elapsed / 60:.1f} min"
+              + (f", ETA {eta / 60:.1f} min)" if k > 1 else ")"), flush=True)
+        j.out_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [python, "-m", "litgpt_ext", j.command, "--config", str(config_dir / f"{j.name}.yaml")]
+        with open(j.out_dir / "sweep.log", "a") as log:
+            rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        if rc != 0:
+            raise RuntimeError(f"sweep: {j.name} failed (exit {rc}); log: {j.out_dir / 'sweep.log'}")
+        done_names.add(j.name)
+        ran.append(j.name)
+    return ran
+
+
+def sweep(spec: Path, action: Literal["plan", "write", "local"] = "plan", config_dir: Optional[Path] = None) -> list[dict]:
+    """Expand a sweep spec into runs: print the plan, write configs + SLURM submit script, or run locally.
+
+    Args:
+        spec: The sweep YAML (see `litgpt_ext.study.sweep`).
+        action: plan (print the table; a dry run), write (configs, CONFIG_LISTs, submit.sh), local (run here).
+        config_dir: Where generated configs go (default: <out_root>/configs).
+    """
+    s = load_spec(spec)
+    jobs = plan_sweep(s)
+    root = Path(s.out_root or Path("runs/sweeps") / s.name)
+    cdir = Path(config_dir or root / "configs")
+    print(plan_table(jobs))
+    if action == "write":
+        submit = write_plan(jobs, cdir)
+        print(f"\nwrote {len(jobs)} configs, CONFIG_LISTs and {submit}; submit with: bash {submit}")
+    elif action == "local":
+        run_local(jobs, cdir)
+    elif action != "plan":
+        raise ValueError(f"action must be plan, write or local, got {action!r}")
+    return [{"name": j.name, "stage": j.stage, "out_dir": str(j.out_dir), "depends": j.depends, **j.info} for j in jobs]

@@ -1,0 +1,75 @@
+"""`litgpt-ext reproduce`: config validation, the findings' logic on known numbers, the report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from litgpt_ext.study.reproduce import Arm, Cell, ReproduceConfig, arms_of, compare, findings, load_config, pretrain_jobs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cells(values: dict) -> dict:
+    """{(family, task): (sft losses, general losses)} -> cells."""
+    return {k: Cell(k[0], k[1], len(v[0]), list(v[0]), list(v[1]), [1e-3]) for k, v in values.items()}
+
+
+ARMS = [Arm("math_mid", "math", 66, 0.12, [42], ["math", "prose"], "mid"),
+        Arm("math_cpt", "math", 184, 1.0, [42], ["math"], "cpt"),
+        Arm("early_low", "math", 20, 0.1, [42], ["math"], "cross"), Arm("early_high", "math", 20, 0.5, [42], ["math"], "cross"),
+        Arm("late_low", "math", 130, 0.1, [42], ["math"], "cross"), Arm("late_high", "math", 130, 0.5, [42], ["math"], "cross")]
+
+
+def test_relative_improvement_and_t_test():
+    cells = _cells({("base", "math"): ([2.0, 2.1, 1.9], [4.0, 4.0, 4.0]), ("math_mid", "math"): ([1.0, 1.1, 0.9], [4.1, 4.2, 4.0])})
+    c = compare(cells, "math_mid", "math")
+    assert c["sft"]["rel_improvement"] == pytest.approx(0.5)
+    assert c["general"]["rel_improvement"] == pytest.approx(-0.025)
+    assert c["sft"]["p"] < 0.01  # well separated, 3 vs 3
+    assert compare(cells, "math_mid", "code") is None
+
+
+def test_findings_follow_the_numbers_both_ways():
+    good = _cells({
+        ("base", "math"): ([2.0, 2.0], [4.0, 4.0]), ("base", "prose"): ([3.0, 3.0], [4.0, 4.0]),
+        ("math_mid", "math"): ([1.5, 1.5], [4.05, 4.05]), ("math_mid", "prose"): ([2.99, 2.99], [4.05, 4.05]),
+        ("math_cpt", "math"): ([1.6, 1.6], [4.3, 4.3]),
+        ("early_low", "math"): ([1.8, 1.8], [4.0, 4.0]), ("early_high", "math"): ([1.6, 1.6], [4.1, 4.1]),
+        ("late_low", "math"): ([1.8, 1.8], [4.0, 4.0]), ("late_high", "math"): ([1.9, 1.9], [4.2, 4.2]),
+    })
+    f = {x["id"]: x for x in findings(good, ARMS)}
+    assert f["F1"]["holds"] and f["F1"]["numbers"]["far_mean"] == pytest.approx(0.25)
+    assert f["F2"]["holds"]
+    assert f["F4"]["holds"] and f["F4"]["numbers"]["high_minus_low_late"] == pytest.approx(-0.05)
+    bad = dict(good)
+    bad[("math_cpt", "math")] = Cell("math_cpt", "math", 2, [1.4, 1.4], [4.3, 4.3], [1e-3])  # CPT better in-domain
+    bad[("late_high", "math")] = Cell("late_high", "math", 2, [1.7, 1.7], [4.2, 4.2], [1e-3])  # high weight fine late
+    f = {x["id"]: x for x in findings(bad, ARMS)}
+    assert not f["F2"]["holds"] and not f["F4"]["holds"]
+
+
+def test_config_and_arms_are_validated(tmp_path):
+    cfg = load_config(ROOT / "midtrain_configs" / "reproduce" / "cpu.yaml")
+    arms = arms_of(cfg)
+    assert {a.role for a in arms} == {"mid", "cpt", "cross"} and all(a.seeds for a in arms)
+    jobs = pretrain_jobs(cfg, arms)
+    names = [j.name for j in jobs]
+    assert names[:2] == ["base_seed42", "base_seed43"] and "math_mid_seed43" in names and "code_mid_seed43" not in names
+    mid = next(j for j in jobs if j.name == "math_mid_seed42")
+    assert mid.config["fork_from"].endswith("base_seed42/step-00000066")
+    assert mid.config["data"]["init_args"]["mix_weights_str"] == "main:0.88,math:0.12"
+    base = jobs[0].config
+    assert base["train"]["max_iters"] == 200 and 66 % base["train"]["save_interval"] == 0
+    with pytest.raises(ValueError, match="unknown keys"):
+        arms_of(ReproduceConfig(arms=[{"name": "x", "domain": "math", "start": 1, "weight": 0.1, "colour": 1}]))
+    with pytest.raises(ValueError, match="domain 'prose' has no SFT task"):
+        arms_of(ReproduceConfig(arms=[{"name": "x", "domain": "prose", "start": 1, "weight": 0.1}]))
+    with pytest.raises(ValueError, match=r"seeds \[7\] are not pretraining seeds"):
+        arms_of(ReproduceConfig(arms=[{"name": "x", "domain": "math", "start": 1, "weight": 0.1, "seeds": [7]}]))
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({"sft_seeds": [1]}))
+    with pytest.raises(ValueError, match="sft_seeds needs >= 2"):
+        load_config(p)
