@@ -36,7 +36,7 @@ WORDS = ("the of and to that have with in is was for on as by at from it this wh
 def corpus(n: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     docs = []
-    for i in range(n):
+    for _ in range(n):
         r = rng.random()
         if docs and r < 0.10:
             words = rng.choice(docs).split()

@@ -140,7 +140,7 @@ def _run(cmd: list[str], cpu: bool) -> str:
 def bench_models(args, root: Path) -> list[dict]:
     from litgpt import Config
 
-    from litgpt_ext.train.speed import device_peak_flops, flops_per_token, SpeedArgs
+    from litgpt_ext.train.speed import SpeedArgs, device_peak_flops, flops_per_token
 
     if args.tiny:
         models = {"tiny": {"model_name": "tiny", "model_config": dict(

@@ -49,8 +49,8 @@ def main() -> None:
         start = {s: 1.0 / S for s in ids}
         end = {s: (0.5 if i == 0 else 0.5 / (S - 1)) for i, s in enumerate(ids)}
         rec = {"knots": [0.0, 1e12], "weights": [start, end], "ramps": ["constant", "linear"]}
-        const = lambda: Blend([1.0 / S] * S)  # noqa: E731
-        sched = lambda: ScheduledBlend(curve_pieces(rec, ids, 0.0, 1.0))  # noqa: E731
+        const = lambda S=S: Blend([1.0 / S] * S)  # noqa: E731
+        sched = lambda rec=rec, ids=ids: ScheduledBlend(curve_pieces(rec, ids, 0.0, 1.0))  # noqa: E731
         best = {"constant": float("inf"), "schedule": float("inf")}
         for _ in range(args.repeats):
             best["constant"] = min(best["constant"], blend_cost(const, args.samples))

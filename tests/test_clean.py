@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from litgpt_ext.prep.clean import QualityRules, clean, clean_documents
+from litgpt_ext.prep.clean import QualityRules, clean_documents
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = ("the of and to that have with river mountain city library garden engine theory music ocean "

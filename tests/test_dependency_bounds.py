@@ -4,9 +4,9 @@ untested version (litgpt>=0.5.8 once did; 0.5.11 lacks Config.n_expert_groups an
 
 import re
 import sys
-import tomllib
 from importlib.metadata import version
 
+import tomllib
 from packaging.requirements import Requirement
 from packaging.version import Version
 

@@ -130,8 +130,9 @@ def test_litgpt_evaluate_runs_our_tasks(dense_ckpt, tmp_path):
     torch.save(sd, lit / "lit_model.pth")
     for f in ("model_config.yaml", "tokenizer.json", "tokenizer_config.json"):
         (lit / f).write_bytes((ckpt / f).read_bytes())
-    from litgpt_ext.eval.convert import hf_config, hf_family
     from litgpt import Config
+
+    from litgpt_ext.eval.convert import hf_config, hf_family
 
     c = Config.from_file(lit / "model_config.yaml")
     hf_config(c, hf_family(c)).to_json_file(lit / "config.json")

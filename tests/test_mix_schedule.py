@@ -6,7 +6,6 @@ import random
 import subprocess
 import sys
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -335,7 +334,6 @@ def test_inspect_mix_prints_the_schedule(shard_root):
 def test_pretrain_follows_the_schedule_and_resume_keeps_it(tmp_path):
     """Through the real `pretrain` CLI: the loop hands the phase to the data module (set_phase), the
     realized code share ramps with the schedule, and a resumed run continues the same plan exactly."""
-    import csv
 
     import yaml
 

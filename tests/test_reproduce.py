@@ -7,7 +7,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from litgpt_ext.study.reproduce import Arm, Cell, ReproduceConfig, arms_of, compare, findings, load_config, pretrain_jobs
+from litgpt_ext.study.reproduce import (
+    Arm,
+    Cell,
+    ReproduceConfig,
+    arms_of,
+    compare,
+    findings,
+    load_config,
+    pretrain_jobs,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 from litgpt import GPT, Config
+from test_sft_data import make_dm, tok_dir, tokenizer  # noqa: F401  (fixtures)
 
 from litgpt_ext.sft.config import SFTConfig, SFTEvalArgs, SFTTrainArgs, sft_plan
 from litgpt_ext.sft.loss import sft_loss, validate_sft
 from litgpt_ext.sft.metrics import SFTMetrics, read_sft_metrics, source_identity, write_sft_metrics
-from test_sft_data import make_dm, tok_dir, tokenizer  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,7 @@ def test_config_errors(tmp_path):
     with pytest.raises(ValueError, match="is the source run's folder"):
         SFTConfig(checkpoint_dir="runs/a/final", out_dir="runs/a", data={"class_path": "litgpt_ext.sft.data.SFTData"})
     with pytest.raises(ValueError, match="optimizer.init_args.lr is not set"):
-        SFTConfig(checkpoint_dir="a/final", out_dir="b", data={"class_path": "litgpt_ext.sft.data.SFTData"}).peak_lr
+        _ = SFTConfig(checkpoint_dir="a/final", out_dir="b", data={"class_path": "litgpt_ext.sft.data.SFTData"}).peak_lr
     with pytest.raises(ValueError, match="lr_warmup_fraction must be in"):
         SFTTrainArgs(lr_warmup_fraction=1.0)
     with pytest.raises(ValueError, match="the name 'sft' is the SFT validation set's"):

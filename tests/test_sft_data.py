@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from litgpt import Tokenizer
 from litgpt.data import SFTDataset
 from litgpt.prompts import Alpaca

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 from litgpt import GPT, Config
+from test_sft_data import make_dm, tok_dir, tokenizer  # noqa: F401  (fixtures)
 
 from litgpt_ext.sft.loss import sft_loss, token_val_loaders, validate_sft
-from test_sft_data import make_dm, tok_dir, tokenizer  # noqa: F401  (fixtures)
 
 
 @pytest.fixture()

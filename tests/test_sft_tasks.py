@@ -8,10 +8,10 @@ from itertools import islice
 from pathlib import Path
 
 import pytest
+from test_sft_data import tok_dir, tokenizer  # noqa: F401  (fixtures)
 
 from litgpt_ext.prep.math_gen import generate_problems
 from litgpt_ext.sft.tasks import build_sft_tasks, cloze_items, extract_functions, math_items
-from test_sft_data import tok_dir, tokenizer  # noqa: F401  (fixtures)
 
 SHARED_FUNC = '''def shared_helper(x):
     """In a training file and in a held-out file."""
@@ -112,7 +112,7 @@ def test_build_sft_tasks_disjoint_from_training_documents(demo, tmp_path):
     assert json.loads((out / "manifest.json").read_text())["tasks"] == manifest
     train_text = {k: "\n".join(json.loads(x)["text"] for x in (demo / "raw" / f"{k}.jsonl").read_text().splitlines())
                   for k in ("code", "main", "math")}
-    for task, src in (("code", "code"), ("math", "math"), ("prose", "main")):
+    for task in ("code", "math", "prose"):
         tr = json.loads((out / task / "train.json").read_text())
         va = json.loads((out / task / "val.json").read_text())
         assert (len(tr), len(va)) == (manifest[task]["train"], manifest[task]["val"]) and tr and va
@@ -136,9 +136,7 @@ def test_build_sft_tasks_disjoint_from_training_documents(demo, tmp_path):
 def test_tasks_fit_max_tokens_and_load_in_litgpt_and_sftdata(demo, tmp_path, tokenizer, tok_dir):
     from litgpt.data import JSON
 
-    from litgpt_ext.sft.data import SFTData
-
-    from litgpt_ext.sft.data import Plain, encode_record
+    from litgpt_ext.sft.data import Plain, SFTData, encode_record
 
     out = tmp_path / "tasks"
     with pytest.raises(FileNotFoundError, match="needs a tokenizer"):

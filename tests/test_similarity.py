@@ -11,10 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from litgpt_ext.study.similarity import (
-    TextStats, compare, cosine, jaccard, js_similarity, pearson, read_sft_texts, sample_shard_docs, similarity,
-)
 from litgpt_ext.data.shard_io import write_token_shard
+from litgpt_ext.study.similarity import (
+    TextStats,
+    cosine,
+    jaccard,
+    js_similarity,
+    pearson,
+    read_sft_texts,
+    sample_shard_docs,
+    similarity,
+)
 from tests.eval_fixtures import train_tokenizer
 
 

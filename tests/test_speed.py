@@ -53,7 +53,6 @@ def test_compile_scope():
 
 def _measured_flops_per_token(model, seq: int, batch: int = 2) -> float:
     from lightning.fabric.utilities.throughput import measure_flops
-
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     x = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))

@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from test_train_cli import pattern_shard, val_rows
 
 from litgpt_ext.cli import main as cli_main
 from litgpt_ext.train import checkpoint as ckpt
 from litgpt_ext.train import dcp as tdcp
-
-from test_train_cli import ONE_SHARD, pattern_shard, val_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 64
@@ -118,6 +117,7 @@ def test_all_knobs_on_two_processes_then_sharded_resume_on_one(config_file, eage
     rows = [r for r in _csv_metrics(out) if r.get("mfu")]
     assert rows, "no mfu column in the CSV logger output"
     from litgpt.config import Config
+
     from litgpt_ext.train.speed import flops_per_token
 
     fpt = flops_per_token(Config(name="tiny", block_size=16, n_layer=2, n_head=2, n_embd=32, vocab_size=VOCAB,

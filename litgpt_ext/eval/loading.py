@@ -12,6 +12,7 @@ import torch
 from litgpt import Config, Tokenizer
 
 from litgpt_ext.model import build_model, load_moe_args
+
 # One checkpoint vocabulary for training and evaluation (names, completeness, weight loading).
 from litgpt_ext.train.checkpoint import MODEL_FILE, is_complete, resolve_checkpoints  # noqa: F401
 from litgpt_ext.train.checkpoint import load_model_state as load_state_dict  # noqa: F401

@@ -7,7 +7,6 @@ from typing import Optional
 from litgpt import GPT, Config
 from litgpt.model import LLaMAMoE
 
-from litgpt_ext.parallel import register_parallelize_hook
 from litgpt_ext.model.moe import (
     MoEArgs,
     MoEFeedForward,
@@ -20,6 +19,7 @@ from litgpt_ext.model.moe import (
     to_litgpt_state_dict,
     update_router_biases,
 )
+from litgpt_ext.parallel import register_parallelize_hook
 
 __all__ = [
     "MoEArgs",

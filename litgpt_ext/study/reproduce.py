@@ -29,7 +29,7 @@ from typing import Any, Optional
 
 import yaml
 
-from litgpt_ext.study.sweep import Job, SweepSpec, plan_sweep, mix_string
+from litgpt_ext.study.sweep import Job, SweepSpec, mix_string, plan_sweep
 
 DOMAIN_TASK = {"code": "code", "math": "math"}  # the SFT task of each midtraining domain
 
@@ -227,7 +227,7 @@ def best_lr_runs(runs: list[SFTRun]) -> dict[tuple[str, str], list[dict]]:
     for r in runs:
         by_src.setdefault((r.source, r.task), []).append(r)
     out: dict[tuple[str, str], list[dict]] = {}
-    for (source, task), rs in by_src.items():
+    for (_source, task), rs in by_src.items():
         first_seed = min(r.seed for r in rs)
         best = min((r for r in rs if r.seed == first_seed), key=lambda r: r.metrics()["sft_val_loss"]).lr
         for r in rs:
@@ -393,6 +393,16 @@ def _plots(cells: dict, arms: list[Arm], out: Path, cross_table: Optional[dict])
     return files
 
 
+def _cell(cmp: Optional[dict], what: str, key: str) -> str:
+    """A comparison's relative improvement (as %) or p-value for the results table ('' for the base)."""
+    if cmp is None:
+        return ""
+    v = cmp[what][key]
+    if key == "rel_improvement":
+        return f"{v:+.2%}"
+    return f"{v:.3g}" if v is not None else "n/a"
+
+
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -425,7 +435,7 @@ def write_report(cfg: ReproduceConfig, arms: list[Arm], runs: list[SFTRun], sim:
     elif sim is not None:
         f3_missing = "Not measured: fewer than 3 (arm, task) points to correlate."
         points = []
-        for (fam, task), c in sorted(cells.items()):
+        for fam, task in sorted(cells):
             if fam == "base":
                 continue
             cmp = compare(cells, fam, task)
@@ -461,9 +471,8 @@ def write_report(cfg: ReproduceConfig, arms: list[Arm], runs: list[SFTRun], sim:
           "|---|---|---|---|---|---|---|---|---|---|"]
     for (fam, task), c in sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][0] != "base", kv[0][0])):
         cmp = compare(cells, fam, task) if fam != "base" else None
-        ri = lambda w, k: "" if cmp is None else (f"{cmp[w][k]:+.2%}" if k == "rel_improvement" else (f"{cmp[w][k]:.3g}" if cmp[w][k] is not None else "n/a"))  # noqa: E731
-        L.append(f"| {fam} | {task} | {c.n} | {', '.join(f'{x:g}' for x in c.lrs)} | {_ms(c.sft)} | {ri('sft', 'rel_improvement')} | "
-                 f"{ri('sft', 'p')} | {_ms(c.general)} | {ri('general', 'rel_improvement')} | {ri('general', 'p')} |")
+        L.append(f"| {fam} | {task} | {c.n} | {', '.join(f'{x:g}' for x in c.lrs)} | {_ms(c.sft)} | {_cell(cmp, 'sft', 'rel_improvement')} | "
+                 f"{_cell(cmp, 'sft', 'p')} | {_ms(c.general)} | {_cell(cmp, 'general', 'rel_improvement')} | {_cell(cmp, 'general', 'p')} |")
     L += ["", "## Findings, as measured", ""]
     for x in sorted(f, key=lambda x: x["id"]):
         L += [f"### {x['id']}: {x['claim']}", "", f"**{'Holds' if x['holds'] else 'Does not hold'} at this scale.**",
@@ -492,11 +501,11 @@ def reproduce(
     pretrain_config: Path = Path("midtrain_configs/reproduce/pretrain_cpu.yaml"),
     sft_config: Path = Path("midtrain_configs/reproduce/sft_cpu.yaml"),
     total_steps: int = 200,
-    pretrain_seeds: list[int] = [42, 43],
+    pretrain_seeds: tuple[int, ...] = (42, 43),
     arms: Optional[list[dict[str, Any]]] = None,
-    base_tasks: list[str] = ["code", "math", "prose"],
-    sft_lrs: list[float] = [1e-3, 3e-3],
-    sft_seeds: list[int] = [1, 2, 3],
+    base_tasks: tuple[str, ...] = ("code", "math", "prose"),
+    sft_lrs: tuple[float, ...] = (1e-3, 3e-3),
+    sft_seeds: tuple[int, ...] = (1, 2, 3),
     similarity_docs: int = 300,
     sft_task_args: Optional[dict[str, Any]] = None,
     threads: Optional[int] = None,

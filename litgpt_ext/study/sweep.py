@@ -318,7 +318,7 @@ def write_plan(jobs: list[Job], config_dir: Path, script: str = "training_script
         lst.write_text("\n".join(lists[stage]) + "\n")
         cmd = "pretrain" if stage != "sft" else "sft"
         lines += [
-            f"dep=${{prev:+--dependency=afterok:$prev}}",
+            "dep=${prev:+--dependency=afterok:$prev}",
             f"prev=$(LITGPT_EXT_COMMAND={cmd} CONFIG_LIST={shlex.quote(str(lst))} sbatch --parsable "
             f"--array=1-{len(lists[stage])} $dep ${{SBATCH_OPTS:-}} \"$SCRIPT\")",
             f"echo \"{stage}: job $prev ({len(lists[stage])} runs)\"",

@@ -62,9 +62,9 @@ def save_sharded(path: Union[str, Path], model: nn.Module, optimizer: Optional[t
     Not atomic by itself: `write_sharded_checkpoint` wraps it in the `.tmp` + rename protocol.
     `model` is the unwrapped module (`fabric_model.module`), `optimizer` the torch optimizer.
     """
-    import torch.distributed.checkpoint as dcp
-
     import warnings
+
+    import torch.distributed.checkpoint as dcp
 
     path = Path(path)
     with warnings.catch_warnings():  # one process without a process group is a supported case here
@@ -114,8 +114,8 @@ def write_sharded_checkpoint(
        configs and tokenizer, fsyncs, and renames `.tmp` into place; barrier
     `training_state` is only read on rank 0.
     """
-    from litgpt.utils import copy_config_files, save_config
     import yaml
+    from litgpt.utils import copy_config_files, save_config
 
     rank = _rank() if rank is None else rank
     ckpt_dir = Path(ckpt_dir)

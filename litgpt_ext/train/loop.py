@@ -28,12 +28,12 @@ from litgpt_ext.model import MoEArgs
 from litgpt_ext.train import checkpoint as ckpt
 from litgpt_ext.train import dcp as tdcp
 from litgpt_ext.train import preempt
-from litgpt_ext.train.preempt import PREEMPT_EXIT_CODE
-from litgpt_ext.train.preempt import PreemptFlag as _PreemptFlag
 from litgpt_ext.train.args import EvalArgs, TrainArgs
 from litgpt_ext.train.metrics import StepLogger
 from litgpt_ext.train.objective import LossFn, next_token_loss
 from litgpt_ext.train.plan import RunPlan, choose_plan, phases_of, record_phase, stop_warning
+from litgpt_ext.train.preempt import PREEMPT_EXIT_CODE
+from litgpt_ext.train.preempt import PreemptFlag as _PreemptFlag
 from litgpt_ext.train.speed import SpeedArgs
 from litgpt_ext.train.state import CheckpointWriter, TrainingState
 from litgpt_ext.train.validate import check_pretrain_inputs, check_shards_fit_model
