@@ -147,11 +147,31 @@ def test_fork_then_midtrain_with_new_blend(config_file, one_proc):
     assert ckpt.load_training_state(one_proc / "step-00000003")["step"] == 3
 
 
-@pytest.mark.parametrize("config", sorted(p for p in (ROOT / "midtrain_configs").glob("*/*.yaml") if p.parent.name != "sft"),
-                         ids=lambda p: p.name)  # sft/ configs are `litgpt-ext sft` configs (tests/test_sft_config.py)
-def test_shipped_configs_parse(config, capsys):
+def _shipped_command(config: Path) -> list[str]:
+    """The command each shipped YAML is for: sweeps, the reproduction study, SFT, else pretrain."""
+    if config.parent.name == "sweeps":
+        return ["sweep", "--spec", str(config)]
+    raw = yaml.safe_load(config.read_text()) or {}
+    if config.parent.name == "reproduce" and "arms" in raw:
+        return ["reproduce", "--config", str(config), "--print_config"]
+    if str((raw.get("data") or {}).get("class_path", "")).endswith("SFTData"):
+        return ["sft", "--config", str(config), "--print_config"]
+    return ["pretrain", "--config", str(config), "--print_config"]
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "midtrain_configs").glob("*/*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_parse(config, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)  # configs name repo-relative paths (sweeps: their base and SFT configs)
+    cmd = _shipped_command(config)
+    if cmd[0] == "sweep":
+        cli_main(cmd)  # the plan table (a dry run)
+        assert "base_seed" in capsys.readouterr().out
+        return
     with pytest.raises(SystemExit) as e:
-        cli_main(["pretrain", "--config", str(config), "--print_config"])
+        cli_main(cmd)
     assert e.value.code in (0, None)
+    if cmd[0] != "pretrain":
+        assert yaml.safe_load(capsys.readouterr().out)  # the resolved config
+        return
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["data"]["class_path"] == "litgpt_ext.data.ShardedMixedDataset"
