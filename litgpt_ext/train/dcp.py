@@ -106,20 +106,18 @@ def write_sharded_checkpoint(
     barrier: Callable[[], None] = _barrier,
     rank: Optional[int] = None,
 ) -> Path:
-    """Every rank: one sharded checkpoint, atomically (the sharded twin of `checkpoint.write_checkpoint`).
+    """Every rank: one sharded checkpoint, atomically, through `checkpoint.write_checkpoint`.
 
     1. rank 0 empties `<ckpt_dir>.tmp/`; barrier
-    2. every rank writes its shards into `<ckpt_dir>.tmp/sharded/` (DCP: collective)
-    3. rank 0 writes training_state.pth (without the optimizer, which is in the shards), the
-       configs and tokenizer, fsyncs, and renames `.tmp` into place; barrier
+    2. every rank writes its shards into `<ckpt_dir>.tmp/sharded/` (DCP: collective); barrier
+    3. rank 0 finishes the folder with `write_checkpoint(prepared=True)`: training_state.pth
+       (without the optimizer, which is in the shards), configs, tokenizer, manifest, fsync and the
+       rename into place (the same protocol as a full checkpoint); barrier
     `training_state` is only read on rank 0.
     """
-    import yaml
-    from litgpt.utils import copy_config_files, save_config
-
     rank = _rank() if rank is None else rank
     ckpt_dir = Path(ckpt_dir)
-    tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
+    tmp = ckpt.tmp_dir_of(ckpt_dir)
     if rank == 0:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -130,32 +128,9 @@ def write_sharded_checkpoint(
     if rank == 0:
         state = {k: v for k, v in (training_state or {}).items() if k != "optimizer"}
         state["checkpoint_format"] = "sharded"
-        torch.save(state, tmp / ckpt.STATE_FILE)
-        save_config(model_config, tmp)
-        with open(tmp / ckpt.HPARAMS_FILE, "w", encoding="utf-8") as f:
-            yaml.safe_dump(ckpt._jsonable(hparams), f, sort_keys=False)
-        if tokenizer_dir is not None:
-            copy_config_files(Path(tokenizer_dir), tmp)
-            save_config(model_config, tmp)
-        for root, _, files in os.walk(tmp):
-            for name in files:
-                with open(os.path.join(root, name), "rb") as fh:
-                    os.fsync(fh.fileno())
-        _swap_into_place(tmp, ckpt_dir)
+        ckpt.write_checkpoint(ckpt_dir, None, state, model_config, hparams, tokenizer_dir, prepared=True)
     barrier()
     return ckpt_dir
-
-
-def _swap_into_place(tmp: Path, dst: Path) -> None:
-    if dst.exists():  # never leave neither in place
-        old = dst.with_name(dst.name + ".old.tmp")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(dst, old)
-        os.replace(tmp, dst)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, dst)
 
 
 def load_full_model_state(ckpt_dir: Union[str, Path]) -> dict[str, torch.Tensor]:
