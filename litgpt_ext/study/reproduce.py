@@ -29,7 +29,7 @@ from typing import Any, Optional
 
 import yaml
 
-from litgpt_ext.study.sweep import Job, SweepSpec, mix_string, plan_sweep
+from litgpt_ext.study.sweep import Job, SweepSpec, mix_string, plan_sweep, read_yaml_for
 
 DOMAIN_TASK = {"code": "code", "math": "math"}  # the SFT task of each midtraining domain
 
@@ -64,15 +64,7 @@ class ReproduceConfig:
 
 
 def load_config(path: Path) -> ReproduceConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"reproduce config {str(path)!r} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
-    known = set(ReproduceConfig.__dataclass_fields__)
-    bad = sorted(set(raw) - known)
-    if bad:
-        raise ValueError(f"reproduce config {str(path)!r}: unknown keys {bad}; known: {sorted(known)}")
-    cfg = ReproduceConfig(**raw)
+    cfg = ReproduceConfig(**read_yaml_for(path, "reproduce config", ReproduceConfig))
     for k in ("out_dir", "demo_dir", "pretrain_config", "sft_config"):
         setattr(cfg, k, Path(getattr(cfg, k)))
     validate_config(cfg)

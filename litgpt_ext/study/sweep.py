@@ -107,15 +107,21 @@ class Job:
 # ------------------------------------------------------------------------------------------- spec
 
 
-def load_spec(path: Path) -> SweepSpec:
+def read_yaml_for(path: Path, what: str, cls: type) -> dict:
+    """A YAML file's mapping, refusing keys that are not fields of the dataclass `cls` (named)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"sweep spec {str(path)!r} does not exist")
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
     raw = yaml.safe_load(path.read_text()) or {}
-    known = set(SweepSpec.__dataclass_fields__)
+    known = set(cls.__dataclass_fields__)
     unknown = sorted(set(raw) - known)
     if unknown:
-        raise ValueError(f"sweep spec {str(path)!r}: unknown keys {unknown}; known: {sorted(known)}")
+        raise ValueError(f"{what} {str(path)!r}: unknown keys {unknown}; known: {sorted(known)}")
+    return raw
+
+
+def load_spec(path: Path) -> SweepSpec:
+    raw = read_yaml_for(path, "sweep spec", SweepSpec)
     missing = [k for k in ("name", "base_config", "total_steps") if k not in raw]
     if missing:
         raise ValueError(f"sweep spec {str(path)!r} lacks {missing}")
