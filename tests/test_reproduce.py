@@ -66,12 +66,14 @@ def test_config_and_arms_are_validated(tmp_path):
     assert {a.role for a in arms} == {"mid", "cpt", "cross"} and all(a.seeds for a in arms)
     jobs = pretrain_jobs(cfg, arms)
     names = [j.name for j in jobs]
-    assert names[:2] == ["base_seed42", "base_seed43"] and "math_mid_seed43" in names and "code_mid_seed43" not in names
+    assert names[:5] == ["base_seed42_to20", "base_seed42_to66", "base_seed42_to132", "base_seed42_to184", "base_seed42"]
+    assert "base_seed43" in names and "math_mid_seed43" in names and "code_mid_seed43" not in names
     mid = next(j for j in jobs if j.name == "math_mid_seed42")
     assert mid.config["fork_from"].endswith("base_seed42/step-00000066")
     assert mid.config["data"]["init_args"]["mix_weights_str"] == "main:0.88,math:0.12"
-    base = jobs[0].config
-    assert base["train"]["max_iters"] == 200 and 66 % base["train"]["save_interval"] == 0
+    assert mid.depends == ["base_seed42_to66"]
+    base = jobs[4].config
+    assert base["train"]["max_iters"] == 200 and base["train"]["save_interval"] == 80  # no extra checkpoints
     with pytest.raises(ValueError, match="unknown keys"):
         arms_of(ReproduceConfig(arms=[{"name": "x", "domain": "math", "start": 1, "weight": 0.1, "colour": 1}]))
     with pytest.raises(ValueError, match="domain 'prose' has no SFT task"):

@@ -340,3 +340,56 @@ def test_two_tasks_time_limit(cluster, tmp_path):
     text = _finish(jid, log, restarts=1)
     _check_resumes(text, tmp_path / "out", STEPS, segments=2)
     assert "x 2 ranks per step" in text, text[-3000:]
+
+
+def _array_tasks(jid: str) -> list[dict]:
+    out = _sh("scontrol", "show", "job", "-o", jid, check=False).stdout
+    return [dict(kv.split("=", 1) for kv in line.split() if "=" in kv) for line in out.splitlines() if line.strip()]
+
+
+def test_sweep_plan_runs_on_slurm_with_per_run_dependencies(cluster, tmp_path):
+    """`litgpt-ext sweep --action write` -> `bash submit.sh` on a real SLURM: base runs split at the fork
+    step, an arm per seed after exactly its segment, a soup of the seeds' arms after both."""
+    from litgpt_ext.study.sweep import load_spec, plan_sweep, write_plan
+    from litgpt_ext.train import checkpoint as ckpt
+
+    base = _config(tmp_path, 8, num_workers=0)
+    _pattern_shard(tmp_path / "data" / "c1", 3, 80, 1)
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": "slurm", "base_config": str(base), "total_steps": 8, "out_root": str(tmp_path / "runs"),
+        "seeds": [1, 2], "arms": [{"name": "code", "domain": "code", "start": 4, "weight": 0.5}],
+        "base_overrides": {"data.init_args.mix_weights_str": "main:1.0"}, "soup_seeds": True}))
+    jobs = plan_sweep(load_spec(spec))
+    submit = write_plan(jobs, tmp_path / "cfg")
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "SCRIPT": str(SCRIPT),
+           "SBATCH_OPTS": f"--chdir={tmp_path} --output={tmp_path}/logs/%x-%A_%a.out --gpus-per-node=0"
+                          " --cpus-per-task=1 --mem=1G --time=10"}
+    out = _sh("bash", str(submit), env=env, cwd=tmp_path).stdout
+    ids = re.findall(r"^\w+: job (\d+) ", out, flags=re.M)
+    assert len(ids) == 7, out  # seeds' first segments; 2 x (rest, arm); 2 soups
+
+    def logs() -> str:
+        return "\n".join(f"== {p.name}\n{_read(p)[-1500:]}" for p in sorted((tmp_path / "logs").glob("*.out")))
+
+    def ended():
+        tasks = [t for j in ids for t in _array_tasks(j)]
+        return len(tasks) == len(jobs) and all(t.get("JobState") not in ("PENDING", "RUNNING", "CONFIGURING",
+                                                                            "COMPLETING") for t in tasks) and tasks
+    tasks = _wait(ended, 600, f"the sweep's jobs to end\n{logs()}", poll=2)
+    assert all(t["JobState"] == "COMPLETED" and t["ExitCode"] == "0:0" for t in tasks), f"{tasks}\n{logs()}"
+    by = {t["JobName"] + ("" if t.get("ArrayTaskId") in (None, "1") else "#" + t["ArrayTaskId"]): t for t in tasks}
+    for seed in (1, 2):
+        seg = next(t for t in tasks if t["JobName"] == "base-base_seed1_to4"
+                   and t["ArrayTaskId"] == str(seed))  # one array holds both seeds' first segments
+        arm = by[f"midtrain-code_seed{seed}"]
+        assert arm["StartTime"] >= seg["EndTime"], (seg, arm)  # after its fork step was saved ...
+        sb = ckpt.load_training_state(tmp_path / "runs" / f"base_seed{seed}" / "final")
+        sa = ckpt.load_training_state(tmp_path / "runs" / f"code_seed{seed}" / "final")
+        assert sb["step"] == sa["step"] == 8 and sa["lr"] == pytest.approx(sb["lr"])
+        assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "runs" / f"base_seed{seed}")] == [4, 8]
+        assert len((tmp_path / "runs" / f"base_seed{seed}" / "phases.jsonl").read_text().splitlines()) == 1
+    for soup in ("soup_base", "soup_code"):
+        assert (tmp_path / "runs" / soup / "soup.json").is_file(), logs()
+    assert by["soup-soup_code"]["StartTime"] >= max(by[f"midtrain-code_seed{s}"]["EndTime"] for s in (1, 2))

@@ -30,13 +30,25 @@ def test_plan_wires_forks_budgets_and_seeds(tmp_path, config_file):  # noqa: F81
                            arms=[{"name": "cpt", "domain": "code", "start": 4, "weight": 1.0}]))
     jobs = plan_sweep(spec)
     by = {j.name: j for j in jobs}
-    assert [j.stage for j in jobs] == ["base"] * 2 + ["midtrain"] * 6
+    # each base run is one job per fork step (2, 4), then the rest: an arm waits for its step only
+    assert [j.name for j in jobs[:6]] == ["base_seed1_to2", "base_seed1_to4", "base_seed1",
+                                          "base_seed2_to2", "base_seed2_to4", "base_seed2"]
+    assert [j.stage for j in jobs] == ["base"] * 6 + ["midtrain"] * 6
+    assert by["base_seed1_to4"].depends == ["base_seed1_to2"] and by["base_seed1"].depends == ["base_seed1_to4"]
+    seg = by["base_seed1_to4"].config
+    assert seg["train"]["pause_at_step"] == 4 and seg["out_dir"] == by["base_seed1"].config["out_dir"]
+    assert {**seg["train"], "pause_at_step": None} == by["base_seed1"].config["train"]  # same plan otherwise
     base = by["base_seed1"].config
+    assert base["resume"] == "auto" and base["train"]["pause_at_step"] is None
     assert base["train"]["max_iters"] == 6 and base["train"]["max_tokens"] is None
-    assert base["train"]["save_interval"] == 1  # gcd(2, 4) = 2 does not divide by the config's 3 -> 1
+    assert base["train"]["save_interval"] == 3  # the config's: each segment's pause saves its fork step
+    unsplit = {j.name: j for j in plan_sweep(load_spec(_spec(tmp_path, config_file, split_base=False)))}
+    assert list(unsplit) == ["base_seed42", "code_w0.5_at2_seed42", "code_w0.5_at4_seed42"]
+    assert unsplit["base_seed42"].config["train"]["save_interval"] == 1  # gcd(2, 4) = 2 vs the config's 3 -> 1
+    assert unsplit["code_w0.5_at4_seed42"].depends == ["base_seed42"]
     assert base["seed"] == 1 and base["data"]["init_args"]["seed"] == 1
     arm = by["code_w0.5_at4_seed2"]
-    assert arm.depends == ["base_seed2"]
+    assert arm.depends == ["base_seed2_to4"] and by["code_w0.5_at2_seed2"].depends == ["base_seed2_to2"]
     assert arm.config["fork_from"] == str(tmp_path / "runs" / "base_seed2" / "step-00000004")
     assert arm.config["data"]["init_args"]["mix_weights_str"] == "main:0.5,code:0.5"
     assert arm.config["train"]["max_iters"] == 6 and arm.config["train"]["max_additional_steps"] is None
@@ -46,15 +58,37 @@ def test_plan_wires_forks_budgets_and_seeds(tmp_path, config_file):  # noqa: F81
     assert "fork @4, main:0.5,code:0.5" in table and "cpt_seed2" in table
 
 
-def test_write_plan_chains_stages(tmp_path, config_file):  # noqa: F811
-    jobs = plan_sweep(load_spec(_spec(tmp_path, config_file)))
+def test_write_plan_submits_each_group_after_exactly_what_it_needs(tmp_path, config_file):  # noqa: F811
+    spec = load_spec(_spec(tmp_path, config_file, seeds=[1, 2], soup_seeds=True))
+    jobs = plan_sweep(spec)
+    soups = [j for j in jobs if j.stage == "soup"]
+    assert [j.name for j in soups] == ["soup_base", "soup_code_w0.5_at2", "soup_code_w0.5_at4"]
+    assert soups[1].depends == ["code_w0.5_at2_seed1", "code_w0.5_at2_seed2"]
+    assert soups[1].config["checkpoints"] == [str(tmp_path / "runs" / f"code_w0.5_at2_seed{s}" / "final") for s in (1, 2)]
     submit = write_plan(jobs, tmp_path / "cfg")
-    lists = {s: (tmp_path / "cfg" / f"{s}.txt").read_text().split() for s in ("base", "midtrain")}
-    assert len(lists["base"]) == 1 and len(lists["midtrain"]) == 2
+    lists = {s: (tmp_path / "cfg" / f"{s}.txt").read_text().split() for s in ("base", "midtrain", "soup")}
+    assert (len(lists["base"]), len(lists["midtrain"]), len(lists["soup"])) == (6, 4, 3)
     for p in lists["base"] + lists["midtrain"]:
         assert yaml.safe_load(Path(p).read_text())["out_dir"].startswith(str(tmp_path / "runs"))
     text = submit.read_text()
-    assert "--array=1-1" in text and "--array=1-2" in text and "--dependency=afterok:$prev" in text
+    # groups: both seeds' first segments (one array), then per seed: segment to 4, the rest, the arm at 2,
+    # the arm at 4; then one array per soup
+    arrays = sorted((tmp_path / "cfg" / "arrays").iterdir())
+    assert [len(a.read_text().split()) for a in arrays] == [2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]
+    assert arrays[0].read_text().split() == [str(tmp_path / "cfg" / f"base_seed{s}_to2.yaml") for s in (1, 2)]
+    sub = {line.split("=", 1)[0]: line for line in text.splitlines() if "sbatch" in line}
+    assert "--dependency" not in sub["g1"] and "--array=1-2" in sub["g1"]
+    assert "--dependency=afterok:${g1}_1 " in sub["g2"]  # seed 1's segment to 4 after seed 1's first segment
+    arm2 = next(k for k, v in sub.items() if "midtrain-code_w0.5_at2_seed2" in v)
+    assert "--dependency=afterok:${g1}_2 " in sub[arm2]  # the seed-2 arm at step 2: its segment, nothing else
+    soup = next(k for k, v in sub.items() if "soup-soup_code_w0.5_at2" in v)
+    g6, g8 = (next(k for k, v in sub.items() if f"midtrain-code_w0.5_at2_seed{s} " in v) for s in (1, 2))
+    assert "LITGPT_EXT_COMMAND=soup" in sub[soup]
+    assert f"--dependency=afterok:${{{g6}}}_1:${{{g8}}}_1 " in sub[soup]  # after both seeds' arms
+    assert "--kill-on-invalid-dep=yes" in sub[arm2]
+    import subprocess
+
+    assert subprocess.run(["bash", "-n", str(submit)]).returncode == 0
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -72,11 +106,13 @@ def test_bad_specs_are_named(tmp_path, config_file, bad, match):  # noqa: F811
 def test_local_run_forks_and_ends_at_the_shared_total(tmp_path, config_file):  # noqa: F811
     spec = load_spec(_spec(tmp_path, config_file, grid={"domain": ["code"], "start": [2], "weight": [0.5]}))
     jobs = plan_sweep(spec)
-    assert run_local(jobs, tmp_path / "cfg") == ["base_seed42", "code_w0.5_at2_seed42"]
+    assert run_local(jobs, tmp_path / "cfg") == ["base_seed42_to2", "base_seed42", "code_w0.5_at2_seed42"]
     base, arm = (tmp_path / "runs" / n / "final" for n in ("base_seed42", "code_w0.5_at2_seed42"))
     sb, sa = ckpt.load_training_state(base), ckpt.load_training_state(arm)
     assert sb["step"] == sa["step"] == 6
     assert sa["lr"] == pytest.approx(sb["lr"])  # same schedule position: no re-warmup, same horizon
     assert sa["mix"]["weights"] == {"main/1": 0.25, "main/2": 0.25, "c1": 0.5}  # the arm's new blend
     assert sb["mix"]["weights"]["c1"] == pytest.approx(0.2)  # the base config's own blend
+    assert "Done: paused at step 2" in (tmp_path / "runs" / "base_seed42" / "sweep.log").read_text()
+    assert len((tmp_path / "runs" / "base_seed42" / "phases.jsonl").read_text().splitlines()) == 1  # one plan
     assert run_local(jobs, tmp_path / "cfg") == []  # finished runs are skipped

@@ -173,3 +173,22 @@ def test_requeued_phase_stops_where_it_was_planned_with_the_same_lrs(straight, t
     assert [p["lr"] for p in plans] == [schedule(s) for s in (6, 8, 10, 12)]
     assert last["losses"] == {k: v for k, v in ref["losses"].items() if k > 10}  # bit-identical continuation
     assert len((requeued / "phases.jsonl").read_text().splitlines()) == 1
+
+
+def test_pause_at_step_splits_a_phase_into_jobs_without_moving_its_plan(straight, tmp_path):
+    # sweep's base segments: each job stops at a fork step (exit 0, no final/), the next continues
+    out, r = straight
+    seg1 = run(tmp_path, train={"pause_at_step": 3})
+    assert seg1["stopped"] == "paused" and seg1["step"] == 3 and not (tmp_path / "final").exists()
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-00000003"
+    assert seg1["losses"] == {k: v for k, v in r["losses"].items() if k <= 3}
+    again = run(tmp_path, resume="auto", train={"pause_at_step": 3})  # a resubmitted segment: nothing to do
+    assert again["stopped"] == "paused" and again["losses"] == {}
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-00000003"
+    seg2 = run(tmp_path, resume="auto", train={"pause_at_step": 6})
+    seg3 = run(tmp_path, resume="auto")  # the last segment: no pause
+    assert (seg2["step"], seg3["stopped"], seg3["step"]) == (6, "budget", 8)
+    assert {**seg1["losses"], **seg2["losses"], **seg3["losses"]} == r["losses"]  # bit-identical, same plan
+    assert seg1["plan"] == seg3["plan"] and len((tmp_path / "phases.jsonl").read_text().splitlines()) == 1
+    a, b = ckpt.load_model_state(out / "final"), ckpt.load_model_state(tmp_path / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -72,7 +72,7 @@ if [ -z "$config" ]; then
 fi
 [ -f "$config" ] || { echo "config '$config' does not exist (cwd: $PWD)" >&2; exit 2; }
 
-# Which command: $LITGPT_EXT_COMMAND (pretrain | sft), else sft for an SFT config (its data module is
+# Which command: $LITGPT_EXT_COMMAND (pretrain | sft | soup), else sft for an SFT config (its data module is
 # litgpt_ext.sft.data.SFTData), else pretrain. `litgpt-ext sweep` writes CONFIG_LISTs of both kinds.
 command=${LITGPT_EXT_COMMAND:-$("$PYTHON" - "$config" <<'PY'
 import sys, yaml
@@ -81,12 +81,12 @@ print("sft" if str((cfg.get("data") or {}).get("class_path") or "").endswith("SF
 PY
 )}
 case "$command" in
-  pretrain|sft) ;;
-  *) echo "LITGPT_EXT_COMMAND='$command' is not a training command; expected pretrain or sft" >&2; exit 2 ;;
+  pretrain|sft|soup) ;;  # soup: the seed-averaging step of a `litgpt-ext sweep` plan (no training, no resume)
+  *) echo "LITGPT_EXT_COMMAND='$command' is not a command this script runs; expected pretrain, sft or soup" >&2; exit 2 ;;
 esac
 
 extra=()
-if [ "$AUTO_RESUME" = 1 ] && "$PYTHON" - "$config" "$@" <<'PY'
+if [ "$AUTO_RESUME" = 1 ] && [ "$command" != soup ] && "$PYTHON" - "$config" "$@" <<'PY'
 import sys, yaml
 cfg = yaml.safe_load(open(sys.argv[1])) or {}
 args = sys.argv[2:]

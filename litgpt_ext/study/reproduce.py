@@ -553,7 +553,9 @@ def reproduce(
         if j.done():
             progress.done += 1
             continue
-        progress.step(f"{j.stage} {j.name}" + (f" (fork @{j.info['start']}, {j.info['mix']})" if j.stage == "midtrain" else ""))
+        what = (f" (fork @{j.info['start']}, {j.info['mix']})" if j.stage == "midtrain"
+                else f" (until step {j.info['pause']})" if j.info.get("pause") is not None else "")
+        progress.step(f"{j.stage} {j.name}{what}")
         path = cfg_dir / f"{j.name}.yaml"
         path.write_text(yaml.safe_dump(j.config, sort_keys=False))
         _cli(["pretrain", "--config", str(path)], j.out_dir / "reproduce.log")
@@ -561,6 +563,8 @@ def reproduce(
     fam = {a.name: a for a in arms}
     sources = []
     for j in jobs:
+        if j.info.get("pause") is not None:
+            continue  # a base run's segment up to a fork step: its run's last job is the SFT source
         family = "base" if j.stage == "base" else j.name.rsplit("_seed", 1)[0]
         tasks = cfg.base_tasks if family == "base" else fam[family].tasks
         sources.append((j.name, family, j.info["seed"], j.out_dir / "final", tasks))

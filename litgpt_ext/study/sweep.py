@@ -39,7 +39,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-STAGES = ("base", "midtrain", "sft")
+STAGES = ("base", "midtrain", "soup", "sft")
 
 
 @dataclass
@@ -83,6 +83,13 @@ class SweepSpec:
     """Dotted-key overrides of the base runs (e.g. train.log_interval)"""
     arm_overrides: dict[str, Any] = field(default_factory=dict)
     """Dotted-key overrides of every midtraining arm"""
+    split_base: bool = True
+    """Run each base run as one job per fork step (`train.pause_at_step`): an arm forking at 6k starts
+    once step 6k is saved, not after the whole base run. The plan, LR and data order are those of one
+    uninterrupted run; false: one job per base run"""
+    soup_seeds: bool = False
+    """Average the final weights of every arm (and base) run under several pretraining seeds into
+    `soup_<arm>` (`litgpt-ext soup`); SFT then also starts from each soup"""
     sft: Optional[SFTGrid] = None
 
 
@@ -99,8 +106,13 @@ class Job:
     def done(self) -> bool:
         if self.command == "sft":
             return (self.out_dir / "sft_metrics.json").is_file()
-        from litgpt_ext.train.checkpoint import is_complete
+        if self.command == "soup":
+            return (self.out_dir / "soup.json").is_file()
+        from litgpt_ext.train.checkpoint import is_complete, list_checkpoints
 
+        pause = self.info.get("pause")
+        if pause is not None:  # a base segment: done once a checkpoint at or past its pause step exists
+            return any(step >= pause for step, _ in list_checkpoints(self.out_dir, final=True))
         return is_complete(self.out_dir / "final")
 
 
@@ -161,9 +173,13 @@ def mix_string(replay: str, domain: str, weight: float) -> str:
     return f"{replay}:{1 - weight:g},{domain}:{weight:g}"
 
 
+def arm_family(a: dict) -> str:
+    """An arm's name without the pretraining seed (its seeds' runs are one family: a soup's ingredients)."""
+    return a.get("name") or f"{a['domain']}_w{a['weight']:g}_at{a['start']}"
+
+
 def arm_name(a: dict, seed: int) -> str:
-    base = a.get("name") or f"{a['domain']}_w{a['weight']:g}_at{a['start']}"
-    return f"{base}_seed{seed}"
+    return f"{arm_family(a)}_seed{seed}"
 
 
 def _arms(spec: SweepSpec) -> list[dict]:
@@ -206,38 +222,52 @@ def plan_sweep(spec: SweepSpec) -> list[Job]:
     base_cfg = yaml.safe_load(spec.base_config.read_text()) or {}
     root = Path(spec.out_root or Path("runs/sweeps") / spec.name)
     arms = _arms(spec)
-    starts = sorted({int(a["start"]) for a in arms})
     jobs: list[Job] = []
-    finals: list[tuple[str, Path, int]] = []  # (job name, run dir, seed) whose final/ SFT starts from
+    finals: list[tuple[str, Path, Optional[int]]] = []  # (job name, checkpoint SFT starts from, pretraining seed)
+    families: dict[str, list[tuple[str, Path]]] = {}  # arm name without the seed -> its runs (for soups)
+
+    def under(a: dict, seed: int) -> bool:
+        return a.get("seeds") is None or seed in a["seeds"]
 
     for seed in spec.seeds:
+        starts = sorted({int(a["start"]) for a in arms if under(a, seed)})
         cfg = copy.deepcopy(base_cfg)
         name = f"base_seed{seed}"
         out = root / name
         _set(cfg, "out_dir", str(out))
+        _set(cfg, "resume", "auto")  # every job of the run (segments, requeues) continues its checkpoints
         _set(cfg, "seed", seed)
         _set(cfg, "data.init_args.seed", seed)
         _set(cfg, "train.max_iters", spec.total_steps)
-        for k in ("train.max_additional_steps", "train.max_tokens"):
+        for k in ("train.max_additional_steps", "train.max_tokens", "train.pause_at_step"):
             _set(cfg, k, None)
         for k, v in spec.base_overrides.items():
             _set(cfg, k, v)
         save = _get(cfg, "train.save_interval")
-        if starts:
+        if starts and not spec.split_base:  # (split: each segment's pause saves its fork step)
             need = math.gcd(*starts)
             if not save or need % save:
                 new = math.gcd(need, save) if save else need
                 print(f"sweep: base save_interval {save} does not hit every fork step {starts}; using {new}")
                 _set(cfg, "train.save_interval", new)
-            if _get(cfg, "train.keep_last_k") is not None:
-                print("sweep: base keep_last_k would delete fork points; keeping every checkpoint")
-                _set(cfg, "train.keep_last_k", None)
-        jobs.append(Job(name, "base", "pretrain", cfg, out, info={"seed": seed, "mix": _get(cfg, "data.init_args.mix_weights_str")}))
-        finals.append((name, out, seed))
+        if starts and _get(cfg, "train.keep_last_k") is not None:
+            print("sweep: base keep_last_k would delete fork points; keeping every checkpoint")
+            _set(cfg, "train.keep_last_k", None)
+        info = {"seed": seed, "mix": _get(cfg, "data.init_args.mix_weights_str")}
+        prev: list[str] = []
+        for stop in starts if spec.split_base else []:  # one job per fork step, then the rest of the run
+            seg = copy.deepcopy(cfg)
+            _set(seg, "train.pause_at_step", stop)
+            jobs.append(Job(f"{name}_to{stop}", "base", "pretrain", seg, out, depends=prev,
+                            info={**info, "pause": stop}))
+            prev = [f"{name}_to{stop}"]
+        jobs.append(Job(name, "base", "pretrain", cfg, out, depends=prev, info=info))
+        finals.append((name, out / "final", seed))
+        families.setdefault("base", []).append((name, out / "final"))
 
     for seed in spec.seeds:
         for a in arms:
-            if a.get("seeds") is not None and seed not in a["seeds"]:
+            if not under(a, seed):
                 continue  # this arm runs under some pretraining seeds only
             cfg = copy.deepcopy(base_cfg)
             name = arm_name(a, seed)
@@ -250,15 +280,27 @@ def plan_sweep(spec: SweepSpec) -> list[Job]:
             _set(cfg, "data.init_args.seed", seed)
             _set(cfg, "data.init_args.mix_weights_str", mix)
             for k in ("data.init_args.literal_weights_str", "data.init_args.mix_config_path",
-                      "train.max_additional_steps", "train.max_tokens"):
+                      "train.max_additional_steps", "train.max_tokens", "train.pause_at_step"):
                 _set(cfg, k, None)
             _set(cfg, "train.max_iters", spec.total_steps)
             for k, v in spec.arm_overrides.items():
                 _set(cfg, k, v)
-            jobs.append(Job(name, "midtrain", "pretrain", cfg, out, depends=[f"base_seed{seed}"],
+            base_job = f"base_seed{seed}_to{int(a['start'])}" if spec.split_base else f"base_seed{seed}"
+            jobs.append(Job(name, "midtrain", "pretrain", cfg, out, depends=[base_job],
                             info={"seed": seed, "mix": mix, "start": int(a["start"]), "domain": a["domain"],
                                   "weight": float(a["weight"])}))
-            finals.append((name, out, seed))
+            finals.append((name, out / "final", seed))
+            families.setdefault(arm_family(a), []).append((name, out / "final"))
+
+    if spec.soup_seeds:
+        for family, runs in families.items():
+            if len(runs) < 2:
+                continue  # one seed: nothing to average
+            name, out = f"soup_{family}", root / f"soup_{family}"
+            cfg = {"checkpoints": [str(c) for _, c in runs], "out": str(out), "overwrite": True}
+            jobs.append(Job(name, "soup", "soup", cfg, out, depends=[n for n, _ in runs],
+                            info={"family": family, "seeds": len(runs)}))
+            finals.append((name, out, None))
 
     if spec.sft is not None:
         g = spec.sft
@@ -267,8 +309,10 @@ def plan_sweep(spec: SweepSpec) -> list[Job]:
         if not g.tasks or not g.lr:
             raise ValueError("sft needs tasks (name -> config overrides) and at least one lr")
         sft_cfg = yaml.safe_load(Path(g.config).read_text()) or {}
-        for src, src_dir, pseed in finals:
-            if src.startswith("base_") and not g.include_base:
+        for src, src_ckpt, pseed in finals:
+            if src in (f"base_seed{s}" for s in spec.seeds) and not g.include_base:
+                continue
+            if src == "soup_base" and not g.include_base:
                 continue
             for task, overrides in g.tasks.items():
                 for lr, sseed in itertools.product(g.lr, g.seeds):
@@ -277,7 +321,7 @@ def plan_sweep(spec: SweepSpec) -> list[Job]:
                         _set(cfg, k, v)
                     name = f"sft_{task}_{src}_lr{lr:g}_s{sseed}"
                     out = root / "sft" / task / src / f"lr{lr:g}_seed{sseed}"
-                    _set(cfg, g.checkpoint_key, str(src_dir / "final"))
+                    _set(cfg, g.checkpoint_key, str(src_ckpt))
                     _set(cfg, g.lr_key, float(lr))
                     _set(cfg, "seed", sseed)
                     _set(cfg, "out_dir", str(out))
@@ -294,8 +338,11 @@ def plan_table(jobs: list[Job]) -> str:
             d = f"fork @{j.info['start']}, {j.info['mix']}"
         elif j.stage == "sft":
             d = f"{j.info['task']}, lr {j.info['lr']:g}, seed {j.info['seed']}"
+        elif j.stage == "soup":
+            d = f"average of {j.info['seeds']} seeds"
         else:
-            d = f"{j.info.get('mix') or 'base mix'}, seed {j.info['seed']}"
+            stop = f", until step {j.info['pause']}" if j.info.get("pause") is not None else ""
+            d = f"{j.info.get('mix') or 'base mix'}, seed {j.info['seed']}{stop}"
         rows.append((str(i), j.stage, j.name, ",".join(j.depends) or "-", d, "yes" if j.done() else ""))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
@@ -304,8 +351,18 @@ def plan_table(jobs: list[Job]) -> str:
 # ------------------------------------------------------------------------------------------- outputs
 
 
+def job_groups(jobs: list[Job]) -> list[list[Job]]:
+    """Jobs that share a stage and the exact same dependencies form one SLURM array (in plan order):
+    each SFT grid of one checkpoint, the arms forking one base segment, the first segments of all seeds."""
+    groups: dict[tuple, list[Job]] = {}
+    for j in jobs:
+        groups.setdefault((j.stage, j.command, tuple(j.depends)), []).append(j)
+    return list(groups.values())
+
+
 def write_plan(jobs: list[Job], config_dir: Path, script: str = "training_scripts/small_model_pretrain.sh") -> Path:
-    """Each run's YAML, a CONFIG_LIST per stage, and submit.sh chaining the stages' SLURM arrays."""
+    """Each run's YAML, a CONFIG_LIST per stage, and submit.sh: one SLURM array per group of jobs
+    with the same dependencies, each after exactly the jobs it needs (`afterok:<array>_<task>`)."""
     config_dir.mkdir(parents=True, exist_ok=True)
     lists: dict[str, list[str]] = {s: [] for s in STAGES}
     for j in jobs:
@@ -313,22 +370,34 @@ def write_plan(jobs: list[Job], config_dir: Path, script: str = "training_script
         path.write_text(f"# generated by litgpt-ext sweep ({j.stage}); depends on: {', '.join(j.depends) or 'nothing'}\n"
                         + yaml.safe_dump(j.config, sort_keys=False))
         lists[j.stage].append(str(path))
+    for stage, paths in lists.items():  # every run of a stage, for reference and hand submission
+        if paths:
+            (config_dir / f"{stage}.txt").write_text("\n".join(paths) + "\n")
+    groups = job_groups(jobs)
+    arrays = config_dir / "arrays"
+    arrays.mkdir(exist_ok=True)
+    where: dict[str, str] = {}  # job name -> "${gK}_<task>"
     lines = ["#!/usr/bin/env bash",
-             "# Submit the sweep as SLURM arrays, one per stage, each after the previous stage succeeded.",
-             "# Run from the repository root. Extra sbatch options: SBATCH_OPTS='--partition=… --time=…'.",
-             "set -euo pipefail", f"SCRIPT=${{SCRIPT:-{script}}}", "prev=''"]
-    for stage in STAGES:
-        if not lists[stage]:
-            continue
-        lst = config_dir / f"{stage}.txt"
-        lst.write_text("\n".join(lists[stage]) + "\n")
-        cmd = "pretrain" if stage != "sft" else "sft"
+             f"# Submit the sweep ({len(jobs)} runs) as {len(groups)} SLURM arrays; each array waits for exactly the",
+             "# runs it needs (afterok), so an arm starts once its fork step is saved and an SFT grid once its",
+             "# checkpoint exists. Run from the repository root; a run already finished is skipped by the trainer.",
+             "# Extra sbatch options: SBATCH_OPTS='--partition=… --time=…' (SOUP_SBATCH_OPTS for the soups).",
+             "set -euo pipefail", f"SCRIPT=${{SCRIPT:-{script}}}"]
+    for k, group in enumerate(groups, 1):
+        lst = arrays / f"{k:03d}_{group[0].stage}.txt"
+        lst.write_text("\n".join(str(config_dir / f"{j.name}.yaml") for j in group) + "\n")
+        deps = ":".join(where[d] for d in group[0].depends)
+        dep = f" --dependency=afterok:{deps} --kill-on-invalid-dep=yes" if deps else ""
+        opts = "${SOUP_SBATCH_OPTS:-${SBATCH_OPTS:-}}" if group[0].command == "soup" else "${SBATCH_OPTS:-}"
         lines += [
-            "dep=${prev:+--dependency=afterok:$prev}",
-            f"prev=$(LITGPT_EXT_COMMAND={cmd} CONFIG_LIST={shlex.quote(str(lst))} sbatch --parsable "
-            f"--array=1-{len(lists[stage])} $dep ${{SBATCH_OPTS:-}} \"$SCRIPT\")",
-            f"echo \"{stage}: job $prev ({len(lists[stage])} runs)\"",
+            f"g{k}=$(LITGPT_EXT_COMMAND={group[0].command} CONFIG_LIST={shlex.quote(str(lst))} sbatch --parsable"
+            f" --job-name={shlex.quote(group[0].stage + '-' + group[0].name)} --array=1-{len(group)}{dep} {opts} \"$SCRIPT\")",
+            f"g{k}=${{g{k}%%;*}}",
+            f"echo \"{group[0].stage}: job $g{k} ({len(group)} run{'s' if len(group) > 1 else ''}:"
+            f" {group[0].name}{' ...' if len(group) > 1 else ''})\"",
         ]
+        for i, j in enumerate(group, 1):
+            where[j.name] = f"${{g{k}}}_{i}"
     submit = config_dir / "submit.sh"
     submit.write_text("\n".join(lines) + "\n")
     submit.chmod(0o755)

@@ -39,6 +39,11 @@ class TrainArgs(_LitTrainArgs):
     lr_horizon: Optional[int] = None
     """Optimizer step at which the LR schedule ends (reaches min_lr), when it is not the budget's
     total: e.g. the real length of a run whose config says `max_iters: 10000000` ("no limit")"""
+    pause_at_step: Optional[int] = None
+    """Save a checkpoint at this optimizer step and exit 0 without finishing; the plan (stop, LR
+    schedule, mix) is unchanged and the next `resume: auto` start continues. `litgpt-ext sweep`
+    splits a base run into SLURM jobs at its fork steps with it, so an arm starts as soon as its
+    fork point exists. A run already at or past it has nothing to do in this job and exits 0"""
     new_phase: bool = False
     """Resume with a changed budget/schedule: start a new phase (plan) from the resumed step. Without
     it a resumed run keeps the plan fixed when its phase began; safe to leave on across requeues"""
@@ -54,7 +59,7 @@ class TrainArgs(_LitTrainArgs):
         if self.max_iters is None and self.max_steps is not None:
             self.max_iters = self.max_steps
         for name in ("max_iters", "max_additional_steps", "max_tokens", "keep_last_k", "save_interval",
-                     "log_interval", "max_seq_length"):
+                     "log_interval", "max_seq_length", "pause_at_step"):
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ValueError(f"train.{name} must be positive, got {v}")

@@ -201,6 +201,12 @@ def main(
             return {"stopped": "finished", "step": state.step, "tokens": state.tokens, "losses": {}, "val": [],
                     "val_start": state.val_start, "schedule": asdict(plan.schedule), "plan": plan.to_dict(),
                     "signal": None}
+        if saved is not None and train.pause_at_step is not None and state.step >= train.pause_at_step:
+            fabric.print(f"Paused: {resume_dir} is at step {state.step}, at or past train.pause_at_step="
+                         f"{train.pause_at_step}; nothing to do in this job (the next segment's config continues)")
+            return {"stopped": "paused", "step": state.step, "tokens": state.tokens, "losses": {}, "val": [],
+                    "val_start": state.val_start, "schedule": asdict(plan.schedule), "plan": plan.to_dict(),
+                    "signal": None}
         loader = _setup_data(fabric, data, train, seq_len, tokenizer_dir, saved, plan)
         check_shards_fit_model(data, model_config, tokenizer_dir)  # token ids < vocab, same tokenizer: before step 1
         state.mix = getattr(data, "resolved_mix", None)
@@ -479,10 +485,12 @@ def fit(
         state.val_start = validator.baseline
         if preempt is not None and _preempt_requested(fabric, preempt):
             stopped = "preempted"
+        elif stopped == "budget" and not last and state.step == train.pause_at_step:
+            stopped = "paused"  # a segment of the phase: checkpoint here, no final/, exit 0
         saving = train.save_interval is not None and state.step % train.save_interval == 0
         if saving or stopped != "budget":
             writer.save(fabric, ckpt.step_dir_name(state.step), model, optimizer, loader, state)
-    if stopped != "preempted":
+    if stopped not in ("preempted", "paused"):
         writer.save(fabric, "final", model, optimizer, loader, state)
     fabric.print(f"Done: {stopped} at step {state.step}, {state.tokens:,} tokens")
     return {"stopped": stopped, "step": state.step, "tokens": state.tokens, "losses": losses,
