@@ -53,6 +53,10 @@ def test_findings_follow_the_numbers_both_ways():
     assert f["F1"]["holds"] and f["F1"]["numbers"]["far_mean"] == pytest.approx(0.25)
     assert f["F2"]["holds"]
     assert f["F4"]["holds"] and f["F4"]["numbers"]["high_minus_low_late"] == pytest.approx(-0.05)
+    # the report's sentences carry the numbers (and say what was not significant)
+    assert "mean +25.00%" in f["F1"]["summary"] and "math_mid/prose +0.33%" in f["F1"]["summary"]
+    assert "SFT loss math_mid 1.5000 vs math_cpt 1.6000" in f["F2"]["summary"]
+    assert "(high − low -5.00%)" in f["F4"]["summary"]
     bad = dict(good)
     bad[("math_cpt", "math")] = Cell("math_cpt", "math", 2, [1.4, 1.4], [4.3, 4.3], [1e-3])  # CPT better in-domain
     bad[("late_high", "math")] = Cell("late_high", "math", 2, [1.7, 1.7], [4.2, 4.2], [1e-3])  # high weight fine late
@@ -84,3 +88,13 @@ def test_config_and_arms_are_validated(tmp_path):
     p.write_text(yaml.safe_dump({"sft_seeds": [1]}))
     with pytest.raises(ValueError, match="sft_seeds needs >= 2"):
         load_config(p)
+
+
+def test_pearson_p_matches_scipy():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    from litgpt_ext.study.similarity import pearson
+
+    x, y = [0.1, 0.3, 0.2, 0.5, 0.4, 0.9], [1.0, 0.8, 1.5, 2.0, 1.1, 2.2]
+    got, ref = pearson(x, y), scipy_stats.pearsonr(x, y)
+    assert got["r"] == pytest.approx(ref[0]) and got["p"] == pytest.approx(ref[1], rel=1e-6)
+    assert pearson([1, 2], [1, 2])["p"] is None  # 2 points: no test

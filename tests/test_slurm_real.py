@@ -347,18 +347,22 @@ def _array_tasks(jid: str) -> list[dict]:
     return [dict(kv.split("=", 1) for kv in line.split() if "=" in kv) for line in out.splitlines() if line.strip()]
 
 
+FORK = STEPS // 2
+
+
 def test_sweep_plan_runs_on_slurm_with_per_run_dependencies(cluster, tmp_path):
     """`litgpt-ext sweep --action write` -> `bash submit.sh` on a real SLURM: base runs split at the fork
-    step, an arm per seed after exactly its segment, a soup of the seeds' arms after both."""
+    step, an arm per seed after exactly its segment, a soup of the seeds' arms after both. Seed 1's
+    first segment is preempted (scancel --signal=USR1) and requeued: its arm still waits for it."""
     from litgpt_ext.study.sweep import load_spec, plan_sweep, write_plan
     from litgpt_ext.train import checkpoint as ckpt
 
-    base = _config(tmp_path, 8, num_workers=0)
+    base = _config(tmp_path, STEPS, num_workers=0)
     _pattern_shard(tmp_path / "data" / "c1", 3, 80, 1)
     spec = tmp_path / "sweep.yaml"
     spec.write_text(yaml.safe_dump({
-        "name": "slurm", "base_config": str(base), "total_steps": 8, "out_root": str(tmp_path / "runs"),
-        "seeds": [1, 2], "arms": [{"name": "code", "domain": "code", "start": 4, "weight": 0.5}],
+        "name": "slurm", "base_config": str(base), "total_steps": STEPS, "out_root": str(tmp_path / "runs"),
+        "seeds": [1, 2], "arms": [{"name": "code", "domain": "code", "start": FORK, "weight": 0.5}],
         "base_overrides": {"data.init_args.mix_weights_str": "main:1.0"}, "soup_seeds": True}))
     jobs = plan_sweep(load_spec(spec))
     submit = write_plan(jobs, tmp_path / "cfg")
@@ -369,6 +373,10 @@ def test_sweep_plan_runs_on_slurm_with_per_run_dependencies(cluster, tmp_path):
     out = _sh("bash", str(submit), env=env, cwd=tmp_path).stdout
     ids = re.findall(r"^\w+: job (\d+) ", out, flags=re.M)
     assert len(ids) == 7, out  # seeds' first segments; 2 x (rest, arm); 2 soups
+    seg_cfg = tmp_path / "cfg" / f"base_seed1_to{FORK}.yaml"
+    seg_log = _wait(lambda: next(iter((tmp_path / "logs").glob(f"*_to{FORK}-{ids[0]}_1.out")), None), 300,
+                    "seed 1's first segment to start")
+    _signal_while_stopped(seg_cfg, seg_log, 1, 0, lambda: _sh("scancel", "--signal=USR1", f"{ids[0]}_1"))
 
     def logs() -> str:
         return "\n".join(f"== {p.name}\n{_read(p)[-1500:]}" for p in sorted((tmp_path / "logs").glob("*.out")))
@@ -381,14 +389,16 @@ def test_sweep_plan_runs_on_slurm_with_per_run_dependencies(cluster, tmp_path):
     assert all(t["JobState"] == "COMPLETED" and t["ExitCode"] == "0:0" for t in tasks), f"{tasks}\n{logs()}"
     by = {t["JobName"] + ("" if t.get("ArrayTaskId") in (None, "1") else "#" + t["ArrayTaskId"]): t for t in tasks}
     for seed in (1, 2):
-        seg = next(t for t in tasks if t["JobName"] == "base-base_seed1_to4"
+        seg = next(t for t in tasks if t["JobName"] == f"base-base_seed1_to{FORK}"
                    and t["ArrayTaskId"] == str(seed))  # one array holds both seeds' first segments
+        assert int(seg["Restarts"]) == (1 if seed == 1 else 0), seg  # seed 1's was preempted and requeued
         arm = by[f"midtrain-code_seed{seed}"]
         assert arm["StartTime"] >= seg["EndTime"], (seg, arm)  # after its fork step was saved ...
         sb = ckpt.load_training_state(tmp_path / "runs" / f"base_seed{seed}" / "final")
         sa = ckpt.load_training_state(tmp_path / "runs" / f"code_seed{seed}" / "final")
-        assert sb["step"] == sa["step"] == 8 and sa["lr"] == pytest.approx(sb["lr"])
-        assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "runs" / f"base_seed{seed}")] == [4, 8]
+        assert sb["step"] == sa["step"] == STEPS and sa["lr"] == pytest.approx(sb["lr"])
+        steps = [s for s, _ in ckpt.list_checkpoints(tmp_path / "runs" / f"base_seed{seed}")]
+        assert steps[-2:] == [FORK, STEPS] and len(steps) == (3 if seed == 1 else 2), steps  # + the preemption's
         assert len((tmp_path / "runs" / f"base_seed{seed}" / "phases.jsonl").read_text().splitlines()) == 1
     for soup in ("soup_base", "soup_code"):
         assert (tmp_path / "runs" / soup / "soup.json").is_file(), logs()

@@ -273,6 +273,27 @@ def compare(cells: dict, family: str, task: str, ref: str = "base") -> Optional[
     return out
 
 
+ALPHA = 0.05
+"""Significance level the report's sentences use (the verdicts follow the direction of the means)."""
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:+.2f}%"
+
+
+def _p(p: Optional[float]) -> str:
+    return "p n/a" if p is None else f"p = {p:.3g}"
+
+
+def _sig(ps: list[Optional[float]]) -> str:
+    """How many of the tests behind a finding are significant at ALPHA."""
+    known = [p for p in ps if p is not None]
+    if not known:
+        return "no test could be run (scipy missing or < 2 runs per cell)"
+    k = sum(p < ALPHA for p in known)
+    return f"{k} of {len(known)} test{'s' if len(known) > 1 else ''} behind it significant at p < {ALPHA}"
+
+
 def findings(cells: dict, arms: list[Arm]) -> list[dict]:
     """F1-F4 as measured: each with the numbers and holds / does not hold at this scale."""
     fam = {a.name: a for a in arms}
@@ -286,13 +307,17 @@ def findings(cells: dict, arms: list[Arm]) -> list[dict]:
         c = compare(cells, a.name, DOMAIN_TASK[a.domain])
         n = compare(cells, a.name, "prose")
         if c:
-            far.append((a.name, DOMAIN_TASK[a.domain], c["sft"]["rel_improvement"]))
+            far.append((a.name, DOMAIN_TASK[a.domain], c["sft"]["rel_improvement"], c["sft"]["p"]))
         if n:
-            near.append((a.name, "prose", n["sft"]["rel_improvement"]))
+            near.append((a.name, "prose", n["sft"]["rel_improvement"], n["sft"]["p"]))
     if far and near:
         mf, mn = sum(x[2] for x in far) / len(far), sum(x[2] for x in near) / len(near)
+        each = lambda xs: ", ".join(f"{a}/{t} {_pct(v)} ({_p(p)})" for a, t, v, p in xs)  # noqa: E731
         out.append({"id": "F1", "claim": "midtraining helps most for domains far from general pretraining data",
                     "measure": "mean relative SFT-loss improvement over base: on the arm's own (far) domain task vs on prose (near)",
+                    "summary": f"Relative SFT-loss improvement over base on the arms' own domains: mean {_pct(mf)} "
+                               f"({each(far)}); on prose: mean {_pct(mn)} ({each(near)}); "
+                               f"{_sig([x[3] for x in far + near])}.",
                     "numbers": {"far": far, "near": near, "far_mean": mf, "near_mean": mn}, "holds": mf > mn and mf > 0})
 
     # F2: midtraining (mix) beats continued pretraining on the domain alone, in-domain and in forgetting
@@ -310,8 +335,15 @@ def findings(cells: dict, arms: list[Arm]) -> list[dict]:
                      "general_mid": c["general"]["arm"], "general_cpt": c["general"]["ref"], "general_p": c["general"]["p"]})
     if rows:
         holds = all(r["sft_mid"] < r["sft_cpt"] and r["general_mid"] < r["general_cpt"] for r in rows)
+        summary = "; ".join(
+            f"{r['domain']}: SFT loss {r['mid']} {r['sft_mid']:.4f} vs {r['cpt']} {r['sft_cpt']:.4f} ({_p(r['sft_p'])}), "
+            f"general loss after SFT {r['general_mid']:.4f} vs {r['general_cpt']:.4f} ({_p(r['general_p'])})" for r in rows)
+        summary += f"; {_sig([p for r in rows for p in (r['sft_p'], r['general_p'])])}."
         out.append({"id": "F2", "claim": "midtraining beats continued pretraining on the specialized data alone, "
-                    "in-domain (SFT loss) and in forgetting (general loss after SFT)", "numbers": rows, "holds": holds})
+                    "in-domain (SFT loss) and in forgetting (general loss after SFT)",
+                    "measure": "mean SFT validation loss and general loss after SFT, mid arm vs its domain's CPT arm "
+                               "(lower is better; both must be lower for the finding to hold)",
+                    "summary": summary[0].upper() + summary[1:], "numbers": rows, "holds": holds})
 
     # F3 is computed with the similarity stage (PA vs improvement); F4: timing x weight
     cross = [a for a in arms if a.role == "cross"]
@@ -327,9 +359,15 @@ def findings(cells: dict, arms: list[Arm]) -> list[dict]:
             early, late, lo, hi = starts[0], starts[-1], weights[0], weights[-1]
             d_early = table[(early, hi)] - table[(early, lo)]  # what a high weight buys (or costs) early
             d_late = table[(late, hi)] - table[(late, lo)]
+            cell = lambda st, w: f"{_pct(table[(st, w)])}"  # noqa: E731
             out.append({"id": "F4", "claim": "an early start tolerates a high specialized weight; a late start needs a low one",
                         "measure": "relative SFT-loss improvement over base at (start, weight); "
-                                   "high-minus-low weight difference early vs late",
+                                   "high-minus-low weight difference early vs late (holds if it is larger early and "
+                                   "negative late)",
+                        "summary": f"Start {early}: weight {lo:g} {cell(early, lo)}, weight {hi:g} {cell(early, hi)} "
+                                   f"(high − low {_pct(d_early)}); start {late}: weight {lo:g} {cell(late, lo)}, "
+                                   f"weight {hi:g} {cell(late, hi)} (high − low {_pct(d_late)}). One pretraining seed per "
+                                   "cell: no test of the interaction.",
                         "numbers": {"table": {f"start {s} / weight {w:g}": v for (s, w), v in sorted(table.items())},
                                     "high_minus_low_early": d_early, "high_minus_low_late": d_late},
                         "holds": d_early > d_late and d_late < 0})
@@ -441,9 +479,13 @@ def write_report(cfg: ReproduceConfig, arms: list[Arm], runs: list[SFTRun], sim:
             figs.append("pa_vs_improvement.png")
             m = "unigram_js"
             r = corr[m]["r"]
+            others = ", ".join(f"{m2} r = {c['r']:.2f} ({_p(c.get('p'))})" for m2, c in corr.items() if m2 != m)
             f.insert(2, {"id": "F3", "claim": "the gain grows with the proximity advantage (PA) of the mix to the SFT data",
                          "measure": f"Pearson r between PA ({m}) and relative SFT-loss improvement over {len(pts)} (arm, task) points",
-                         "numbers": {m2: {"r": c["r"], "slope": c["slope"]} for m2, c in corr.items()},
+                         "summary": f"Pearson r = {r:.2f} ({_p(corr[m].get('p'))}, n = {len(pts)}) between PA ({m}) and the "
+                                    f"relative SFT-loss improvement; the other measures: {others}; "
+                                    f"{_sig([corr[m].get('p')])}.",
+                         "numbers": {m2: {"r": c["r"], "p": c.get("p"), "slope": c["slope"]} for m2, c in corr.items()},
                          "holds": (not math.isnan(r)) and r > 0})
             figs.append("similarity/similarity_heatmap.png")
 
@@ -466,9 +508,16 @@ def write_report(cfg: ReproduceConfig, arms: list[Arm], runs: list[SFTRun], sim:
         L.append(f"| {fam} | {task} | {c.n} | {', '.join(f'{x:g}' for x in c.lrs)} | {_ms(c.sft)} | {_cell(cmp, 'sft', 'rel_improvement')} | "
                  f"{_cell(cmp, 'sft', 'p')} | {_ms(c.general)} | {_cell(cmp, 'general', 'rel_improvement')} | {_cell(cmp, 'general', 'p')} |")
     L += ["", "## Findings, as measured", ""]
+    L += [f"Each verdict follows the direction of the means as the claim states it; the sentence under it says how "
+          f"many of the tests behind it are significant at p < {ALPHA}. The numbers are in `results.json`.", "",
+          "| finding | at this scale |", "|---|---|"]
+    L += [f"| {x['id']}: {x['claim']} | {'holds' if x['holds'] else 'does not hold'} |" for x in sorted(f, key=lambda x: x["id"])]
+    L.append("")
     for x in sorted(f, key=lambda x: x["id"]):
-        L += [f"### {x['id']}: {x['claim']}", "", f"**{'Holds' if x['holds'] else 'Does not hold'} at this scale.**",
-              "", f"Measure: {x.get('measure', 'see numbers')}.", "", "```", json.dumps(x["numbers"], indent=1, default=str), "```", ""]
+        L += [f"### {x['id']}: {x['claim']}", "", f"**{'Holds' if x['holds'] else 'Does not hold'} at this scale.** "
+              + x.get("summary", ""), "", f"Measure: {x.get('measure', 'see numbers')}.", "",
+              "<details><summary>numbers</summary>", "", "```", json.dumps(x["numbers"], indent=1, default=str), "```",
+              "", "</details>", ""]
     missing = {"F1", "F2", "F3", "F4"} - {x["id"] for x in f}
     for m in sorted(missing):
         why = f3_missing if m == "F3" else "Not measured: the config lacks the arms it needs (F1: mid arms; F2: a cpt arm per mid domain; F4: a 2x2 cross)."

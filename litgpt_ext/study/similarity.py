@@ -123,13 +123,28 @@ def compare(a: TextStats, b: TextStats) -> dict[str, float]:
 
 
 def pearson(x: Sequence[float], y: Sequence[float]) -> dict[str, float]:
-    """Pearson r and the least-squares line y = slope * x + intercept (NaN r for < 3 points or no spread)."""
+    """Pearson r, its two-sided p-value (t-test with n-2 df; None without scipy) and the least-squares
+    line y = slope * x + intercept (NaN r for < 3 points or no spread)."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     if len(x) < 2 or np.ptp(x) == 0:
-        return {"n": len(x), "r": float("nan"), "slope": float("nan"), "intercept": float("nan")}
+        return {"n": len(x), "r": float("nan"), "p": None, "slope": float("nan"), "intercept": float("nan")}
     slope, intercept = np.polyfit(x, y, 1)
     r = float(np.corrcoef(x, y)[0, 1]) if len(x) >= 3 and np.ptp(y) > 0 else float("nan")
-    return {"n": len(x), "r": r, "slope": float(slope), "intercept": float(intercept)}
+    return {"n": len(x), "r": r, "p": pearson_p(r, len(x)), "slope": float(slope), "intercept": float(intercept)}
+
+
+def pearson_p(r: float, n: int) -> Optional[float]:
+    """Two-sided p of H0: rho = 0 (t = r sqrt((n-2)/(1-r^2)), n-2 df); None without scipy or for n < 3."""
+    if n < 3 or math.isnan(r):
+        return None
+    try:
+        from scipy.stats import t as t_dist
+    except ImportError:  # scipy is optional, as for the SFT grid's t-tests
+        return None
+    if abs(r) >= 1:
+        return 0.0
+    t = r * math.sqrt((n - 2) / (1 - r * r))
+    return float(2 * t_dist.sf(abs(t), n - 2))
 
 
 # --------------------------------------------------------------------------------------------- sampling
