@@ -98,3 +98,16 @@ def test_pearson_p_matches_scipy():
     got, ref = pearson(x, y), scipy_stats.pearsonr(x, y)
     assert got["r"] == pytest.approx(ref[0]) and got["p"] == pytest.approx(ref[1], rel=1e-6)
     assert pearson([1, 2], [1, 2])["p"] is None  # 2 points: no test
+
+
+def test_stage_times_add_up_over_invocations(tmp_path):
+    from litgpt_ext.study.reproduce import _timed, stage_minutes
+
+    for stage in ("pretrain", "sft", "pretrain"):  # e.g. a study resumed after its first invocation died
+        with _timed(tmp_path, stage, "x"):
+            pass
+    (tmp_path / "timings.jsonl").write_text((tmp_path / "timings.jsonl").read_text()
+                                           + '{"stage": "sft", "what": "y", "seconds": 90}\n')
+    got = stage_minutes(tmp_path)
+    assert list(got) == ["pretrain", "sft"] and got["sft"] == pytest.approx(1.5, abs=0.01)
+    assert stage_minutes(tmp_path / "none") == {}

@@ -295,7 +295,8 @@ def similarity(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "similarity.json").write_text(json.dumps(
-        {**asdict(report), "weights": weights, "num_docs": num_docs, "ngram_max": ngram_max, "seed": seed}, indent=1))
+        {**asdict(report), "mixes": dict(sets), "sft_paths": {k: str(v) for k, v in sft.items()}, "weights": weights,
+         "num_docs": num_docs, "ngram_max": ngram_max, "seed": seed}, indent=1))
     with open(out_dir / "similarity.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["set", "sft", *MEASURES, *(f"pa_{m}" for m in MEASURES)])
