@@ -91,7 +91,23 @@ def test_write_plan_submits_each_group_after_exactly_what_it_needs(tmp_path, con
     assert subprocess.run(["bash", "-n", str(submit)]).returncode == 0
 
 
+def test_token_matched_cpt_control(tmp_path, config_file):  # noqa: F811
+    arms = [{"name": "mid", "domain": "code", "start": 20, "weight": 0.12},
+            {"name": "cpt", "domain": "code", "weight": 1.0, "match_tokens_of": "mid"}]
+    jobs = {j.name: j for j in plan_sweep(load_spec(_spec(tmp_path, config_file, total_steps=200, grid={}, arms=arms)))}
+    cpt = jobs["cpt_seed42"]
+    assert cpt.info["start"] == 200 - round(0.12 * 180) == 178  # 21.6 -> 22 steps of 100% code
+    assert cpt.config["fork_from"].endswith("step-00000178") and cpt.depends == ["base_seed42_to178"]
+    assert jobs["mid_seed42"].info["domain_steps"] == pytest.approx(21.6) and cpt.info["domain_steps"] == 22
+    assert "code ~22 steps" in plan_table(list(jobs.values()))
+
+
 @pytest.mark.parametrize("bad, match", [
+    ({"grid": {}, "arms": [{"name": "c", "domain": "code", "weight": 1.0, "match_tokens_of": "nope"}]},
+     r"match_tokens_of='nope' names no arm with a start; arms: \[\]"),
+    ({"arms": [{"name": "c", "domain": "math", "weight": 1.0, "match_tokens_of": "code_w0.5_at2"}]},
+     r"trains on 'code', not 'math'"),
+    ({"arms": [{"name": "c", "domain": "code", "weight": 1.0, "strat": 3}]}, r"unknown keys \['strat'\]"),
     ({"grid": {"domain": ["code"], "start": [9], "weight": [0.2]}}, r"start must be in \(0, total_steps=6\)"),
     ({"grid": {"domain": ["code"], "start": [2], "weight": [1.5]}}, r"weight must be in \(0, 1\]"),
     ({"grid": {"domain": ["code"], "start": [2], "wieght": [0.2]}}, r"unknown dimensions \['wieght'\]"),

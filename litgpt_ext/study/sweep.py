@@ -78,7 +78,8 @@ class SweepSpec:
     """Cartesian product over domain, start, weight (each a list)"""
     arms: list[dict[str, Any]] = field(default_factory=list)
     """Explicit extra arms: {domain, start, weight[, name][, seeds]} (e.g. continued-pretraining controls;
-    `seeds` limits an arm to some of the pretraining seeds)"""
+    `seeds` limits an arm to some of the pretraining seeds). `match_tokens_of: <arm>` instead of `start`
+    starts the arm where it sees as many domain tokens as that arm: a token-matched CPT control"""
     base_overrides: dict[str, Any] = field(default_factory=dict)
     """Dotted-key overrides of the base runs (e.g. train.log_interval)"""
     arm_overrides: dict[str, Any] = field(default_factory=dict)
@@ -182,6 +183,28 @@ def arm_name(a: dict, seed: int) -> str:
     return f"{arm_family(a)}_seed{seed}"
 
 
+def domain_steps(a: dict, total_steps: int) -> float:
+    """Optimizer steps' worth of the arm's domain data: weight x (total - start)."""
+    return float(a["weight"]) * (total_steps - int(a["start"]))
+
+
+def matched_start(a: dict, arms: dict[str, dict], total_steps: int) -> int:
+    """The start at which `a` sees as much of its domain as the arm it names in `match_tokens_of`
+    (a token-matched continued-pretraining control: weight 1.0 from total - w_ref x (total - start_ref))."""
+    ref = arms.get(str(a["match_tokens_of"]))
+    if ref is None:
+        raise ValueError(f"sweep arm {a}: match_tokens_of={a['match_tokens_of']!r} names no arm with a start;"
+                         f" arms: {sorted(arms)}")
+    if ref["domain"] != a["domain"]:
+        raise ValueError(f"sweep arm {a}: match_tokens_of={a['match_tokens_of']!r} trains on {ref['domain']!r},"
+                         f" not {a['domain']!r}; token matching compares one domain's tokens")
+    start = total_steps - round(domain_steps(ref, total_steps) / float(a["weight"]))
+    if not 0 < start < total_steps:
+        raise ValueError(f"sweep arm {a}: matching {domain_steps(ref, total_steps):.0f} steps of {a['domain']} at"
+                         f" weight {a['weight']} needs a start of {start}, outside (0, total_steps={total_steps})")
+    return start
+
+
 def _arms(spec: SweepSpec) -> list[dict]:
     arms = []
     if spec.grid:
@@ -193,11 +216,20 @@ def _arms(spec: SweepSpec) -> list[dict]:
             raise ValueError(f"sweep grid lacks values for {missing}")
         for d, s, w in itertools.product(spec.grid["domain"], spec.grid["start"], spec.grid["weight"]):
             arms.append({"domain": d, "start": s, "weight": w})
+    known = {"name", "domain", "start", "weight", "seeds", "match_tokens_of"}
     for a in spec.arms:
-        missing = [k for k in ("domain", "start", "weight") if k not in a]
+        bad = sorted(set(a) - known)
+        if bad:
+            raise ValueError(f"sweep arm {a}: unknown keys {bad}; known: {sorted(known)}")
+        need = ("domain", "weight") + (() if "match_tokens_of" in a else ("start",))
+        missing = [k for k in need if k not in a]
         if missing:
             raise ValueError(f"sweep arm {a} lacks {missing}")
         arms.append(dict(a))
+    by_name = {arm_family(a): a for a in arms if "match_tokens_of" not in a}
+    for a in arms:
+        if "match_tokens_of" in a:
+            a["start"] = matched_start(a, by_name, spec.total_steps)
     for a in arms:
         if not (0 < float(a["weight"]) <= 1):
             raise ValueError(f"sweep arm {a}: weight must be in (0, 1], got {a['weight']}")
@@ -288,7 +320,8 @@ def plan_sweep(spec: SweepSpec) -> list[Job]:
             base_job = f"base_seed{seed}_to{int(a['start'])}" if spec.split_base else f"base_seed{seed}"
             jobs.append(Job(name, "midtrain", "pretrain", cfg, out, depends=[base_job],
                             info={"seed": seed, "mix": mix, "start": int(a["start"]), "domain": a["domain"],
-                                  "weight": float(a["weight"])}))
+                                  "weight": float(a["weight"]),
+                                  "domain_steps": domain_steps(a, spec.total_steps)}))
             finals.append((name, out / "final", seed))
             families.setdefault(arm_family(a), []).append((name, out / "final"))
 
@@ -335,7 +368,7 @@ def plan_table(jobs: list[Job]) -> str:
     rows = [("#", "stage", "run", "depends on", "details", "done")]
     for i, j in enumerate(jobs, 1):
         if j.stage == "midtrain":
-            d = f"fork @{j.info['start']}, {j.info['mix']}"
+            d = f"fork @{j.info['start']}, {j.info['mix']}, {j.info['domain']} ~{j.info['domain_steps']:.0f} steps"
         elif j.stage == "sft":
             d = f"{j.info['task']}, lr {j.info['lr']:g}, seed {j.info['seed']}"
         elif j.stage == "soup":
