@@ -37,6 +37,18 @@ def _diff(a: dict, b: dict) -> list[str]:
     return [f"{k}: {a.get(k, '<missing>')!r} vs {b.get(k, '<missing>')!r}" for k in keys if a.get(k) != b.get(k)]
 
 
+def start_of(ckpt_dir: Path) -> str:
+    """Where a checkpoint's run started, from its hyperparameters.yaml: the checkpoint it forked or was
+    fine-tuned from, or its random initialization (seed). Soups only work between runs with one start."""
+    h = _yaml(Path(ckpt_dir) / ckpt.HPARAMS_FILE)
+    for key in ("fork_from", "initial_checkpoint_dir", "checkpoint_dir"):
+        if h.get(key):
+            return f"{key}={os.path.normpath(str(h[key]))}"
+    if "soup" in h:
+        return "a soup"
+    return f"random init (seed={h.get('seed')})"
+
+
 def soup_weights(weights: Sequence[float] | None, n: int) -> list[float]:
     """Per-ingredient weights: uniform by default; given weights are normalised to sum to 1."""
     if weights is None:
@@ -125,6 +137,11 @@ def soup(checkpoints: list[Path], out: Path, weights: list[float] | None = None,
         if tok != tok0:
             raise ValueError(f"tokenizer.json of {p} differs from {first}; a soup needs one tokenizer")
 
+    starts = {p: start_of(p) for p in paths}
+    if len(set(starts.values())) > 1:  # warn, not refuse: lineage can be lost (copied folders, converted models)
+        print("soup: WARNING: the ingredients did not start from one checkpoint; averaging independently initialized"
+              " models does not give a working model (soup runs that differ in data order from one fork):\n"
+              + "\n".join(f"  {p}: {st}" for p, st in starts.items()))
     sd = average_state_dicts(paths, w)
     record = {"ingredients": [str(p.resolve()) for p in paths], "weights": w}
     hparams = _yaml(first / ckpt.HPARAMS_FILE)

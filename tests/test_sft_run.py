@@ -170,7 +170,9 @@ def test_sft_from_a_converted_litgpt_checkpoint(tmp_path, source):
             shutil.copy(f, conv / f.name)
     torch.save(ckpt.load_model_state(src), conv / ckpt.MODEL_FILE)  # bare: no {"model": ...}
     cfg = _config(source, tmp_path / "out", epochs=1)
-    cli(["sft", "--config", str(cfg), "--checkpoint_dir", str(conv), "--eval.val_data_path", "{}"])
+    cli(["sft", "--config", str(cfg), "--checkpoint_dir", str(conv), "--eval.val_data_path", "{}",
+         "--eval.initial_validation", "false"])
     m = json.loads((tmp_path / "out" / "sft_metrics.json").read_text())
     assert (m["source_run"], m["source_checkpoint_name"], m["source_step"]) == ("tiny", "", None)
     assert m["val_losses"] == {} and m["step"] == 5
+    assert m["initial"] is None  # no validation before step 1: not the final one relabelled "initial"

@@ -347,13 +347,13 @@ def _array_tasks(jid: str) -> list[dict]:
     return [dict(kv.split("=", 1) for kv in line.split() if "=" in kv) for line in out.splitlines() if line.strip()]
 
 
-SWEEP_STEPS, FORK = 2 * STEPS, STEPS  # the first segment is as long as the preemption tests' runs
+SWEEP_STEPS, FORK = STEPS + 20, STEPS  # the first segment is as long as the preemption tests' runs
 
 
 def test_sweep_plan_runs_on_slurm_with_per_run_dependencies(cluster, tmp_path):
-    """`litgpt-ext sweep --action write` -> `bash submit.sh` on a real SLURM: base runs split at the fork
-    step, an arm per seed after exactly its segment, a soup of the seeds' arms after both. Seed 1's
-    first segment is preempted (scancel --signal=USR1) and requeued: its arm still waits for it."""
+    """`litgpt-ext sweep --action write` -> `bash submit.sh` on a real SLURM: the base run split at the
+    fork step, an arm with two data seeds (one array) after exactly that segment, and their soup after
+    both. The first segment is preempted (scancel --signal=USR1) and requeued: the arms still wait for it."""
     from litgpt_ext.study.sweep import load_spec, plan_sweep, write_plan
     from litgpt_ext.train import checkpoint as ckpt
 
@@ -362,8 +362,9 @@ def test_sweep_plan_runs_on_slurm_with_per_run_dependencies(cluster, tmp_path):
     spec = tmp_path / "sweep.yaml"
     spec.write_text(yaml.safe_dump({
         "name": "slurm", "base_config": str(base), "total_steps": SWEEP_STEPS, "out_root": str(tmp_path / "runs"),
-        "seeds": [1, 2], "arms": [{"name": "code", "domain": "code", "start": FORK, "weight": 0.5}],
-        "base_overrides": {"data.init_args.mix_weights_str": "main:1.0"}, "soup_seeds": True}))
+        "seeds": [1], "arms": [{"name": "code", "domain": "code", "start": FORK, "weight": 0.5}],
+        "arm_data_seeds": [7, 8], "soup_data_seeds": True,
+        "base_overrides": {"data.init_args.mix_weights_str": "main:1.0"}}))
     jobs = plan_sweep(load_spec(spec))
     submit = write_plan(jobs, tmp_path / "cfg")
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
@@ -372,10 +373,10 @@ def test_sweep_plan_runs_on_slurm_with_per_run_dependencies(cluster, tmp_path):
                           " --cpus-per-task=1 --mem=1G --time=10"}
     out = _sh("bash", str(submit), env=env, cwd=tmp_path).stdout
     ids = re.findall(r"^\w+: job (\d+) ", out, flags=re.M)
-    assert len(ids) == 7, out  # seeds' first segments; 2 x (rest, arm); 2 soups
+    assert len(ids) == 4, out  # the first segment, the rest of the base run, the arm's 2 data seeds, the soup
     seg_cfg = tmp_path / "cfg" / f"base_seed1_to{FORK}.yaml"
     seg_log = _wait(lambda: next(iter((tmp_path / "logs").glob(f"*_to{FORK}-{ids[0]}_1.out")), None), 300,
-                    "seed 1's first segment to start")
+                    "the first segment to start")
     _signal_while_stopped(seg_cfg, seg_log, 1, 0, lambda: _sh("scancel", "--signal=USR1", f"{ids[0]}_1"))
 
     def logs() -> str:
@@ -387,19 +388,18 @@ def test_sweep_plan_runs_on_slurm_with_per_run_dependencies(cluster, tmp_path):
                                                                             "COMPLETING") for t in tasks) and tasks
     tasks = _wait(ended, 600, f"the sweep's jobs to end\n{logs()}", poll=2)
     assert all(t["JobState"] == "COMPLETED" and t["ExitCode"] == "0:0" for t in tasks), f"{tasks}\n{logs()}"
-    by = {t["JobName"] + ("" if t.get("ArrayTaskId") in (None, "1") else "#" + t["ArrayTaskId"]): t for t in tasks}
-    for seed in (1, 2):
-        seg = next(t for t in tasks if t["JobName"] == f"base-base_seed1_to{FORK}"
-                   and t["ArrayTaskId"] == str(seed))  # one array holds both seeds' first segments
-        assert int(seg["Restarts"]) == (1 if seed == 1 else 0), seg  # seed 1's was preempted and requeued
-        arm = by[f"midtrain-code_seed{seed}"]
-        assert arm["StartTime"] >= seg["EndTime"], (seg, arm)  # after its fork step was saved ...
-        sb = ckpt.load_training_state(tmp_path / "runs" / f"base_seed{seed}" / "final")
-        sa = ckpt.load_training_state(tmp_path / "runs" / f"code_seed{seed}" / "final")
+    seg, rest = (next(t for t in tasks if t["ArrayJobId"] == i) for i in ids[:2])
+    arms = [t for t in tasks if t["ArrayJobId"] == ids[2]]
+    soup = next(t for t in tasks if t["ArrayJobId"] == ids[3])
+    assert int(seg["Restarts"]) == 1, seg  # preempted, requeued, resumed, paused at the fork step
+    assert len(arms) == 2 and all(a["StartTime"] >= seg["EndTime"] for a in arms), (seg, arms)
+    assert soup["StartTime"] >= max(a["EndTime"] for a in arms), (soup, arms)
+    assert rest["StartTime"] >= seg["EndTime"], (seg, rest)
+    sb = ckpt.load_training_state(tmp_path / "runs" / "base_seed1" / "final")
+    for d in (7, 8):
+        sa = ckpt.load_training_state(tmp_path / "runs" / f"code_seed1_data{d}" / "final")
         assert sb["step"] == sa["step"] == SWEEP_STEPS and sa["lr"] == pytest.approx(sb["lr"])
-        steps = [s for s, _ in ckpt.list_checkpoints(tmp_path / "runs" / f"base_seed{seed}")]
-        assert steps[-1] == FORK and len(steps) == (2 if seed == 1 else 1), steps  # + seed 1's preemption checkpoint
-        assert len((tmp_path / "runs" / f"base_seed{seed}" / "phases.jsonl").read_text().splitlines()) == 1
-    for soup in ("soup_base", "soup_code"):
-        assert (tmp_path / "runs" / soup / "soup.json").is_file(), logs()
-    assert by["soup-soup_code"]["StartTime"] >= max(by[f"midtrain-code_seed{s}"]["EndTime"] for s in (1, 2))
+    steps = [s for s, _ in ckpt.list_checkpoints(tmp_path / "runs" / "base_seed1")]
+    assert steps[-1] == FORK and len(steps) == 2, steps  # the preemption's checkpoint and the fork step
+    assert len((tmp_path / "runs" / "base_seed1" / "phases.jsonl").read_text().splitlines()) == 1
+    assert (tmp_path / "runs" / "soup_code_seed1" / "soup.json").is_file(), logs()

@@ -174,4 +174,4 @@ def test_sft_configs_run_the_sft_command(env, tmp_path):
     got = [c.split(" --config")[0] for c in calls(env)]
     assert got == ["-m litgpt_ext sft", "-m litgpt_ext pretrain", "-m litgpt_ext sft"]
     r = run(env, str(pre), LITGPT_EXT_COMMAND="evaluate")
-    assert r.returncode == 2 and "LITGPT_EXT_COMMAND='evaluate' is not a training command" in r.stderr
+    assert r.returncode == 2 and "LITGPT_EXT_COMMAND='evaluate' is not a command this script runs; expected pretrain, sft or soup" in r.stderr

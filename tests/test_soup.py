@@ -123,3 +123,17 @@ def test_soup_converts_to_hf(tmp_path, tok_dir):
     out = soup([a, b], tmp_path / "soup")
     hf = convert_to_hf(out, tmp_path / "hf")
     assert (hf / "config.json").is_file()
+
+
+def test_soup_warns_when_the_ingredients_did_not_start_from_one_checkpoint(tmp_path, tok_dir, capsys):
+    a, b, c = (ckpt(tmp_path / n, tok_dir, s) for n, s in (("a", 0), ("b", 1), ("c", 2)))
+    for path, h in ((a, {"fork_from": "runs/base/step-00000066", "seed": 1}),
+                    (b, {"fork_from": "runs/base/./step-00000066", "seed": 1}),  # the same fork point
+                    (c, {"fork_from": None, "seed": 2})):
+        (path / "hyperparameters.yaml").write_text(yaml.safe_dump(h))
+    soup([a, b], tmp_path / "ab")
+    assert "WARNING" not in capsys.readouterr().out  # data-order seeds of one fork: what soups are for
+    soup([a, c], tmp_path / "ac")
+    out = capsys.readouterr().out
+    assert "did not start from one checkpoint" in out and "random init (seed=2)" in out
+    assert "fork_from=runs/base/step-00000066" in out

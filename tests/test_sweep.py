@@ -59,32 +59,37 @@ def test_plan_wires_forks_budgets_and_seeds(tmp_path, config_file):  # noqa: F81
 
 
 def test_write_plan_submits_each_group_after_exactly_what_it_needs(tmp_path, config_file):  # noqa: F811
-    spec = load_spec(_spec(tmp_path, config_file, seeds=[1, 2], soup_seeds=True))
+    spec = load_spec(_spec(tmp_path, config_file, seeds=[1, 2], arm_data_seeds=[7, 8], soup_data_seeds=True))
     jobs = plan_sweep(spec)
-    soups = [j for j in jobs if j.stage == "soup"]
-    assert [j.name for j in soups] == ["soup_base", "soup_code_w0.5_at2", "soup_code_w0.5_at4"]
-    assert soups[1].depends == ["code_w0.5_at2_seed1", "code_w0.5_at2_seed2"]
-    assert soups[1].config["checkpoints"] == [str(tmp_path / "runs" / f"code_w0.5_at2_seed{s}" / "final") for s in (1, 2)]
+    by = {j.name: j for j in jobs}
+    arm = by["code_w0.5_at2_seed2_data8"]  # forked from seed 2's base run; only the data order differs
+    assert arm.config["seed"] == 2 and arm.config["data"]["init_args"]["seed"] == 8
+    assert arm.config["fork_from"] == by["code_w0.5_at2_seed2_data7"].config["fork_from"]
+    soups = [j for j in jobs if j.stage == "soup"]  # one per (arm, pretraining seed): never across seeds
+    assert [j.name for j in soups] == ["soup_code_w0.5_at2_seed1", "soup_code_w0.5_at4_seed1",
+                                       "soup_code_w0.5_at2_seed2", "soup_code_w0.5_at4_seed2"]
+    assert soups[2].depends == ["code_w0.5_at2_seed2_data7", "code_w0.5_at2_seed2_data8"]
+    assert soups[2].config["checkpoints"] == [str(tmp_path / "runs" / f"code_w0.5_at2_seed2_data{d}" / "final")
+                                              for d in (7, 8)]
     submit = write_plan(jobs, tmp_path / "cfg")
     lists = {s: (tmp_path / "cfg" / f"{s}.txt").read_text().split() for s in ("base", "midtrain", "soup")}
-    assert (len(lists["base"]), len(lists["midtrain"]), len(lists["soup"])) == (6, 4, 3)
+    assert (len(lists["base"]), len(lists["midtrain"]), len(lists["soup"])) == (6, 8, 4)
     for p in lists["base"] + lists["midtrain"]:
         assert yaml.safe_load(Path(p).read_text())["out_dir"].startswith(str(tmp_path / "runs"))
     text = submit.read_text()
-    # groups: both seeds' first segments (one array), then per seed: segment to 4, the rest, the arm at 2,
-    # the arm at 4; then one array per soup
+    # groups: both seeds' first segments (one array); per seed the segment to 4 and the rest; the data
+    # seeds of one arm (one array: same dependency); one array per soup
     arrays = sorted((tmp_path / "cfg" / "arrays").iterdir())
-    assert [len(a.read_text().split()) for a in arrays] == [2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]
+    assert [len(a.read_text().split()) for a in arrays] == [2, 1, 1, 1, 1, 2, 2, 2, 2, 1, 1, 1, 1]
     assert arrays[0].read_text().split() == [str(tmp_path / "cfg" / f"base_seed{s}_to2.yaml") for s in (1, 2)]
     sub = {line.split("=", 1)[0]: line for line in text.splitlines() if "sbatch" in line}
     assert "--dependency" not in sub["g1"] and "--array=1-2" in sub["g1"]
     assert "--dependency=afterok:${g1}_1 " in sub["g2"]  # seed 1's segment to 4 after seed 1's first segment
-    arm2 = next(k for k, v in sub.items() if "midtrain-code_w0.5_at2_seed2" in v)
-    assert "--dependency=afterok:${g1}_2 " in sub[arm2]  # the seed-2 arm at step 2: its segment, nothing else
-    soup = next(k for k, v in sub.items() if "soup-soup_code_w0.5_at2" in v)
-    g6, g8 = (next(k for k, v in sub.items() if f"midtrain-code_w0.5_at2_seed{s} " in v) for s in (1, 2))
+    arm2 = next(k for k, v in sub.items() if "midtrain-code_w0.5_at2_seed2_data7" in v)
+    assert "--dependency=afterok:${g1}_2 " in sub[arm2]  # the seed-2 arms at step 2: their segment, nothing else
+    soup = next(k for k, v in sub.items() if "soup-soup_code_w0.5_at2_seed2" in v)
     assert "LITGPT_EXT_COMMAND=soup" in sub[soup]
-    assert f"--dependency=afterok:${{{g6}}}_1:${{{g8}}}_1 " in sub[soup]  # after both seeds' arms
+    assert f"--dependency=afterok:${{{arm2}}}_1:${{{arm2}}}_2 " in sub[soup]  # after both data seeds' runs
     assert "--kill-on-invalid-dep=yes" in sub[arm2]
     import subprocess
 
@@ -108,6 +113,8 @@ def test_token_matched_cpt_control(tmp_path, config_file):  # noqa: F811
     ({"arms": [{"name": "c", "domain": "math", "weight": 1.0, "match_tokens_of": "code_w0.5_at2"}]},
      r"trains on 'code', not 'math'"),
     ({"arms": [{"name": "c", "domain": "code", "weight": 1.0, "strat": 3}]}, r"unknown keys \['strat'\]"),
+    ({"seeds": [1, 2], "soup_data_seeds": True}, r"soup_data_seeds needs >= 2 arm_data_seeds, got \[\].*different"
+                                                 r" random initializations"),
     ({"grid": {"domain": ["code"], "start": [9], "weight": [0.2]}}, r"start must be in \(0, total_steps=6\)"),
     ({"grid": {"domain": ["code"], "start": [2], "weight": [1.5]}}, r"weight must be in \(0, 1\]"),
     ({"grid": {"domain": ["code"], "start": [2], "wieght": [0.2]}}, r"unknown dimensions \['wieght'\]"),

@@ -230,7 +230,9 @@ def sft_metrics_of(result: dict, cfg: SFTConfig, data: SFTData) -> SFTMetrics:
 
     steps = sorted(by_step)
     last = entry(steps[-1])
-    initial = result.get("val_start")
+    # "initial" means before the first SFT step: the validator's baseline (kept across requeues) is its
+    # *first* validation, which is the final one when eval.initial_validation is off: then there is none
+    initial = result.get("val_start") if cfg.eval.initial_validation else None
     initial = ({"sft_val_loss": initial.get(SFT_VAL_SET),
                 "val_losses": {k: v for k, v in initial.items() if k != SFT_VAL_SET}} if initial else None)
     run, name, step = source_identity(cfg.checkpoint_dir, _source_step(cfg.checkpoint_dir))

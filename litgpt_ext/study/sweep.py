@@ -88,9 +88,14 @@ class SweepSpec:
     """Run each base run as one job per fork step (`train.pause_at_step`): an arm forking at 6k starts
     once step 6k is saved, not after the whole base run. The plan, LR and data order are those of one
     uninterrupted run; false: one job per base run"""
-    soup_seeds: bool = False
-    """Average the final weights of every arm (and base) run under several pretraining seeds into
-    `soup_<arm>` (`litgpt-ext soup`); SFT then also starts from each soup"""
+    arm_data_seeds: list[int] = field(default_factory=list)
+    """Run every arm once per data seed (`data.init_args.seed`), all forked from the same base checkpoint
+    (empty: one run per pretraining seed, with the data seed = the pretraining seed)"""
+    soup_data_seeds: bool = False
+    """Average each arm's `arm_data_seeds` runs (same fork point, different data order) into
+    `soup_<arm>_seed<s>` (`litgpt-ext soup`, as OLMo soups its anneal runs); SFT then also starts from
+    each soup. Runs of different pretraining seeds are never souped: they start from different random
+    initializations and their average is not a working model"""
     sft: Optional[SFTGrid] = None
 
 
@@ -295,45 +300,49 @@ def plan_sweep(spec: SweepSpec) -> list[Job]:
             prev = [f"{name}_to{stop}"]
         jobs.append(Job(name, "base", "pretrain", cfg, out, depends=prev, info=info))
         finals.append((name, out / "final", seed))
-        families.setdefault("base", []).append((name, out / "final"))
 
-    for seed in spec.seeds:
-        for a in arms:
-            if not under(a, seed):
-                continue  # this arm runs under some pretraining seeds only
-            cfg = copy.deepcopy(base_cfg)
-            name = arm_name(a, seed)
-            out = root / name
-            mix = mix_string(spec.replay, a["domain"], float(a["weight"]))
-            _set(cfg, "out_dir", str(out))
-            _set(cfg, "fork_from", str(root / f"base_seed{seed}" / f"step-{int(a['start']):08d}"))
-            _set(cfg, "resume", "auto")
-            _set(cfg, "seed", seed)
-            _set(cfg, "data.init_args.seed", seed)
-            _set(cfg, "data.init_args.mix_weights_str", mix)
-            for k in ("data.init_args.literal_weights_str", "data.init_args.mix_config_path",
-                      "train.max_additional_steps", "train.max_tokens", "train.pause_at_step"):
-                _set(cfg, k, None)
-            _set(cfg, "train.max_iters", spec.total_steps)
-            for k, v in spec.arm_overrides.items():
-                _set(cfg, k, v)
-            base_job = f"base_seed{seed}_to{int(a['start'])}" if spec.split_base else f"base_seed{seed}"
-            jobs.append(Job(name, "midtrain", "pretrain", cfg, out, depends=[base_job],
-                            info={"seed": seed, "mix": mix, "start": int(a["start"]), "domain": a["domain"],
-                                  "weight": float(a["weight"]),
-                                  "domain_steps": domain_steps(a, spec.total_steps)}))
-            finals.append((name, out / "final", seed))
-            families.setdefault(arm_family(a), []).append((name, out / "final"))
+    if spec.soup_data_seeds and len(spec.arm_data_seeds) < 2:
+        raise ValueError(
+            f"soup_data_seeds needs >= 2 arm_data_seeds, got {spec.arm_data_seeds}: a soup averages runs that start"
+            " from one checkpoint and differ in data order. Runs of different pretraining seeds start from different"
+            " random initializations; their average is not a working model (the CPU study's two math_mid seeds,"
+            " souped and fine-tuned: general loss 8.38 vs 7.10 for either)")
+    if len(set(spec.arm_data_seeds)) < len(spec.arm_data_seeds):
+        raise ValueError(f"arm_data_seeds has repeats: {spec.arm_data_seeds}")
+    for seed, a, dseed in itertools.product(spec.seeds, arms, spec.arm_data_seeds or [None]):
+        if not under(a, seed):
+            continue  # this arm runs under some pretraining seeds only
+        cfg = copy.deepcopy(base_cfg)
+        name = arm_name(a, seed) + (f"_data{dseed}" if dseed is not None else "")
+        out = root / name
+        mix = mix_string(spec.replay, a["domain"], float(a["weight"]))
+        _set(cfg, "out_dir", str(out))
+        _set(cfg, "fork_from", str(root / f"base_seed{seed}" / f"step-{int(a['start']):08d}"))
+        _set(cfg, "resume", "auto")
+        _set(cfg, "seed", seed)
+        _set(cfg, "data.init_args.seed", seed if dseed is None else dseed)
+        _set(cfg, "data.init_args.mix_weights_str", mix)
+        for k in ("data.init_args.literal_weights_str", "data.init_args.mix_config_path",
+                  "train.max_additional_steps", "train.max_tokens", "train.pause_at_step"):
+            _set(cfg, k, None)
+        _set(cfg, "train.max_iters", spec.total_steps)
+        for k, v in spec.arm_overrides.items():
+            _set(cfg, k, v)
+        base_job = f"base_seed{seed}_to{int(a['start'])}" if spec.split_base else f"base_seed{seed}"
+        jobs.append(Job(name, "midtrain", "pretrain", cfg, out, depends=[base_job],
+                        info={"seed": seed, "mix": mix, "start": int(a["start"]), "domain": a["domain"],
+                              "weight": float(a["weight"]),
+                              "domain_steps": domain_steps(a, spec.total_steps), "data_seed": dseed}))
+        finals.append((name, out / "final", seed))
+        families.setdefault(f"{arm_family(a)}_seed{seed}", []).append((name, out / "final"))
 
-    if spec.soup_seeds:
-        for family, runs in families.items():
-            if len(runs) < 2:
-                continue  # one seed: nothing to average
+    if spec.soup_data_seeds:
+        for family, runs in families.items():  # one arm, one pretraining seed: its data seeds' runs
             name, out = f"soup_{family}", root / f"soup_{family}"
             cfg = {"checkpoints": [str(c) for _, c in runs], "out": str(out), "overwrite": True}
             jobs.append(Job(name, "soup", "soup", cfg, out, depends=[n for n, _ in runs],
-                            info={"family": family, "seeds": len(runs)}))
-            finals.append((name, out, None))
+                            info={"family": family, "seeds": len(runs), "seed": int(family.rsplit("_seed", 1)[1])}))
+            finals.append((name, out, jobs[-1].info["seed"]))
 
     if spec.sft is not None:
         g = spec.sft
@@ -344,8 +353,6 @@ def plan_sweep(spec: SweepSpec) -> list[Job]:
         sft_cfg = yaml.safe_load(Path(g.config).read_text()) or {}
         for src, src_ckpt, pseed in finals:
             if src in (f"base_seed{s}" for s in spec.seeds) and not g.include_base:
-                continue
-            if src == "soup_base" and not g.include_base:
                 continue
             for task, overrides in g.tasks.items():
                 for lr, sseed in itertools.product(g.lr, g.seeds):
@@ -369,10 +376,11 @@ def plan_table(jobs: list[Job]) -> str:
     for i, j in enumerate(jobs, 1):
         if j.stage == "midtrain":
             d = f"fork @{j.info['start']}, {j.info['mix']}, {j.info['domain']} ~{j.info['domain_steps']:.0f} steps"
+            d += f", data seed {j.info['data_seed']}" if j.info.get("data_seed") is not None else ""
         elif j.stage == "sft":
             d = f"{j.info['task']}, lr {j.info['lr']:g}, seed {j.info['seed']}"
         elif j.stage == "soup":
-            d = f"average of {j.info['seeds']} seeds"
+            d = f"average of {j.info['seeds']} data seeds"
         else:
             stop = f", until step {j.info['pause']}" if j.info.get("pause") is not None else ""
             d = f"{j.info.get('mix') or 'base mix'}, seed {j.info['seed']}{stop}"
