@@ -260,3 +260,20 @@ def test_build_demo_fails_clearly_when_too_little_text(tmp_path, monkeypatch):
     with pytest.raises(demo.DemoError, match=r"found only ~[\d,]+ tokens of main text for a budget of 100,000"):
         demo.build_demo(tmp_path / "d", vocab_size=300, main_tokens=100_000, code_shards=0, math_shards=0,
                         heldout_docs=2, tokenizer_sample_chars=20_000)
+
+
+def test_demo_prose_leaves_out_this_projects_own_files(tmp_path):
+    """Our dist-info METADATA is the README: if the corpus read it, every README edit would change
+    the demo data and every result trained on it (seen: the reproduction's numbers moved)."""
+    from litgpt_ext.prep.demo_sources import collect_prose
+
+    para = " ".join(["word"] * 3 + ["prose"] * 20)
+    theirs = "These are the documented words of another installed package, written for its users. " * 3
+    ours = "This paragraph comes from the README of litgpt ext and must never reach the corpus text. " * 3
+    for dist, text in (("pkg-1.0.dist-info", theirs), ("litgpt_ext-0.1.0.dist-info", ours)):
+        (tmp_path / dist).mkdir()
+        (tmp_path / dist / "METADATA").write_text(f"Name: x\n\n{text}\n\n{para}\n")
+    (tmp_path / "litgpt_ext").mkdir()
+    (tmp_path / "litgpt_ext" / "notes.md").write_text(ours)
+    text = "\n".join(collect_prose(10**9, roots=[tmp_path], min_doc_chars=10))
+    assert "another installed package" in text and "README of litgpt ext" not in text

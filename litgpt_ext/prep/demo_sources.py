@@ -54,12 +54,20 @@ def stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
+def is_own(dirname: str) -> bool:
+    """This project's own package or dist-info: its METADATA is the README, so including it would
+    make the demo corpus (and every result trained on it) change with each README edit."""
+    return dirname == "litgpt_ext" or dirname.startswith(("litgpt_ext-", "litgpt_ext."))
+
+
 def walk_sorted(root: Path | str, skip_dirs: set[str] = SKIP_DIRS) -> Iterator[str]:
-    """All files under root in sorted order (deterministic, unlike os.walk's listing order)."""
+    """All files under root in sorted order (deterministic, unlike os.walk's listing order); this
+    project's own files are skipped (`is_own`)."""
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in skip_dirs and not d.startswith("."))
+        dirnames[:] = sorted(d for d in dirnames if d not in skip_dirs and not d.startswith(".") and not is_own(d))
         for f in sorted(filenames):
-            yield os.path.join(dirpath, f)
+            if not f.startswith("__editable__"):  # setuptools' editable-install shims (ours among them)
+                yield os.path.join(dirpath, f)
 
 
 # ---------------------------------------------------------------- prose filtering
