@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml constraints-tested.txt $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints-tested.txt --upgrade pip
 	$(PY) -m pip install -q -c constraints-tested.txt $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e '.[test]'
 	$(PY) util_scripts/check_torchvision.py
 	touch $(STAMP)
