@@ -111,3 +111,65 @@ def test_stage_times_add_up_over_invocations(tmp_path):
     got = stage_minutes(tmp_path)
     assert list(got) == ["pretrain", "sft"] and got["sft"] == pytest.approx(1.5, abs=0.01)
     assert stage_minutes(tmp_path / "none") == {}
+
+
+@pytest.mark.slow
+def test_reproduce_end_to_end_on_a_tiny_corpus(tmp_path, capsys):
+    """The whole study as `make reproduce` runs it (demo corpus, SFT tasks, split base runs, forks, the SFT
+    LR pick, similarity, REPORT.md), shrunk to seconds; a second invocation finds every output and
+    redoes nothing."""
+    import json
+
+    from litgpt_ext.prep.demo import build_demo
+    from litgpt_ext.study.reproduce import reproduce
+
+    demo = tmp_path / "demo"
+    build_demo(demo, vocab_size=1000, main_tokens=30_000, code_tokens=12_000, math_tokens=12_000, heldout_docs=40,
+               tokenizer_sample_chars=150_000, chunk_tokens=4096, val_fraction=0.1, seed=5)
+    pre = yaml.safe_load((ROOT / "midtrain_configs" / "reproduce" / "pretrain_cpu.yaml").read_text())
+    pre["model_config"].update(n_layer=1, n_head=2, n_embd=16, vocab_size=1000, padded_vocab_size=1000)
+    pre["train"].update(global_batch_size=4, micro_batch_size=4, log_interval=4)
+    pre["eval"].update(interval=100, max_iters=2)
+    sft = yaml.safe_load((ROOT / "midtrain_configs" / "reproduce" / "sft_cpu.yaml").read_text())
+    sft["train"].update(global_batch_size=8, micro_batch_size=8)
+    sft["eval"]["max_iters"] = 2
+    (tmp_path / "pre.yaml").write_text(yaml.safe_dump(pre))
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(sft))
+    out = tmp_path / "study"
+    kw = dict(out_dir=out, demo_dir=demo, pretrain_config=tmp_path / "pre.yaml", sft_config=tmp_path / "sft.yaml",
+              total_steps=12, pretrain_seeds=(42,), base_tasks=("math", "prose"), sft_lrs=(1e-3, 3e-3), sft_seeds=(1, 2),
+              arms=[{"name": "math_mid", "domain": "math", "start": 4, "weight": 0.25, "role": "mid"},
+                    {"name": "math_cpt", "domain": "math", "start": 10, "weight": 1.0, "role": "cpt", "tasks": ["math"]}],
+              similarity_docs=20, sft_task_args={"math_examples": 200})
+    res = reproduce(**kw)
+    # every run ended at the shared total: the base run split at its fork steps, the arms forked from them
+    runs = out / "runs"
+    for name in ("base_seed42", "math_mid_seed42", "math_cpt_seed42"):
+        state = json.loads((runs / name / "final" / "manifest.json").read_text())
+        assert state["step"] == 12, name
+    assert json.loads((runs / "math_mid_seed42" / "forked_from.json").read_text())["source"].endswith("step-00000004")
+    # SFT: 2 LRs with seed 1, then seed 2 at the chosen LR, per (checkpoint, task): 5 pairs x 3 runs
+    metrics = sorted(out.glob("sft/*/*/*/sft_metrics.json"))
+    assert len(metrics) == 15
+    for task, source in (("math", "base_seed42"), ("prose", "math_mid_seed42")):
+        first = {lr: json.loads((out / "sft" / task / source / f"lr{lr}_seed1" / "sft_metrics.json").read_text())["sft_val_loss"]
+                 for lr in ("0.001", "0.003")}
+        assert first["0.001"] != first["0.003"]  # the runs trained (several steps, not one warmup step)
+        best = min(first, key=first.get)
+        assert (out / "sft" / task / source / f"lr{best}_seed2" / "sft_metrics.json").is_file()
+    report = (out / "REPORT.md").read_text()
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["cells"]) == {"base|math", "base|prose", "math_mid|math", "math_mid|prose", "math_cpt|math"}
+    assert {f["id"] for f in results["findings"]} >= {"F1", "F2"}
+    for line in ("### F1:", "### F2:", "### F4", "Not measured: the config lacks the arms it needs", "## Versions"):
+        assert line in report, line
+    for fig in ("sft_losses.png", "similarity/similarity_heatmap.png"):
+        assert (out / fig).stat().st_size > 1000, fig
+    assert res["minutes"] > 0 and (out / "timings.jsonl").is_file()
+    # a second invocation: every stage's output exists, nothing runs again, the findings are the same
+    capsys.readouterr()
+    before = (out / "timings.jsonl").read_text()
+    reproduce(**kw)
+    printed = capsys.readouterr().out
+    assert "[reproduce 1/" not in printed and (out / "timings.jsonl").read_text() == before
+    assert json.loads((out / "results.json").read_text())["findings"] == results["findings"]
