@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from litgpt_ext.study.reproduce import (
+    ANALYSIS,
     Arm,
     Cell,
     ReproduceConfig,
@@ -49,7 +50,7 @@ def test_findings_follow_the_numbers_both_ways():
         ("early_low", "math"): ([1.8, 1.8], [4.0, 4.0]), ("early_high", "math"): ([1.6, 1.6], [4.1, 4.1]),
         ("late_low", "math"): ([1.8, 1.8], [4.0, 4.0]), ("late_high", "math"): ([1.9, 1.9], [4.2, 4.2]),
     })
-    f = {x["id"]: x for x in findings(good, ARMS)}
+    f = {x["id"]: x for x in findings(good, ARMS, ANALYSIS)}
     assert f["F1"]["holds"] and f["F1"]["numbers"]["far_mean"] == pytest.approx(0.25)
     assert f["F2"]["holds"]
     assert f["F4"]["holds"] and f["F4"]["numbers"]["high_minus_low_late"] == pytest.approx(-0.05)
@@ -60,7 +61,7 @@ def test_findings_follow_the_numbers_both_ways():
     bad = dict(good)
     bad[("math_cpt", "math")] = Cell("math_cpt", "math", 2, [1.4, 1.4], [4.3, 4.3], [1e-3])  # CPT better in-domain
     bad[("late_high", "math")] = Cell("late_high", "math", 2, [1.7, 1.7], [4.2, 4.2], [1e-3])  # high weight fine late
-    f = {x["id"]: x for x in findings(bad, ARMS)}
+    f = {x["id"]: x for x in findings(bad, ARMS, ANALYSIS)}
     assert not f["F2"]["holds"] and not f["F4"]["holds"]
 
 
@@ -161,7 +162,7 @@ def test_reproduce_end_to_end_on_a_tiny_corpus(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     assert set(results["cells"]) == {"base|math", "base|prose", "math_mid|math", "math_mid|prose", "math_cpt|math"}
     assert {f["id"] for f in results["findings"]} >= {"F1", "F2"}
-    for line in ("### F1:", "### F2:", "### F4", "Not measured: the config lacks the arms it needs", "## Versions"):
+    for line in ("### F1:", "### F2:", "### F4", "Not measured: the study lacks the arms", "## Versions"):
         assert line in report, line
     for fig in ("sft_losses.png", "similarity/similarity_heatmap.png"):
         assert (out / fig).stat().st_size > 1000, fig

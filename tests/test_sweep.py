@@ -139,3 +139,54 @@ def test_local_run_forks_and_ends_at_the_shared_total(tmp_path, config_file):  #
     assert "Done: paused at step 2" in (tmp_path / "runs" / "base_seed42" / "sweep.log").read_text()
     assert len((tmp_path / "runs" / "base_seed42" / "phases.jsonl").read_text().splitlines()) == 1  # one plan
     assert run_local(jobs, tmp_path / "cfg") == []  # finished runs are skipped
+
+
+def test_report_from_the_finished_sft_runs(tmp_path, config_file, capsys):  # noqa: F811
+    """`--action report` on a planned sweep whose SFT runs wrote known metrics (one still missing): the LR
+    with the lowest mean over seeds per (checkpoint, task), relative improvements, F1 with a near-domain
+    arm as the paper has (QA), F2 against the CPT arm, an ablation arm kept out of the findings."""
+    import json
+
+    from litgpt_ext.cli import main as cli
+
+    sft_cfg = tmp_path / "sft.yaml"
+    sft_cfg.write_text(yaml.safe_dump({"data": {"init_args": {"train_path": str(tmp_path / "none")}}}))
+    spec_path = _spec(tmp_path, config_file, grid={}, arms=[
+        {"name": "code_mid", "domain": "code", "start": 2, "weight": 0.5},
+        {"name": "qa_mid", "domain": "qa", "start": 2, "weight": 0.5},
+        {"name": "code_cpt", "domain": "code", "start": 4, "weight": 1.0},
+        {"name": "code_late", "domain": "code", "start": 4, "weight": 0.5, "role": "ablation"}],
+        sft={"config": str(sft_cfg), "tasks": {"pycode": {}, "sciq": {}}, "lr": [1e-4, 3e-4], "seeds": [0, 1]},
+        report={"task_domains": {"pycode": "code", "sciq": "qa"}})
+    jobs = plan_sweep(load_spec(spec_path))
+    # SFT loss per (source family, task) at lr 3e-4 (lr 1e-4 is 0.1 worse); general loss after SFT
+    sft = {("base", "pycode"): 2.0, ("code_mid", "pycode"): 1.5, ("code_cpt", "pycode"): 1.6, ("code_late", "pycode"): 1.7,
+           ("qa_mid", "pycode"): 2.0, ("base", "sciq"): 3.0, ("qa_mid", "sciq"): 2.97, ("code_mid", "sciq"): 3.0,
+           ("code_cpt", "sciq"): 3.1, ("code_late", "sciq"): 3.0}
+    general = {"code_cpt": 4.5}
+    skipped = "sft_sciq_code_late_seed42_lr0.0003_s1"
+    for j in jobs:
+        if j.stage != "sft" or j.name == skipped:
+            continue
+        fam = j.info["source"].rsplit("_seed", 1)[0]
+        loss = sft[(fam, j.info["task"])] + (0.1 if j.info["lr"] == 1e-4 else 0.0) + 0.01 * j.info["seed"]
+        j.out_dir.mkdir(parents=True)
+        (j.out_dir / "sft_metrics.json").write_text(json.dumps(
+            {"sft_val_loss": loss, "lr": j.info["lr"], "val_losses": {"general": general.get(fam, 4.0) + 0.01 * j.info["seed"]}}))
+    cli(["sweep", "--spec", str(spec_path), "--action", "report"])
+    out = tmp_path / "runs" / "report"
+    report, res = (out / "REPORT.md").read_text(), json.loads((out / "results.json").read_text())
+    assert "39 of 40 SFT runs have finished" in report and skipped in report
+    cell = res["cells"]["base|pycode"]
+    assert cell["lrs"] == [3e-4] and cell["sft"] == pytest.approx([2.0, 2.01])
+    assert res["cells"]["code_late|sciq"]["n"] == 1  # its other seed is missing: the cell says so
+    f = {x["id"]: x for x in res["findings"]}
+    assert f["F1"]["holds"] and [x[0] for x in f["F1"]["numbers"]["far"]] == ["code_mid"]  # not the ablation
+    assert [x[:2] for x in f["F1"]["numbers"]["near"]] == [["qa_mid", "sciq"]]
+    assert f["F1"]["numbers"]["far_mean"] == pytest.approx((2.005 - 1.505) / 2.005)
+    assert f["F2"]["holds"] and f["F2"]["numbers"][0]["cpt"] == "code_cpt"
+    assert "F3" not in f and "the similarity stage failed (missing" in report  # no shards here: said, not skipped
+    assert "### F4" in report and (out / "sft_losses.png").stat().st_size > 1000
+    with pytest.raises(SystemExit, match="role must be one of mid, cpt, cross, ablation"):
+        cli(["sweep", "--spec", str(_spec(tmp_path, config_file, arms=[
+            {"name": "x", "domain": "code", "start": 2, "weight": 0.5, "role": "main"}])), "--action", "report"])

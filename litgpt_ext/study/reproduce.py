@@ -20,8 +20,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,20 +27,13 @@ from typing import Any, Optional
 
 import yaml
 
+from litgpt_ext.study import report
+from litgpt_ext.study.report import ROLES, Analysis, Arm, Cell, cells_of, compare, findings  # noqa: F401  (the API)
 from litgpt_ext.study.sweep import Job, SweepSpec, mix_string, plan_sweep, read_yaml_for
 
 DOMAIN_TASK = {"code": "code", "math": "math"}  # the SFT task of each midtraining domain
-
-
-@dataclass
-class Arm:
-    name: str
-    domain: str
-    start: int
-    weight: float
-    seeds: Optional[list[int]] = None  # pretraining seeds this arm runs under (default: the first)
-    tasks: Optional[list[str]] = None  # SFT tasks (default: its domain's task and prose)
-    role: str = "mid"  # mid | cpt | cross (for the findings)
+ANALYSIS = Analysis(task_of=DOMAIN_TASK, near_task="prose")
+"""The CPU study's findings: each far arm on its own domain's task and on prose (the near domain)."""
 
 
 @dataclass
@@ -93,8 +84,8 @@ def arms_of(cfg: ReproduceConfig) -> list[Arm]:
         arm = Arm(**a)
         if arm.domain not in DOMAIN_TASK:
             raise ValueError(f"reproduce arm {arm.name}: domain {arm.domain!r} has no SFT task; known: {sorted(DOMAIN_TASK)}")
-        if arm.role not in ("mid", "cpt", "cross"):
-            raise ValueError(f"reproduce arm {arm.name}: role must be mid, cpt or cross, got {arm.role!r}")
+        if arm.role not in ROLES:
+            raise ValueError(f"reproduce arm {arm.name}: role must be one of {', '.join(ROLES)}, got {arm.role!r}")
         arm.seeds = arm.seeds or cfg.pretrain_seeds[:1]
         unknown = sorted(set(arm.seeds) - set(cfg.pretrain_seeds))
         if unknown:
@@ -254,314 +245,26 @@ def best_lr_runs(runs: list[SFTRun]) -> dict[tuple[str, str], list[dict]]:
     return out
 
 
-@dataclass
-class Cell:
-    family: str
-    task: str
-    n: int
-    sft: list[float]
-    general: list[float]
-    lrs: list[float]
-
-    @property
-    def sft_mean(self) -> float:
-        return sum(self.sft) / len(self.sft)
-
-    @property
-    def general_mean(self) -> float:
-        return sum(self.general) / len(self.general)
-
-
-def cells_of(best: dict[tuple[str, str], list[dict]]) -> dict[tuple[str, str], Cell]:
-    return {k: Cell(k[0], k[1], len(v), [m["sft_val_loss"] for m in v], [m["val_losses"]["general"] for m in v],
-                    sorted({m["lr"] for m in v})) for k, v in best.items()}
-
-
-def _ms(xs: list[float]) -> str:
-    from litgpt_ext.sft.grid import mean_std
-
-    m, s = mean_std(xs)
-    return f"{m:.4f} ± {s:.4f}" if s is not None else f"{m:.4f}"
-
-
-def compare(cells: dict, family: str, task: str, ref: str = "base") -> Optional[dict]:
-    """Relative improvement (L_ref - L) / L_ref of SFT loss and of general loss after SFT, Welch t-tests."""
-    from litgpt_ext.sft.grid import welch_t
-
-    a, b = cells.get((ref, task)), cells.get((family, task))
-    if a is None or b is None:
-        return None
-    out = {"family": family, "task": task, "ref": ref}
-    for what, xa, xb in (("sft", a.sft, b.sft), ("general", a.general, b.general)):
-        la, lb = sum(xa) / len(xa), sum(xb) / len(xb)
-        t, _, p = welch_t(xa, xb) if len(xa) >= 2 and len(xb) >= 2 else (None, None, None)
-        out[what] = {"ref": la, "arm": lb, "rel_improvement": (la - lb) / la, "t": t, "p": p}
-    return out
-
-
-ALPHA = 0.05
-"""Significance level the report's sentences use (the verdicts follow the direction of the means)."""
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:+.2f}%"
-
-
-def _p(p: Optional[float]) -> str:
-    return "p n/a" if p is None else f"p = {p:.3g}"
-
-
-def _sig(ps: list[Optional[float]]) -> str:
-    """How many of the tests behind a finding are significant at ALPHA."""
-    known = [p for p in ps if p is not None]
-    if not known:
-        return "no test could be run (scipy missing or < 2 runs per cell)"
-    k = sum(p < ALPHA for p in known)
-    return f"{k} of {len(known)} test{'s' if len(known) > 1 else ''} behind it significant at p < {ALPHA}"
-
-
-def findings(cells: dict, arms: list[Arm]) -> list[dict]:
-    """F1-F4 as measured: each with the numbers and holds / does not hold at this scale."""
-    fam = {a.name: a for a in arms}
-    out = []
-
-    # F1: gains are larger for far domains (the midtraining domain's own task) than on near (prose) text
-    far, near = [], []
-    for a in arms:
-        if a.role != "mid":
-            continue
-        c = compare(cells, a.name, DOMAIN_TASK[a.domain])
-        n = compare(cells, a.name, "prose")
-        if c:
-            far.append((a.name, DOMAIN_TASK[a.domain], c["sft"]["rel_improvement"], c["sft"]["p"]))
-        if n:
-            near.append((a.name, "prose", n["sft"]["rel_improvement"], n["sft"]["p"]))
-    if far and near:
-        mf, mn = sum(x[2] for x in far) / len(far), sum(x[2] for x in near) / len(near)
-        each = lambda xs: ", ".join(f"{a}/{t} {_pct(v)} ({_p(p)})" for a, t, v, p in xs)  # noqa: E731
-        out.append({"id": "F1", "claim": "midtraining helps most for domains far from general pretraining data",
-                    "measure": "mean relative SFT-loss improvement over base: on the arm's own (far) domain task vs on prose (near)",
-                    "summary": f"Relative SFT-loss improvement over base on the arms' own domains: mean {_pct(mf)} "
-                               f"({each(far)}); on prose: mean {_pct(mn)} ({each(near)}); "
-                               f"{_sig([x[3] for x in far + near])}.",
-                    "numbers": {"far": far, "near": near, "far_mean": mf, "near_mean": mn}, "holds": mf > mn and mf > 0})
-
-    # F2: midtraining (mix) beats continued pretraining on the domain alone, in-domain and in forgetting
-    rows = []
-    for a in arms:
-        if a.role != "cpt":
-            continue
-        mid = next((m for m in arms if m.role == "mid" and m.domain == a.domain), None)
-        task = DOMAIN_TASK[a.domain]
-        if mid is None or (mid.name, task) not in cells or (a.name, task) not in cells:
-            continue
-        c = compare(cells, mid.name, task, ref=a.name)  # improvement of mid over cpt
-        rows.append({"domain": a.domain, "mid": mid.name, "cpt": a.name, "task": task,
-                     "sft_mid": c["sft"]["arm"], "sft_cpt": c["sft"]["ref"], "sft_p": c["sft"]["p"],
-                     "general_mid": c["general"]["arm"], "general_cpt": c["general"]["ref"], "general_p": c["general"]["p"]})
-    if rows:
-        holds = all(r["sft_mid"] < r["sft_cpt"] and r["general_mid"] < r["general_cpt"] for r in rows)
-        summary = "; ".join(
-            f"{r['domain']}: SFT loss {r['mid']} {r['sft_mid']:.4f} vs {r['cpt']} {r['sft_cpt']:.4f} ({_p(r['sft_p'])}), "
-            f"general loss after SFT {r['general_mid']:.4f} vs {r['general_cpt']:.4f} ({_p(r['general_p'])})" for r in rows)
-        summary += f"; {_sig([p for r in rows for p in (r['sft_p'], r['general_p'])])}."
-        out.append({"id": "F2", "claim": "midtraining beats continued pretraining on the specialized data alone, "
-                    "in-domain (SFT loss) and in forgetting (general loss after SFT)",
-                    "measure": "mean SFT validation loss and general loss after SFT, mid arm vs its domain's CPT arm "
-                               "(lower is better; both must be lower for the finding to hold)",
-                    "summary": summary[0].upper() + summary[1:], "numbers": rows, "holds": holds})
-
-    # F3 is computed with the similarity stage (PA vs improvement); F4: timing x weight
-    cross = [a for a in arms if a.role == "cross"]
-    if cross:
-        table = {}
-        starts = sorted({a.start for a in cross})
-        weights = sorted({a.weight for a in cross})
-        for a in cross:
-            c = compare(cells, a.name, DOMAIN_TASK[a.domain])
-            if c:
-                table[(a.start, a.weight)] = c["sft"]["rel_improvement"]
-        if len(starts) >= 2 and len(weights) >= 2 and all((s, w) in table for s in starts for w in weights):
-            early, late, lo, hi = starts[0], starts[-1], weights[0], weights[-1]
-            d_early = table[(early, hi)] - table[(early, lo)]  # what a high weight buys (or costs) early
-            d_late = table[(late, hi)] - table[(late, lo)]
-            cell = lambda st, w: f"{_pct(table[(st, w)])}"  # noqa: E731
-            out.append({"id": "F4", "claim": "an early start tolerates a high specialized weight; a late start needs a low one",
-                        "measure": "relative SFT-loss improvement over base at (start, weight); "
-                                   "high-minus-low weight difference early vs late (holds if it is larger early and "
-                                   "negative late)",
-                        "summary": f"Start {early}: weight {lo:g} {cell(early, lo)}, weight {hi:g} {cell(early, hi)} "
-                                   f"(high − low {_pct(d_early)}); start {late}: weight {lo:g} {cell(late, lo)}, "
-                                   f"weight {hi:g} {cell(late, hi)} (high − low {_pct(d_late)}). One pretraining seed per "
-                                   "cell: no test of the interaction.",
-                        "numbers": {"table": {f"start {s} / weight {w:g}": v for (s, w), v in sorted(table.items())},
-                                    "high_minus_low_early": d_early, "high_minus_low_late": d_late},
-                        "holds": d_early > d_late and d_late < 0})
-    del fam
-    return out
-
-
-# --------------------------------------------------------------------------------------------- report
-
-
-def _plots(cells: dict, arms: list[Arm], out: Path, cross_table: Optional[dict]) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    files = []
-    tasks = sorted({t for _, t in cells})
-    fams = ["base"] + [a.name for a in arms]
-    fig, axes = plt.subplots(2, len(tasks), figsize=(4.2 * len(tasks), 7), squeeze=False)
-    for j, task in enumerate(tasks):
-        for i, (what, label) in enumerate((("sft", "SFT val loss"), ("general", "general loss after SFT"))):
-            ax = axes[i][j]
-            names = [f for f in fams if (f, task) in cells]
-            vals = [getattr(cells[(f, task)], what) for f in names]
-            ax.bar(range(len(names)), [np.mean(v) for v in vals], yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for v in vals],
-                   color=["#777" if n == "base" else "#1f77b4" for n in names], capsize=3)
-            ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
-            lo = min(min(v) for v in vals)
-            hi = max(max(v) for v in vals)
-            ax.set_ylim(lo - 0.1 * (hi - lo + 1e-6), hi + 0.1 * (hi - lo + 1e-6))
-            ax.set_title(f"{task}: {label}", fontsize=9)
-    fig.suptitle("after SFT (mean ± std over seeds; lower is better)")
-    fig.tight_layout()
-    fig.savefig(out / "sft_losses.png", dpi=110)
-    plt.close(fig)
-    files.append("sft_losses.png")
-    if cross_table:
-        fig, ax = plt.subplots(figsize=(4.5, 3.5))
-        starts = sorted({s for s, _ in cross_table})
-        for w in sorted({w for _, w in cross_table}):
-            ax.plot(starts, [cross_table.get((s, w), np.nan) for s in starts], "o-", label=f"weight {w:g}")
-        ax.axhline(0, color="k", lw=0.5)
-        ax.set_xlabel("midtraining start step")
-        ax.set_ylabel("relative SFT-loss improvement")
-        ax.legend()
-        ax.set_title("F4: timing x weight")
-        fig.tight_layout()
-        fig.savefig(out / "timing_weight.png", dpi=110)
-        plt.close(fig)
-        files.append("timing_weight.png")
-    return files
-
-
-def _cell(cmp: Optional[dict], what: str, key: str) -> str:
-    """A comparison's relative improvement (as %) or p-value for the results table ('' for the base)."""
-    if cmp is None:
-        return ""
-    v = cmp[what][key]
-    if key == "rel_improvement":
-        return f"{v:+.2%}"
-    return f"{v:.3g}" if v is not None else "n/a"
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version(), "machine": f"{platform.machine()} {platform.processor() or ''}".strip()}
-    for pkg in ("torch", "lightning", "litgpt", "litdata", "lm-eval", "litgpt_ext"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out
 
 
 def write_report(cfg: ReproduceConfig, arms: list[Arm], runs: list[SFTRun], sim: Optional[dict], seconds: float) -> Path:
-    cells = cells_of(best_lr_runs(runs))
-    out = cfg.out_dir
-    f = findings(cells, arms)
-    cross = next((x["numbers"]["table"] for x in f if x["id"] == "F4"), None)
-    cross_table = None
-    if cross:
-        cross_table = {}
-        for k, v in cross.items():
-            s, w = k.replace("start ", "").split(" / weight ")
-            cross_table[(int(s), float(w))] = v
-    figs = _plots(cells, arms, out, cross_table)
-
-    # F3: PA vs relative improvement (every arm x task with a comparison)
-    f3_missing = "Not measured: the similarity stage did not run."
-    if sim is not None and "error" in sim:
-        f3_missing = f"Not measured: the similarity stage failed ({sim['error']})."
-    elif sim is not None:
-        f3_missing = "Not measured: fewer than 3 (arm, task) points to correlate."
-        points = []
-        for fam, task in sorted(cells):
-            if fam == "base":
-                continue
-            cmp = compare(cells, fam, task)
-            if cmp:
-                points.append({"set": fam, "sft": task, "rel_improvement": cmp["sft"]["rel_improvement"]})
-        from litgpt_ext.study.similarity import correlate, plot_pa_scatter
-
-        pts, corr = correlate(sim["pa"], points)
-        if len(pts) >= 3:
-            plot_pa_scatter(pts, corr, out / "pa_vs_improvement.png")
-            figs.append("pa_vs_improvement.png")
-            m = "unigram_js"
-            r = corr[m]["r"]
-            others = ", ".join(f"{m2} r = {c['r']:.2f} ({_p(c.get('p'))})" for m2, c in corr.items() if m2 != m)
-            f.insert(2, {"id": "F3", "claim": "the gain grows with the proximity advantage (PA) of the mix to the SFT data",
-                         "measure": f"Pearson r between PA ({m}) and relative SFT-loss improvement over {len(pts)} (arm, task) points",
-                         "summary": f"Pearson r = {r:.2f} ({_p(corr[m].get('p'))}, n = {len(pts)}) between PA ({m}) and the "
-                                    f"relative SFT-loss improvement; the other measures: {others}; "
-                                    f"{_sig([corr[m].get('p')])}.",
-                         "numbers": {m2: {"r": c["r"], "p": c.get("p"), "slope": c["slope"]} for m2, c in corr.items()},
-                         "holds": (not math.isnan(r)) and r > 0})
-            figs.append("similarity/similarity_heatmap.png")
-
-    L = ["# Reproduction at CPU scale: Midtraining Bridges Pretraining and Posttraining Distributions", ""]
-    cost = stage_minutes(out)
+    cost = stage_minutes(cfg.out_dir)
     spent = (f"The study's stages took {sum(cost.values()):.1f} min of wall time as they ran ("
              + ", ".join(f"{k} {v:.1f}" for k, v in cost.items()) + "; summed over every invocation, from "
              f"`{TIMINGS}`); this invocation took {seconds / 60:.1f} min." if cost else
              f"This invocation took {seconds / 60:.1f} min.")
-    L += [f"Generated by `litgpt-ext reproduce`. {spent} Everything below is measured; "
-          "nothing was tuned until a finding held.", ""]
-    L += ["## Setup", "", f"- pretraining: `{cfg.pretrain_config}`, {cfg.total_steps} steps total, seeds {cfg.pretrain_seeds}; "
-          f"arms fork the base run of their seed and train to the same total with the base run's schedule (no re-warmup)",
-          f"- SFT: `{cfg.sft_config}`; LR sweep {cfg.sft_lrs} with seed {cfg.sft_seeds[0]}, the best LR per (checkpoint, task) "
-          f"by SFT validation loss, then seeds {cfg.sft_seeds[1:]} at that LR", "", "| arm | role | domain | start | weight | mix | pretraining seeds | SFT tasks |",
-          "|---|---|---|---|---|---|---|---|", f"| base | base | - | - | - | main:1.0 | {cfg.pretrain_seeds} | {cfg.base_tasks} |"]
-    for a in arms:
-        L.append(f"| {a.name} | {a.role} | {a.domain} | {a.start} | {a.weight:g} | {mix_string('main', a.domain, a.weight)} | {a.seeds} | {a.tasks} |")
-    L += ["", "## Results after SFT", "", "Mean ± std over all SFT runs at the chosen LR (SFT seeds x pretraining seeds). "
-          "Relative improvement = (L_base − L_arm) / L_base; p from Welch's t-test against base.", "",
-          "| arm | task | n | chosen LR(s) | SFT val loss | rel. impr. | p | general loss after SFT | rel. impr. | p |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
-    for (fam, task), c in sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][0] != "base", kv[0][0])):
-        cmp = compare(cells, fam, task) if fam != "base" else None
-        L.append(f"| {fam} | {task} | {c.n} | {', '.join(f'{x:g}' for x in c.lrs)} | {_ms(c.sft)} | {_cell(cmp, 'sft', 'rel_improvement')} | "
-                 f"{_cell(cmp, 'sft', 'p')} | {_ms(c.general)} | {_cell(cmp, 'general', 'rel_improvement')} | {_cell(cmp, 'general', 'p')} |")
-    L += ["", "## Findings, as measured", ""]
-    L += [f"Each verdict follows the direction of the means as the claim states it; the sentence under it says how "
-          f"many of the tests behind it are significant at p < {ALPHA}. The numbers are in `results.json`.", "",
-          "| finding | at this scale |", "|---|---|"]
-    L += [f"| {x['id']}: {x['claim']} | {'holds' if x['holds'] else 'does not hold'} |" for x in sorted(f, key=lambda x: x["id"])]
-    L.append("")
-    for x in sorted(f, key=lambda x: x["id"]):
-        L += [f"### {x['id']}: {x['claim']}", "", f"**{'Holds' if x['holds'] else 'Does not hold'} at this scale.** "
-              + x.get("summary", ""), "", f"Measure: {x.get('measure', 'see numbers')}.", "",
-              "<details><summary>numbers</summary>", "", "```", json.dumps(x["numbers"], indent=1, default=str), "```",
-              "", "</details>", ""]
-    missing = {"F1", "F2", "F3", "F4"} - {x["id"] for x in f}
-    for m in sorted(missing):
-        why = f3_missing if m == "F3" else "Not measured: the config lacks the arms it needs (F1: mid arms; F2: a cpt arm per mid domain; F4: a 2x2 cross)."
-        L += [f"### {m}", "", why, ""]
-    L += ["## Figures", ""] + [f"![{p}]({p})" for p in figs]
-    L += ["", "## Versions", "", "```", json.dumps(_versions(), indent=1), "```", "",
-          "Scale caveat: a ~2M-parameter model on ~4M tokens; the paper's Pythia runs are 10^4-10^5 times larger. "
-          "The same grid at Pythia scale: `litgpt-ext sweep --spec midtrain_configs/sweeps/paper_pythia160m.yaml`.", ""]
-    path = out / "REPORT.md"
-    path.write_text("\n".join(L))
-    (out / "results.json").write_text(json.dumps({"cells": {f"{k[0]}|{k[1]}": vars(v) for k, v in cells.items()},
-                                                    "findings": f}, indent=1, default=str))
-    return path
+    setup = [f"- pretraining: `{cfg.pretrain_config}`, {cfg.total_steps} steps total, seeds {cfg.pretrain_seeds}; "
+             "arms fork the base run of their seed and train to the same total with the base run's schedule (no re-warmup)",
+             f"- SFT: `{cfg.sft_config}`; LR sweep {cfg.sft_lrs} with seed {cfg.sft_seeds[0]}, the best LR per (checkpoint, task) "
+             f"by SFT validation loss, then seeds {cfg.sft_seeds[1:]} at that LR"]
+    return report.write_report(
+        cfg.out_dir, title="Reproduction at CPU scale: Midtraining Bridges Pretraining and Posttraining Distributions",
+        intro=f"Generated by `litgpt-ext reproduce`. {spent} Everything below is measured; nothing was tuned until a finding held.",
+        setup=setup, arms=arms, base_seeds=cfg.pretrain_seeds, base_tasks=cfg.base_tasks, replay="main",
+        cells=cells_of(best_lr_runs(runs)), sim=sim, analysis=ANALYSIS,
+        footer=["Scale caveat: a ~2M-parameter model on ~4M tokens; the paper's Pythia runs are 10^4-10^5 times larger. "
+                "The same grid at Pythia scale: `litgpt-ext sweep --spec midtrain_configs/sweeps/paper_pythia160m.yaml` "
+                "(and `--action report` once its runs are done).", ""])
 
 
 # --------------------------------------------------------------------------------------------- command
@@ -593,7 +296,7 @@ def reproduce(
         sft_config: The SFT config every SFT run copies (epochs, batch, warmup, eval sets).
         total_steps: The shared total every run ends at.
         pretrain_seeds: One base run per seed; arms run under the seeds they name (default: the first).
-        arms: Midtraining arms: {name, domain (math|code), start, weight, role (mid|cpt|cross), seeds, tasks}.
+        arms: Midtraining arms: {name, domain (math|code), start, weight, role (mid|cpt|cross|ablation), seeds, tasks}.
         base_tasks: SFT tasks of the base runs (the reference of every comparison).
         sft_lrs: LRs swept with the first SFT seed; the best (lowest SFT val loss) is kept per checkpoint and task.
         sft_seeds: SFT seeds (>= 2): the first sweeps the LR, the others run at the chosen LR.

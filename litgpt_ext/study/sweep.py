@@ -3,7 +3,8 @@
 `litgpt-ext sweep --spec sweep.yaml` prints the plan as a table (a dry run); `--action write` writes
 every run's YAML, one `CONFIG_LIST` per stage and `submit.sh` (SLURM arrays chained with
 `--dependency=afterok`); `--action local` runs the same plan on this machine, in dependency order,
-skipping runs whose output exists.
+skipping runs whose output exists; `--action report` writes REPORT.md from the SFT runs that finished
+(`litgpt_ext.study.report`, the analysis `reproduce` uses).
 
 The paper's design, as generated here: one general-only base run per pretraining seed trains to the
 shared total (`total_steps`); each midtraining arm forks the base run of its seed at `start`,
@@ -61,6 +62,25 @@ class SFTGrid:
 
 
 @dataclass
+class ReportSpec:
+    """`--action report`: how the sweep's arms and SFT tasks map onto the paper's findings F1-F4."""
+
+    task_domains: dict[str, str] = field(default_factory=dict)
+    """SFT task -> the midtraining domain it measures (the paper: pycode: code, gsm8k: math, lima: instruct,
+    sciq: qa); a task without a domain is reported, not used by F1/F2/F4"""
+    far_domains: list[str] = field(default_factory=lambda: ["code", "math"])
+    """Domains far from general text (F1's far points); mid arms of other domains give its near points"""
+    near_task: Optional[str] = None
+    """A near-domain task the far arms are also fine-tuned on (an F1 near point per far arm)"""
+    similarity_docs: int = 1000
+    """Documents per shard and SFT set for the bridge (F3); 0 skips it"""
+    data_path: Optional[Path] = None
+    """Token shards for the bridge (default: the base config's data.init_args.data_path)"""
+    tokenizer_dir: Optional[Path] = None
+    """Tokenizer for the bridge (default: the base config's tokenizer_dir)"""
+
+
+@dataclass
 class SweepSpec:
     name: str
     """Sweep name; runs go to out_root/<run>, configs to out_root/configs"""
@@ -79,7 +99,9 @@ class SweepSpec:
     arms: list[dict[str, Any]] = field(default_factory=list)
     """Explicit extra arms: {domain, start, weight[, name][, seeds]} (e.g. continued-pretraining controls;
     `seeds` limits an arm to some of the pretraining seeds). `match_tokens_of: <arm>` instead of `start`
-    starts the arm where it sees as many domain tokens as that arm: a token-matched CPT control"""
+    starts the arm where it sees as many domain tokens as that arm: a token-matched CPT control.
+    `role` (mid | cpt | cross | ablation; default cpt at weight 1.0, else mid) says which finding of
+    `--action report` the arm feeds (ablation: the results table only)"""
     base_overrides: dict[str, Any] = field(default_factory=dict)
     """Dotted-key overrides of the base runs (e.g. train.log_interval)"""
     arm_overrides: dict[str, Any] = field(default_factory=dict)
@@ -97,6 +119,8 @@ class SweepSpec:
     each soup. Runs of different pretraining seeds are never souped: they start from different random
     initializations and their average is not a working model"""
     sft: Optional[SFTGrid] = None
+    report: Optional[ReportSpec] = None
+    """`--action report`: the findings' mapping (`ReportSpec`)"""
 
 
 @dataclass
@@ -149,7 +173,13 @@ def load_spec(path: Path) -> SweepSpec:
         if bad:
             raise ValueError(f"sweep spec sft: unknown keys {bad}; known: {sorted(SFTGrid.__dataclass_fields__)}")
         sft = SFTGrid(**sft)
-    spec = SweepSpec(**raw, sft=sft)
+    rep = raw.pop("report", None)
+    if rep is not None:
+        bad = sorted(set(rep) - set(ReportSpec.__dataclass_fields__))
+        if bad:
+            raise ValueError(f"sweep spec report: unknown keys {bad}; known: {sorted(ReportSpec.__dataclass_fields__)}")
+        rep = ReportSpec(**rep)
+    spec = SweepSpec(**raw, sft=sft, report=rep)
     spec.base_config = Path(spec.base_config)
     return spec
 
@@ -221,7 +251,7 @@ def _arms(spec: SweepSpec) -> list[dict]:
             raise ValueError(f"sweep grid lacks values for {missing}")
         for d, s, w in itertools.product(spec.grid["domain"], spec.grid["start"], spec.grid["weight"]):
             arms.append({"domain": d, "start": s, "weight": w})
-    known = {"name", "domain", "start", "weight", "seeds", "match_tokens_of"}
+    known = {"name", "domain", "start", "weight", "seeds", "match_tokens_of", "role"}
     for a in spec.arms:
         bad = sorted(set(a) - known)
         if bad:
@@ -238,6 +268,10 @@ def _arms(spec: SweepSpec) -> list[dict]:
     for a in arms:
         if not (0 < float(a["weight"]) <= 1):
             raise ValueError(f"sweep arm {a}: weight must be in (0, 1], got {a['weight']}")
+        roles = ("mid", "cpt", "cross", "ablation")
+        if a.get("role", "mid") not in roles:
+            raise ValueError(f"sweep arm {a}: role must be one of {', '.join(roles)} (what the report's findings use it"
+                             f" for), got {a['role']!r}")
         if not (0 < int(a["start"]) < spec.total_steps):
             raise ValueError(f"sweep arm {a}: start must be in (0, total_steps={spec.total_steps}), got {a['start']}")
     names = [arm_name(a, 0) for a in arms]
@@ -471,14 +505,19 @@ def run_local(jobs: list[Job], config_dir: Path, python: str = sys.executable) -
     return ran
 
 
-def sweep(spec: Path, action: Literal["plan", "write", "local"] = "plan", config_dir: Optional[Path] = None) -> list[dict]:
-    """Expand a sweep spec into runs: print the plan, write configs + SLURM submit script, or run locally.
+def sweep(spec: Path, action: Literal["plan", "write", "local", "report"] = "plan",
+          config_dir: Optional[Path] = None) -> list[dict]:
+    """Expand a sweep spec into runs: print the plan, write configs + SLURM submit script, run locally,
+    or report the finished runs (REPORT.md: results after SFT and the findings, as `reproduce` writes it).
 
     Args:
         spec: The sweep YAML (see `litgpt_ext.study.sweep`).
-        action: plan (print the table; a dry run), write (configs, CONFIG_LISTs, submit.sh), local (run here).
+        action: plan (print the table; a dry run), write (configs, CONFIG_LISTs, submit.sh), local (run here),
+            report (<out_root>/report/REPORT.md from the SFT runs that finished).
         config_dir: Where generated configs go (default: <out_root>/configs).
     """
+    if action not in ("plan", "write", "local", "report"):
+        raise ValueError(f"action must be plan, write, local or report, got {action!r}")
     s = load_spec(spec)
     jobs = plan_sweep(s)
     root = Path(s.out_root or Path("runs/sweeps") / s.name)
@@ -489,6 +528,8 @@ def sweep(spec: Path, action: Literal["plan", "write", "local"] = "plan", config
         print(f"\nwrote {len(jobs)} configs, CONFIG_LISTs and {submit}; submit with: bash {submit}")
     elif action == "local":
         run_local(jobs, cdir)
-    elif action != "plan":
-        raise ValueError(f"action must be plan, write or local, got {action!r}")
+    elif action == "report":
+        from litgpt_ext.study.report import sweep_report
+
+        print(f"\nwrote {sweep_report(s, jobs, root / 'report')}")
     return [{"name": j.name, "stage": j.stage, "out_dir": str(j.out_dir), "depends": j.depends, **j.info} for j in jobs]

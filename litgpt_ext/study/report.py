@@ -1,0 +1,474 @@
+"""The study's analysis, shared by `litgpt-ext reproduce` (CPU scale) and `litgpt-ext sweep --action report`
+(a cluster sweep): per arm and SFT task the SFT validation loss and the general loss after SFT (mean ± std
+over seeds at the chosen LR), relative improvement over the base run with Welch's t-test, the four
+findings F1-F4 as measured (never asserted in advance), PNG figures, and REPORT.md.
+
+A study maps onto the findings through `Analysis`: which SFT task measures each midtraining domain
+(the CPU study: code -> code, math -> math; the paper: code -> pycode, math -> gsm8k, ...), which
+domains count as far from general text, and optionally a near-domain task that the far arms are also
+fine-tuned on (the CPU study's prose).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from litgpt_ext.study.sweep import mix_string
+
+
+@dataclass
+class Arm:
+    name: str
+    domain: str
+    start: int
+    weight: float
+    seeds: Optional[list[int]] = None  # pretraining seeds this arm runs under (default: the first)
+    tasks: Optional[list[str]] = None  # SFT tasks (default: its domain's task and prose)
+    role: str = "mid"  # mid | cpt | cross | ablation (which findings the arm feeds; ablation: the table only)
+
+
+ROLES = ("mid", "cpt", "cross", "ablation")
+
+
+@dataclass
+class Analysis:
+    """How a study's arms and SFT tasks map onto the paper's findings."""
+
+    task_of: dict[str, str]
+    """Midtraining domain -> the SFT task that measures it (F1's and F2's in-domain task)"""
+    near_task: Optional[str] = None
+    """A near-domain task the far arms are also fine-tuned on (the CPU study: prose); F1's near points"""
+    far_domains: Optional[list[str]] = None
+    """Domains far from general text (F1); None: every mid arm's domain. Mid arms of other domains
+    give F1 near points on their own task (the paper: FLAN, KnowledgeQA)"""
+
+
+@dataclass
+class Cell:
+    family: str
+    task: str
+    n: int
+    sft: list[float]
+    general: list[float]
+    lrs: list[float]
+
+    @property
+    def sft_mean(self) -> float:
+        return sum(self.sft) / len(self.sft)
+
+    @property
+    def general_mean(self) -> float:
+        return sum(self.general) / len(self.general)
+
+
+def cells_of(best: dict[tuple[str, str], list[dict]]) -> dict[tuple[str, str], Cell]:
+    return {k: Cell(k[0], k[1], len(v), [m["sft_val_loss"] for m in v], [m["val_losses"]["general"] for m in v],
+                    sorted({m["lr"] for m in v})) for k, v in best.items()}
+
+
+def _ms(xs: list[float]) -> str:
+    from litgpt_ext.sft.grid import mean_std
+
+    m, s = mean_std(xs)
+    return f"{m:.4f} ± {s:.4f}" if s is not None else f"{m:.4f}"
+
+
+def compare(cells: dict, family: str, task: str, ref: str = "base") -> Optional[dict]:
+    """Relative improvement (L_ref - L) / L_ref of SFT loss and of general loss after SFT, Welch t-tests."""
+    from litgpt_ext.sft.grid import welch_t
+
+    a, b = cells.get((ref, task)), cells.get((family, task))
+    if a is None or b is None:
+        return None
+    out = {"family": family, "task": task, "ref": ref}
+    for what, xa, xb in (("sft", a.sft, b.sft), ("general", a.general, b.general)):
+        la, lb = sum(xa) / len(xa), sum(xb) / len(xb)
+        t, _, p = welch_t(xa, xb) if len(xa) >= 2 and len(xb) >= 2 else (None, None, None)
+        out[what] = {"ref": la, "arm": lb, "rel_improvement": (la - lb) / la, "t": t, "p": p}
+    return out
+
+
+ALPHA = 0.05
+"""Significance level the report's sentences use (the verdicts follow the direction of the means)."""
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:+.2f}%"
+
+
+def _p(p: Optional[float]) -> str:
+    return "p n/a" if p is None else f"p = {p:.3g}"
+
+
+def _sig(ps: list[Optional[float]]) -> str:
+    """How many of the tests behind a finding are significant at ALPHA."""
+    known = [p for p in ps if p is not None]
+    if not known:
+        return "no test could be run (scipy missing or < 2 runs per cell)"
+    k = sum(p < ALPHA for p in known)
+    return f"{k} of {len(known)} test{'s' if len(known) > 1 else ''} behind it significant at p < {ALPHA}"
+
+
+def findings(cells: dict, arms: list[Arm], analysis: Analysis) -> list[dict]:
+    """F1-F4 as measured: each with the numbers and holds / does not hold at this scale (F3 is added with
+    the similarity stage, `f3_finding`)."""
+    task_of = analysis.task_of
+    far_domains = set(analysis.far_domains) if analysis.far_domains is not None else {a.domain for a in arms}
+    out = []
+
+    # F1: gains are larger for far domains (the midtraining domain's own task) than for near ones
+    far, near = [], []
+    for a in arms:
+        task = task_of.get(a.domain)
+        if a.role != "mid" or task is None:
+            continue
+        c = compare(cells, a.name, task)
+        if a.domain not in far_domains:  # a near-domain arm on its own task (the paper's FLAN, KnowledgeQA)
+            if c:
+                near.append((a.name, task, c["sft"]["rel_improvement"], c["sft"]["p"]))
+            continue
+        if c:
+            far.append((a.name, task, c["sft"]["rel_improvement"], c["sft"]["p"]))
+        n = compare(cells, a.name, analysis.near_task) if analysis.near_task else None
+        if n:
+            near.append((a.name, analysis.near_task, n["sft"]["rel_improvement"], n["sft"]["p"]))
+    if far and near:
+        mf, mn = sum(x[2] for x in far) / len(far), sum(x[2] for x in near) / len(near)
+        each = lambda xs: ", ".join(f"{a}/{t} {_pct(v)} ({_p(p)})" for a, t, v, p in xs)  # noqa: E731
+        near_what = " and ".join(x for x in (
+            f"on {analysis.near_task}" if analysis.near_task else "",
+            "near-domain arms on their own tasks" if any(t != analysis.near_task for _, t, _, _ in near) else "") if x)
+        out.append({"id": "F1", "claim": "midtraining helps most for domains far from general pretraining data",
+                    "measure": f"mean relative SFT-loss improvement over base: far-domain arms ({', '.join(sorted(far_domains))}) "
+                               f"on their own domain's task vs {near_what} (near)",
+                    "summary": f"Relative SFT-loss improvement over base on the far domains' own tasks: mean {_pct(mf)} "
+                               f"({each(far)}); near ({near_what}): mean {_pct(mn)} ({each(near)}); "
+                               f"{_sig([x[3] for x in far + near])}.",
+                    "numbers": {"far": far, "near": near, "far_mean": mf, "near_mean": mn}, "holds": mf > mn and mf > 0})
+
+    # F2: midtraining (mix) beats continued pretraining on the domain alone, in-domain and in forgetting
+    rows = []
+    for a in arms:
+        task = task_of.get(a.domain)
+        if a.role != "cpt" or task is None:
+            continue
+        mid = next((m for m in arms if m.role == "mid" and m.domain == a.domain), None)
+        if mid is None or (mid.name, task) not in cells or (a.name, task) not in cells:
+            continue
+        c = compare(cells, mid.name, task, ref=a.name)  # improvement of mid over cpt
+        rows.append({"domain": a.domain, "mid": mid.name, "cpt": a.name, "task": task,
+                     "sft_mid": c["sft"]["arm"], "sft_cpt": c["sft"]["ref"], "sft_p": c["sft"]["p"],
+                     "general_mid": c["general"]["arm"], "general_cpt": c["general"]["ref"], "general_p": c["general"]["p"]})
+    if rows:
+        holds = all(r["sft_mid"] < r["sft_cpt"] and r["general_mid"] < r["general_cpt"] for r in rows)
+        summary = "; ".join(
+            f"{r['domain']}: SFT loss {r['mid']} {r['sft_mid']:.4f} vs {r['cpt']} {r['sft_cpt']:.4f} ({_p(r['sft_p'])}), "
+            f"general loss after SFT {r['general_mid']:.4f} vs {r['general_cpt']:.4f} ({_p(r['general_p'])})" for r in rows)
+        summary += f"; {_sig([p for r in rows for p in (r['sft_p'], r['general_p'])])}."
+        out.append({"id": "F2", "claim": "midtraining beats continued pretraining on the specialized data alone, "
+                    "in-domain (SFT loss) and in forgetting (general loss after SFT)",
+                    "measure": "mean SFT validation loss and general loss after SFT, mid arm vs its domain's CPT arm "
+                               "(lower is better; both must be lower for the finding to hold)",
+                    "summary": summary[0].upper() + summary[1:], "numbers": rows, "holds": holds})
+
+    # F4: timing x weight, on the cross arms of one domain (the one most of them train on)
+    cross = [a for a in arms if a.role == "cross" and a.domain in task_of]
+    if cross:
+        domain = max(sorted({a.domain for a in cross}), key=lambda d: sum(a.domain == d for a in cross))
+        cross = [a for a in cross if a.domain == domain]
+        table = {}
+        starts = sorted({a.start for a in cross})
+        weights = sorted({a.weight for a in cross})
+        for a in cross:
+            c = compare(cells, a.name, task_of[domain])
+            if c:
+                table[(a.start, a.weight)] = c["sft"]["rel_improvement"]
+        if len(starts) >= 2 and len(weights) >= 2 and all((s, w) in table for s in starts for w in weights):
+            early, late, lo, hi = starts[0], starts[-1], weights[0], weights[-1]
+            d_early = table[(early, hi)] - table[(early, lo)]  # what a high weight buys (or costs) early
+            d_late = table[(late, hi)] - table[(late, lo)]
+            cell = lambda st, w: f"{_pct(table[(st, w)])}"  # noqa: E731
+            seeds = sorted({len(a.seeds or [None]) for a in cross})
+            out.append({"id": "F4", "claim": "an early start tolerates a high specialized weight; a late start needs a low one",
+                        "measure": f"relative SFT-loss improvement over base on {task_of[domain]} at ({domain} start, weight); "
+                                   "high-minus-low weight difference early vs late (holds if it is larger early and "
+                                   "negative late)",
+                        "summary": f"Start {early}: weight {lo:g} {cell(early, lo)}, weight {hi:g} {cell(early, hi)} "
+                                   f"(high − low {_pct(d_early)}); start {late}: weight {lo:g} {cell(late, lo)}, "
+                                   f"weight {hi:g} {cell(late, hi)} (high − low {_pct(d_late)}). "
+                                   f"{'/'.join(map(str, seeds))} pretraining seed(s) per cell: the interaction itself is "
+                                   "not tested.",
+                        "numbers": {"table": {f"start {s} / weight {w:g}": v for (s, w), v in sorted(table.items())},
+                                    "high_minus_low_early": d_early, "high_minus_low_late": d_late},
+                        "holds": d_early > d_late and d_late < 0})
+    return out
+
+
+def _plots(cells: dict, arms: list[Arm], out: Path, cross_table: Optional[dict]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    files = []
+    tasks = sorted({t for _, t in cells})
+    fams = ["base"] + [a.name for a in arms]
+    fig, axes = plt.subplots(2, len(tasks), figsize=(4.2 * len(tasks), 7), squeeze=False)
+    for j, task in enumerate(tasks):
+        for i, (what, label) in enumerate((("sft", "SFT val loss"), ("general", "general loss after SFT"))):
+            ax = axes[i][j]
+            names = [f for f in fams if (f, task) in cells]
+            vals = [getattr(cells[(f, task)], what) for f in names]
+            ax.bar(range(len(names)), [np.mean(v) for v in vals], yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for v in vals],
+                   color=["#777" if n == "base" else "#1f77b4" for n in names], capsize=3)
+            ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
+            lo = min(min(v) for v in vals)
+            hi = max(max(v) for v in vals)
+            ax.set_ylim(lo - 0.1 * (hi - lo + 1e-6), hi + 0.1 * (hi - lo + 1e-6))
+            ax.set_title(f"{task}: {label}", fontsize=9)
+    fig.suptitle("after SFT (mean ± std over seeds; lower is better)")
+    fig.tight_layout()
+    fig.savefig(out / "sft_losses.png", dpi=110)
+    plt.close(fig)
+    files.append("sft_losses.png")
+    if cross_table:
+        fig, ax = plt.subplots(figsize=(4.5, 3.5))
+        starts = sorted({s for s, _ in cross_table})
+        for w in sorted({w for _, w in cross_table}):
+            ax.plot(starts, [cross_table.get((s, w), np.nan) for s in starts], "o-", label=f"weight {w:g}")
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_xlabel("midtraining start step")
+        ax.set_ylabel("relative SFT-loss improvement")
+        ax.legend()
+        ax.set_title("F4: timing x weight")
+        fig.tight_layout()
+        fig.savefig(out / "timing_weight.png", dpi=110)
+        plt.close(fig)
+        files.append("timing_weight.png")
+    return files
+
+
+def _cell(cmp: Optional[dict], what: str, key: str) -> str:
+    """A comparison's relative improvement (as %) or p-value for the results table ('' for the base)."""
+    if cmp is None:
+        return ""
+    v = cmp[what][key]
+    if key == "rel_improvement":
+        return f"{v:+.2%}"
+    return f"{v:.3g}" if v is not None else "n/a"
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version(), "machine": f"{platform.machine()} {platform.processor() or ''}".strip()}
+    for pkg in ("torch", "lightning", "litgpt", "litdata", "lm-eval", "litgpt_ext"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+
+
+def f3_finding(cells: dict, sim: Optional[dict], out: Path) -> tuple[Optional[dict], str, list[str]]:
+    """F3 from the similarity stage: Pearson r between PA and the relative SFT-loss improvement over every
+    (arm, task) point with a comparison. Returns (finding or None, why it is missing, figures written)."""
+    if sim is None:
+        return None, "Not measured: the similarity stage did not run.", []
+    if "error" in sim:
+        return None, f"Not measured: the similarity stage failed ({sim['error']}).", []
+    points = []
+    for fam, task in sorted(cells):
+        cmp = compare(cells, fam, task) if fam != "base" else None
+        if cmp:
+            points.append({"set": fam, "sft": task, "rel_improvement": cmp["sft"]["rel_improvement"]})
+    from litgpt_ext.study.similarity import correlate, plot_pa_scatter
+
+    pts, corr = correlate(sim["pa"], points)
+    if len(pts) < 3:
+        return None, f"Not measured: {len(pts)} (arm, task) point(s) with a PA to correlate, fewer than 3.", []
+    plot_pa_scatter(pts, corr, out / "pa_vs_improvement.png")
+    m = "unigram_js"
+    r = corr[m]["r"]
+    others = ", ".join(f"{m2} r = {c['r']:.2f} ({_p(c.get('p'))})" for m2, c in corr.items() if m2 != m)
+    f3 = {"id": "F3", "claim": "the gain grows with the proximity advantage (PA) of the mix to the SFT data",
+          "measure": f"Pearson r between PA ({m}) and relative SFT-loss improvement over {len(pts)} (arm, task) points",
+          "summary": f"Pearson r = {r:.2f} ({_p(corr[m].get('p'))}, n = {len(pts)}) between PA ({m}) and the "
+                     f"relative SFT-loss improvement; the other measures: {others}; {_sig([corr[m].get('p')])}.",
+          "numbers": {m2: {"r": c["r"], "p": c.get("p"), "slope": c["slope"]} for m2, c in corr.items()},
+          "holds": (not math.isnan(r)) and r > 0}
+    return f3, "", ["pa_vs_improvement.png", "similarity/similarity_heatmap.png"]
+
+
+def write_report(out: Path, *, title: str, intro: str, setup: list[str], arms: list[Arm], base_seeds: list[int],
+                 base_tasks: list[str], replay: str, cells: dict, sim: Optional[dict], analysis: Analysis,
+                 footer: list[str]) -> Path:
+    """<out>/REPORT.md (setup, results table, findings, figures, versions) and <out>/results.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    f = findings(cells, arms, analysis)
+    cross = next((x["numbers"]["table"] for x in f if x["id"] == "F4"), None)
+    cross_table = None
+    if cross:
+        cross_table = {}
+        for k, v in cross.items():
+            s, w = k.replace("start ", "").split(" / weight ")
+            cross_table[(int(s), float(w))] = v
+    figs = _plots(cells, arms, out, cross_table) if cells else []
+    f3, f3_missing, f3_figs = f3_finding(cells, sim, out)
+    if f3 is not None:
+        f.append(f3)
+        figs += f3_figs
+    f.sort(key=lambda x: x["id"])
+
+    L = [f"# {title}", "", intro, "", "## Setup", ""] + setup
+    L += ["", "| arm | role | domain | start | weight | mix | pretraining seeds | SFT tasks |",
+          "|---|---|---|---|---|---|---|---|", f"| base | base | - | - | - | {replay}:1.0 | {base_seeds} | {base_tasks} |"]
+    for a in arms:
+        L.append(f"| {a.name} | {a.role} | {a.domain} | {a.start} | {a.weight:g} | {mix_string(replay, a.domain, a.weight)} "
+                 f"| {a.seeds} | {a.tasks} |")
+    L += ["", "## Results after SFT", "", "Mean ± std over all SFT runs at the chosen LR (SFT seeds x pretraining seeds). "
+          "Relative improvement = (L_base − L_arm) / L_base; p from Welch's t-test against base.", "",
+          "| arm | task | n | chosen LR(s) | SFT val loss | rel. impr. | p | general loss after SFT | rel. impr. | p |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+    for (fam, task), c in sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][0] != "base", kv[0][0])):
+        cmp = compare(cells, fam, task) if fam != "base" else None
+        L.append(f"| {fam} | {task} | {c.n} | {', '.join(f'{x:g}' for x in c.lrs)} | {_ms(c.sft)} | {_cell(cmp, 'sft', 'rel_improvement')} | "
+                 f"{_cell(cmp, 'sft', 'p')} | {_ms(c.general)} | {_cell(cmp, 'general', 'rel_improvement')} | {_cell(cmp, 'general', 'p')} |")
+    L += ["", "## Findings, as measured", ""]
+    L += [f"Each verdict follows the direction of the means as the claim states it; the sentence under it says how "
+          f"many of the tests behind it are significant at p < {ALPHA}. The numbers are in `results.json`.", "",
+          "| finding | at this scale |", "|---|---|"]
+    L += [f"| {x['id']}: {x['claim']} | {'holds' if x['holds'] else 'does not hold'} |" for x in f]
+    L.append("")
+    for x in f:
+        L += [f"### {x['id']}: {x['claim']}", "", f"**{'Holds' if x['holds'] else 'Does not hold'} at this scale.** "
+              + x.get("summary", ""), "", f"Measure: {x.get('measure', 'see numbers')}.", "",
+              "<details><summary>numbers</summary>", "", "```", json.dumps(x["numbers"], indent=1, default=str), "```",
+              "", "</details>", ""]
+    missing = {"F1", "F2", "F3", "F4"} - {x["id"] for x in f}
+    for m in sorted(missing):
+        why = f3_missing if m == "F3" else (
+            "Not measured: the study lacks the arms or SFT results it needs (F1: far-domain mid arms and a near point; "
+            "F2: a cpt arm and a mid arm of one domain, both fine-tuned on its task; F4: a complete 2x2 of cross arms).")
+        L += [f"### {m}", "", why, ""]
+    L += ["## Figures", ""] + [f"![{p}]({p})" for p in figs]
+    L += ["", "## Versions", "", "```", json.dumps(_versions(), indent=1), "```", ""] + footer
+    path = out / "REPORT.md"
+    path.write_text("\n".join(L))
+    (out / "results.json").write_text(json.dumps({"cells": {f"{k[0]}|{k[1]}": vars(v) for k, v in cells.items()},
+                                                    "findings": f}, indent=1, default=str))
+    return path
+
+
+# --------------------------------------------------------------------------------------------- sweeps
+
+
+def _sft_train_file(path: Path) -> Path:
+    """An SFT data path as `SFTData` takes it (a file, or a folder with train.json(l)) -> its train file."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("train.json", "train.jsonl"):
+            if (path / name).is_file():
+                return path / name
+    return path
+
+
+def sweep_report(spec, jobs: list, out: Path) -> Path:
+    """REPORT.md of a sweep (`litgpt-ext sweep --action report`) from the SFT runs that finished.
+
+    Per (source checkpoint, task) the LR with the lowest mean SFT validation loss over the seeds that
+    finished is kept (the sweep runs the whole LR x seed grid), and its seeds are the cell; an arm's
+    pretraining seeds pool into one cell, as in `reproduce`. Runs without `sft_metrics.json` are
+    counted and named in the report, never silently left out.
+    """
+    import yaml
+
+    from litgpt_ext.study.sweep import ReportSpec, _arms, _get, arm_family
+
+    if spec.sft is None:
+        raise ValueError("sweep report: the spec has no sft section; the report compares the arms after SFT")
+    rs = spec.report or ReportSpec()
+    unknown = sorted(set(rs.task_domains) - set(spec.sft.tasks))
+    if unknown:
+        raise ValueError(f"sweep report: task_domains names {unknown}, which are not SFT tasks; tasks: {sorted(spec.sft.tasks)}")
+    task_of: dict[str, str] = {}
+    for task, domain in rs.task_domains.items():
+        if domain in task_of:
+            raise ValueError(f"sweep report: tasks {task_of[domain]!r} and {task!r} both measure domain {domain!r}; "
+                             "give each domain one task")
+        task_of[domain] = task
+    family_of = {"base_seed%d" % s: "base" for s in spec.seeds}
+    for j in jobs:
+        if j.stage == "midtrain":
+            family_of[j.name] = j.name.rsplit("_seed", 1)[0]
+        elif j.stage == "soup":
+            family_of[j.name] = "soup_" + j.info["family"].rsplit("_seed", 1)[0]
+    sft_jobs = [j for j in jobs if j.stage == "sft"]
+    missing = [j.name for j in sft_jobs if not j.done()]
+    by_src: dict[tuple[str, str], dict[float, list[dict]]] = {}
+    for j in sft_jobs:
+        if j.name in missing:
+            continue
+        m = json.loads((j.out_dir / "sft_metrics.json").read_text())
+        by_src.setdefault((j.info["source"], j.info["task"]), {}).setdefault(j.info["lr"], []).append(
+            {**m, "pretrain_seed": j.info["pretrain_seed"]})
+    best: dict[tuple[str, str], list[dict]] = {}
+    for (src, task), lrs in sorted(by_src.items()):
+        lr = min(lrs, key=lambda k: (sum(m["sft_val_loss"] for m in lrs[k]) / len(lrs[k]), k))
+        best.setdefault((family_of[src], task), []).extend(lrs[lr])
+    cells = cells_of(best)
+    tasks = list(spec.sft.tasks)
+    arms = [Arm(arm_family(a), a["domain"], int(a["start"]), float(a["weight"]), a.get("seeds") or list(spec.seeds),
+                tasks, a.get("role") or ("cpt" if float(a["weight"]) == 1.0 else "mid")) for a in _arms(spec)]
+
+    sim = None
+    if rs.similarity_docs > 0 and cells:
+        base_cfg = yaml.safe_load(Path(spec.base_config).read_text()) or {}
+        data_path = Path(rs.data_path or _get(base_cfg, "data.init_args.data_path", "") or "")
+        tok = Path(rs.tokenizer_dir or base_cfg.get("tokenizer_dir") or "")
+        sft_cfg = yaml.safe_load(Path(spec.sft.config).read_text()) or {}
+        sft_sets = {t: _sft_train_file(Path((o or {}).get("data.init_args.train_path") or _get(sft_cfg, "data.init_args.train_path", "")))
+                    for t, o in spec.sft.tasks.items()}
+        sets = {"base": f"{spec.replay}:1.0", **{a.name: mix_string(spec.replay, a.domain, a.weight) for a in arms}}
+        absent = [str(p) for p in (data_path, tok, *sft_sets.values()) if not str(p) or not p.exists()]
+        if absent:
+            sim = {"error": f"missing {absent}; set report.data_path / report.tokenizer_dir or prepare the SFT sets"}
+        else:
+            from litgpt_ext.study.similarity import similarity
+
+            saved = out / "similarity" / "similarity.json"
+            old = json.loads(saved.read_text()) if saved.is_file() else {}
+            if (old.get("mixes"), old.get("sft_paths"), old.get("num_docs")) == (
+                    sets, {k: str(v) for k, v in sft_sets.items()}, rs.similarity_docs):
+                sim = old  # same sets, SFT sets and sample size: reuse
+            else:
+                try:
+                    sim = similarity(data_path, tok, sets, sft_sets, general="base", num_docs=rs.similarity_docs,
+                                     out_dir=out / "similarity")
+                except (ValueError, FileNotFoundError) as e:
+                    sim = {"error": str(e)}
+    done = len(sft_jobs) - len(missing)
+    status = (f"all {done} SFT runs of the plan have finished" if not missing else
+              f"{done} of {len(sft_jobs)} SFT runs have finished; the {len(missing)} without `sft_metrics.json` are left "
+              f"out (first: {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''})")
+    g = spec.sft
+    setup = [f"- pretraining: `{spec.base_config}`, {spec.total_steps} steps total, seeds {list(spec.seeds)}; arms fork the "
+             "base run of their seed and train to the same total with the base run's schedule (no re-warmup)",
+             f"- SFT: `{g.config}`; tasks {tasks}, LRs {list(g.lr)} x seeds {list(g.seeds)}; per (checkpoint, task) the LR "
+             "with the lowest mean SFT validation loss over seeds",
+             f"- findings: task of each domain {task_of or '(none: report.task_domains)'}, far domains {rs.far_domains}"
+             + (f", near task {rs.near_task}" if rs.near_task else "")]
+    return write_report(
+        out, title=f"Sweep {spec.name}: results after SFT and the paper's findings",
+        intro=f"Generated by `litgpt-ext sweep --action report`: {status}. Everything below is measured.",
+        setup=setup, arms=arms, base_seeds=list(spec.seeds), base_tasks=tasks if g.include_base else [],
+        replay=spec.replay, cells=cells, sim=sim,
+        analysis=Analysis(task_of=task_of, near_task=rs.near_task, far_domains=list(rs.far_domains)), footer=[])
