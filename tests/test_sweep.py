@@ -119,6 +119,7 @@ def test_token_matched_cpt_control(tmp_path, config_file):  # noqa: F811
     ({"grid": {"domain": ["code"], "start": [2], "weight": [1.5]}}, r"weight must be in \(0, 1\]"),
     ({"grid": {"domain": ["code"], "start": [2], "wieght": [0.2]}}, r"unknown dimensions \['wieght'\]"),
     ({"colour": 1}, r"unknown keys \['colour'\]"),
+    ({"report": {"task_domain": {}}}, r"sweep spec report: unknown keys \['task_domain'\]"),
 ])
 def test_bad_specs_are_named(tmp_path, config_file, bad, match):  # noqa: F811
     with pytest.raises(ValueError, match=match):

@@ -162,23 +162,23 @@ def read_yaml_for(path: Path, what: str, cls: type) -> dict:
     return raw
 
 
+def _section(raw: dict, key: str, cls: type) -> Any:
+    """The spec's `key:` mapping as a `cls`, refusing keys that are not its fields (named)."""
+    sec = raw.pop(key, None)
+    if sec is None:
+        return None
+    bad = sorted(set(sec) - set(cls.__dataclass_fields__))
+    if bad:
+        raise ValueError(f"sweep spec {key}: unknown keys {bad}; known: {sorted(cls.__dataclass_fields__)}")
+    return cls(**sec)
+
+
 def load_spec(path: Path) -> SweepSpec:
     raw = read_yaml_for(path, "sweep spec", SweepSpec)
     missing = [k for k in ("name", "base_config", "total_steps") if k not in raw]
     if missing:
         raise ValueError(f"sweep spec {str(path)!r} lacks {missing}")
-    sft = raw.pop("sft", None)
-    if sft is not None:
-        bad = sorted(set(sft) - set(SFTGrid.__dataclass_fields__))
-        if bad:
-            raise ValueError(f"sweep spec sft: unknown keys {bad}; known: {sorted(SFTGrid.__dataclass_fields__)}")
-        sft = SFTGrid(**sft)
-    rep = raw.pop("report", None)
-    if rep is not None:
-        bad = sorted(set(rep) - set(ReportSpec.__dataclass_fields__))
-        if bad:
-            raise ValueError(f"sweep spec report: unknown keys {bad}; known: {sorted(ReportSpec.__dataclass_fields__)}")
-        rep = ReportSpec(**rep)
+    sft, rep = _section(raw, "sft", SFTGrid), _section(raw, "report", ReportSpec)
     spec = SweepSpec(**raw, sft=sft, report=rep)
     spec.base_config = Path(spec.base_config)
     return spec
