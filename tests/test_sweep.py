@@ -188,6 +188,11 @@ def test_report_from_the_finished_sft_runs(tmp_path, config_file, capsys):  # no
     assert f["F2"]["holds"] and f["F2"]["numbers"][0]["cpt"] == "code_cpt"
     assert "F3" not in f and "the similarity stage failed (missing" in report  # no shards here: said, not skipped
     assert "### F4" in report and (out / "sft_losses.png").stat().st_size > 1000
+    bad = yaml.safe_load(spec_path.read_text())
+    bad["report"]["similarity_docs"] = -1
+    spec_path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(SystemExit, match="similarity_docs must be >= 0"):
+        cli(["sweep", "--spec", str(spec_path), "--action", "report"])
     with pytest.raises(SystemExit, match="role must be one of mid, cpt, cross, ablation"):
         cli(["sweep", "--spec", str(_spec(tmp_path, config_file, arms=[
             {"name": "x", "domain": "code", "start": 2, "weight": 0.5, "role": "main"}])), "--action", "report"])

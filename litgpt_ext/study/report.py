@@ -396,6 +396,8 @@ def sweep_report(spec, jobs: list, out: Path) -> Path:
     if spec.sft is None:
         raise ValueError("sweep report: the spec has no sft section; the report compares the arms after SFT")
     rs = spec.report or ReportSpec()
+    if rs.similarity_docs < 0:
+        raise ValueError(f"sweep report: similarity_docs must be >= 0 (0 skips the bridge), got {rs.similarity_docs}")
     unknown = sorted(set(rs.task_domains) - set(spec.sft.tasks))
     if unknown:
         raise ValueError(f"sweep report: task_domains names {unknown}, which are not SFT tasks; tasks: {sorted(spec.sft.tasks)}")
