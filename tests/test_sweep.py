@@ -189,10 +189,13 @@ def test_report_from_the_finished_sft_runs(tmp_path, config_file, capsys):  # no
     assert "F3" not in f and "the similarity stage failed (missing" in report  # no shards here: said, not skipped
     assert "### F4" in report and (out / "sft_losses.png").stat().st_size > 1000
     bad = yaml.safe_load(spec_path.read_text())
-    bad["report"]["similarity_docs"] = -1
-    spec_path.write_text(yaml.safe_dump(bad))
-    with pytest.raises(SystemExit, match="similarity_docs must be >= 0"):
-        cli(["sweep", "--spec", str(spec_path), "--action", "report"])
+    for key, value, match in (("similarity_docs", -1, "similarity_docs must be >= 0"),
+                              ("task_domains", {"gsm8k": "math"}, r"names \['gsm8k'\], which are not SFT tasks")):
+        bad["report"][key] = value
+        spec_path.write_text(yaml.safe_dump(bad))
+        with pytest.raises(SystemExit, match=match):
+            cli(["sweep", "--spec", str(spec_path), "--action", "report"])
+        bad["report"][key] = {"similarity_docs": 1000, "task_domains": {"pycode": "code"}}[key]
     with pytest.raises(SystemExit, match="role must be one of mid, cpt, cross, ablation"):
         cli(["sweep", "--spec", str(_spec(tmp_path, config_file, arms=[
             {"name": "x", "domain": "code", "start": 2, "weight": 0.5, "role": "main"}])), "--action", "report"])
