@@ -28,11 +28,8 @@ class Arm:
     start: int
     weight: float
     seeds: Optional[list[int]] = None  # pretraining seeds this arm runs under (default: the first)
-    tasks: Optional[list[str]] = None  # SFT tasks (default: its domain's task and prose)
+    tasks: Optional[list[str]] = None  # SFT tasks (reproduce's default: its domain's task and prose)
     role: str = "mid"  # mid | cpt | cross | ablation (which findings the arm feeds; ablation: the table only)
-
-
-ROLES = ("mid", "cpt", "cross", "ablation")
 
 
 @dataclass

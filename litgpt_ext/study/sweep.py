@@ -41,6 +41,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 STAGES = ("base", "midtrain", "soup", "sft")
+ROLES = ("mid", "cpt", "cross", "ablation")  # what an arm feeds in the report: litgpt_ext.study.report
 
 
 @dataclass
@@ -268,9 +269,8 @@ def _arms(spec: SweepSpec) -> list[dict]:
     for a in arms:
         if not (0 < float(a["weight"]) <= 1):
             raise ValueError(f"sweep arm {a}: weight must be in (0, 1], got {a['weight']}")
-        roles = ("mid", "cpt", "cross", "ablation")
-        if a.get("role", "mid") not in roles:
-            raise ValueError(f"sweep arm {a}: role must be one of {', '.join(roles)} (what the report's findings use it"
+        if a.get("role", "mid") not in ROLES:
+            raise ValueError(f"sweep arm {a}: role must be one of {', '.join(ROLES)} (what the report's findings use it"
                              f" for), got {a['role']!r}")
         if not (0 < int(a["start"]) < spec.total_steps):
             raise ValueError(f"sweep arm {a}: start must be in (0, total_steps={spec.total_steps}), got {a['start']}")
