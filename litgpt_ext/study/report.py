@@ -273,8 +273,6 @@ def _versions() -> dict[str, str]:
     return out
 
 
-
-
 def f3_finding(cells: dict, sim: Optional[dict], out: Path) -> tuple[Optional[dict], str, list[str]]:
     """F3 from the similarity stage: Pearson r between PA and the relative SFT-loss improvement over every
     (arm, task) point with a comparison. Returns (finding or None, why it is missing, figures written)."""
@@ -441,14 +439,10 @@ def sweep_report(spec, jobs: list, out: Path) -> Path:
         if absent:
             sim = {"error": f"missing {absent}; set report.data_path / report.tokenizer_dir or prepare the SFT sets"}
         else:
-            from litgpt_ext.study.similarity import similarity
+            from litgpt_ext.study.similarity import saved_similarity, similarity
 
-            saved = out / "similarity" / "similarity.json"
-            old = json.loads(saved.read_text()) if saved.is_file() else {}
-            if (old.get("mixes"), old.get("sft_paths"), old.get("num_docs")) == (
-                    sets, {k: str(v) for k, v in sft_sets.items()}, rs.similarity_docs):
-                sim = old  # same sets, SFT sets and sample size: reuse
-            else:
+            sim = saved_similarity(out / "similarity", sets, sft_sets, rs.similarity_docs)
+            if sim is None:
                 try:
                     sim = similarity(data_path, tok, sets, sft_sets, general="base", num_docs=rs.similarity_docs,
                                      out_dir=out / "similarity")

@@ -358,14 +358,10 @@ def reproduce(
         print("[reproduce] similarity of the mixes to the SFT sets", flush=True)
         sets = {"base": "main:1.0", **{a.name: mix_string("main", a.domain, a.weight) for a in arms}}
         sft_sets = {t: cfg.demo_dir / "sft_tasks" / t / "train.json" for t in sorted({t for a in arms for t in a.tasks} | set(cfg.base_tasks))}
-        from litgpt_ext.study.similarity import similarity
+        from litgpt_ext.study.similarity import saved_similarity, similarity
 
-        saved = cfg.out_dir / "similarity" / "similarity.json"
-        old = json.loads(saved.read_text()) if saved.is_file() else {}
-        if (old.get("mixes"), old.get("sft_paths"), old.get("num_docs")) == (
-                sets, {k: str(v) for k, v in sft_sets.items()}, cfg.similarity_docs):
-            sim = old  # same sets, SFT sets and sample size: the stage's output exists
-        else:
+        sim = saved_similarity(cfg.out_dir / "similarity", sets, sft_sets, cfg.similarity_docs)
+        if sim is None:
             with _timed(cfg.out_dir, "similarity", ""), open(logs / "similarity.log", "w") as fh, \
                     contextlib.redirect_stdout(fh):
                 sim = similarity(cfg.demo_dir, cfg.demo_dir / "tokenizer", sets, sft_sets, general="base",

@@ -314,6 +314,15 @@ def similarity(
     return asdict(report)
 
 
+def saved_similarity(out_dir: Path, sets: dict[str, str], sft: Mapping[str, Path], num_docs: int) -> Optional[dict]:
+    """`<out_dir>/similarity.json` when it was computed for these sets, SFT sets and sample size (a stage
+    whose output exists is not redone), else None."""
+    saved = Path(out_dir) / "similarity.json"
+    old = json.loads(saved.read_text()) if saved.is_file() else {}
+    same = (old.get("mixes"), old.get("sft_paths"), old.get("num_docs")) == (sets, {k: str(v) for k, v in sft.items()}, num_docs)
+    return old if same else None
+
+
 def read_improvements(path: Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"improvements file {str(path)!r} does not exist (CSV: set,sft,rel_improvement)")
