@@ -64,11 +64,9 @@ def get_prompt_style(name: str | PromptStyle) -> PromptStyle:
 # ----------------------------------------------------------------------------------------------- records
 
 
-def load_records(path: str | Path, text_field: str = "text") -> list[dict]:
-    """Rows of a .json (a list) or .jsonl file; each must be an instruction record or plain text."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"SFT data file {str(path)!r} does not exist")
+def read_json_rows(path: Path) -> list:
+    """The rows of a .jsonl file (one JSON value a line) or a .json file (a list); bad JSON names the file
+    (and line)."""
     raw = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
         rows = []
@@ -87,6 +85,15 @@ def load_records(path: str | Path, text_field: str = "text") -> list[dict]:
             raise ValueError(f"{path}: expected a JSON list of records, got {type(rows).__name__}")
     else:
         raise ValueError(f"SFT data file {str(path)!r}: expected .json (a list) or .jsonl")
+    return rows
+
+
+def load_records(path: str | Path, text_field: str = "text") -> list[dict]:
+    """Rows of a .json (a list) or .jsonl file; each must be an instruction record or plain text."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"SFT data file {str(path)!r} does not exist")
+    rows = read_json_rows(path)
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or not ("output" in row or text_field in row):
             keys = sorted(row) if isinstance(row, dict) else type(row).__name__

@@ -94,30 +94,21 @@ RECIPES: dict[str, Recipe] = {
 SUFFIXES = (".parquet", ".jsonl", ".json")
 
 
-def _file_rows(path: Path) -> Iterator[dict]:
-    """Rows of one local file (.parquet one row group at a time, .jsonl line by line, .json a list)."""
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+def _file_rows(path: Path) -> Iterable[dict]:
+    """Rows of one local file (.parquet one row group at a time; .jsonl and .json as `SFTData` reads them)."""
+    if path.suffix != ".parquet":
+        from litgpt_ext.sft.data import read_json_rows
 
-        pf = pq.ParquetFile(path)
-        for g in range(pf.num_row_groups):
-            yield from pf.read_row_group(g).to_pylist()
-    elif path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        yield json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{i}: not valid JSON: {e}") from e
-    else:
-        try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON: {e}") from e
-        if not isinstance(rows, list):
-            raise ValueError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
-        yield from rows
+        return read_json_rows(path)
+    return _parquet_rows(path)
+
+
+def _parquet_rows(path: Path) -> Iterator[dict]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    for g in range(pf.num_row_groups):
+        yield from pf.read_row_group(g).to_pylist()
 
 
 def _check_files(files: list[Path], flag: str) -> list[Path]:
