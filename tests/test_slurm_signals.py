@@ -34,13 +34,32 @@ def _until_step(proc) -> str:
     raise AssertionError(f"no training step\n{seen[-3000:]}")
 
 
+def _caught_signals(pid: int) -> int:
+    """The signals `pid` has a handler for (SigCgt in /proc/<pid>/status; 0 if it is gone)."""
+    try:
+        status = open(f"/proc/{pid}/status").read()
+    except OSError:
+        return 0
+    return int(re.search(r"^SigCgt:\s*([0-9a-f]+)", status, re.M).group(1), 16)
+
+
+def _wait_for_handler(proc, sig, timeout=120.0) -> None:
+    """Handshake instead of a sleep: return once `proc` handles `sig` (preempt.install() ran)."""
+    deadline = time.monotonic() + timeout
+    while not _caught_signals(proc.pid) & (1 << (sig - 1)):
+        assert proc.poll() is None and time.monotonic() < deadline, f"no handler for {sig!r}"
+        time.sleep(0.01)
+
+
 def test_signal_during_startup_is_kept_and_honoured(tmp_path):
     cfg = _config(tmp_path, 10**6, num_workers=0)
     proc = _start(cfg)
-    time.sleep(0.5)  # python is still importing torch/lightning
+    _wait_for_handler(proc, signal.SIGUSR1)  # installed before torch/lightning are imported
     os.killpg(proc.pid, signal.SIGUSR1)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 99, out[-3000:]
+    first_step = re.search(r"^step \d+/", out, re.M)
+    assert first_step is None or out.index("got SIGUSR1") < first_step.start(), out[-3000:]  # came in start-up
     assert "checkpoint saved at step 1;" in out and (tmp_path / "out" / "step-00000001").is_dir(), out[-3000:]
 
 
@@ -77,3 +96,5 @@ def test_ctrl_c_saves_and_a_second_one_stops_without_a_traceback(tmp_path):
     out = seen + out
     assert "Traceback" not in out, out[-3000:]
     assert proc.returncode == 99 or (proc.returncode == 130 and "stopped without saving" in out), out
+    with pytest.raises(ProcessLookupError):  # the DataLoader worker went with the main process
+        os.killpg(proc.pid, 0)

@@ -18,6 +18,7 @@ ranks: training_scripts/small_model_pretrain.sh requeues when that file exists, 
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import threading
@@ -36,6 +37,7 @@ class PreemptFlag:
     def __init__(self) -> None:
         self.signum: Optional[int] = None
         self._old: dict = {}
+        self._pid: Optional[int] = None
 
     @property
     def installed(self) -> bool:
@@ -44,16 +46,19 @@ class PreemptFlag:
     def install(self) -> "PreemptFlag":
         if self._old or threading.current_thread() is not threading.main_thread():
             return self  # handlers can only be set from the main thread; keep the default behaviour
+        self._pid = os.getpid()
         for sig in SIGNALS:
             self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
+        if os.getpid() != self._pid:
+            # a forked DataLoader worker inherits this handler until its worker_init_fn sets SIG_IGN;
+            # a signal in that window belongs to the main process, which got it too
+            return
         if signum == signal.SIGINT and self.signum is not None:
-            # second Ctrl-C: stop now. os._exit, not KeyboardInterrupt: unwinding through DataLoader
-            # workers prints tracebacks from their threads. Checkpoints are atomic: the last one stands.
             os.write(2, b"litgpt-ext: second Ctrl-C: stopped without saving (exit 130)\n")
-            os._exit(130)
+            stop_now(130)
         if self.signum is None:
             self.signum = signum
             name = signal.Signals(signum).name
@@ -70,6 +75,30 @@ class PreemptFlag:
 
 
 _FLAG = PreemptFlag()
+
+
+def stop_now(code: int) -> None:
+    """Exit at once, with no traceback from any process or thread. Checkpoints are atomic: the last stands.
+
+    os._exit, not KeyboardInterrupt: unwinding through a DataLoader prints tracebacks from its
+    threads. The DataLoader workers go first (SIGKILL, then reaped): a worker that outlived the
+    main process would report from its fd-sharing thread (multiprocessing.resource_sharer) when the
+    main end of a tensor hand-over closes (ConnectionResetError), and would linger until its
+    watchdog noticed. torch's SIGCHLD handler would turn those deaths into "DataLoader worker exited
+    unexpectedly", so it is put back to the default first; and fds 1 and 2 point at /dev/null, so
+    that nothing the main process's other threads still write lands after the last message."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        children = multiprocessing.active_children()
+        for child in children:
+            child.kill()
+        for child in children:
+            child.join(timeout=5)
+    finally:
+        os._exit(code)
 
 
 def install() -> PreemptFlag:
