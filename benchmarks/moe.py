@@ -5,7 +5,7 @@
 
 Part 1 (one process): forward+backward tokens/s of one MoE feed-forward on the same shapes and
 weights, litgpt's mask-per-expert loop as the baseline. Part 2 (2 gloo processes, FSDP2 on the
-dense part through `litgpt_ext.parallel.parallelize`): tokens/s of a small MoE GPT training step
+dense part through `litgpt_ext.train.parallel.parallelize`): tokens/s of a small MoE GPT training step
 (forward, backward, clip, AdamW) with experts replicated (EP=1) and split (EP=2), in the same run,
 and the share of step time spent inside the expert all-to-alls. Ratios are against the baseline
 measured in the same run; absolute numbers depend on the machine.
@@ -96,7 +96,7 @@ def _ep_worker(rank: int, world: int, port: int, args, out) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     from litgpt_ext.model.expert_parallel import clip_grad_norm_, reset_comm_time
-    from litgpt_ext.parallel import parallelize
+    from litgpt_ext.train.parallel import parallelize
 
     mesh = init_device_mesh("cpu", (world, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
     config = _moe_config(args.n_embd, args.inter, args.n_expert, args.k, n_layer=args.n_layer, n_head=4)

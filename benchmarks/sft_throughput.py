@@ -35,8 +35,8 @@ def make_data(root: Path, n: int, vocab: int, layers: int, embd: int, block: int
     """train.json/val.json, a tokenizer, and a source checkpoint `root/src/final`."""
     from litgpt import GPT, Config
 
+    from litgpt_ext import checkpoint as ckpt
     from litgpt_ext.prep.tokenizer import train_tokenizer_from_texts
-    from litgpt_ext.train import checkpoint as ckpt
     from litgpt_ext.train.state import TrainingState
 
     r = random.Random(0)

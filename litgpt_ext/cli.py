@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build-demo": ("litgpt_ext.prep.demo:build_demo", "build the offline demo corpus, tokenizer and shards"),
     "inspect-mix": ("litgpt_ext.data.inspect:inspect_mix", "print each shard's resolved weight, tokens and epochs"),
     "pretrain": ("litgpt_ext.train.loop:pretrain", "pretrain or midtrain (resume with a new blend)"),
-    "fork": ("litgpt_ext.train.checkpoint:fork", "start a new run from another run's checkpoint"),
+    "fork": ("litgpt_ext.checkpoint:fork", "start a new run from another run's checkpoint"),
     "demo": ("litgpt_ext.demo:demo", "the README's main job: data, pretrain, fork, midtrain, compare"),
     "evaluate": ("litgpt_ext.eval.evaluate:evaluate", "run lm-eval on a checkpoint or a run's checkpoints"),
     "sft": ("litgpt_ext.sft.run:sft", "supervised fine-tuning of a checkpoint (post-training) on the same loop"),
@@ -35,9 +35,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare-sft": ("litgpt_ext.sft.prepare:prepare_sft", "the paper's SFT sets (gsm8k, sciq, lima, pycode) as litgpt JSON from the hub or local files"),
     "build-sft-tasks": ("litgpt_ext.sft.tasks:build_sft_tasks", "build the demo's SFT tasks (code, math, prose) as litgpt JSON"),
     "build-eval-tasks": ("litgpt_ext.eval.build_tasks:build_tasks", "build the local lm-eval tasks from held-out demo docs"),
-    "consolidate": ("litgpt_ext.train.dcp:consolidate", "turn a sharded (DCP) checkpoint into litgpt's lit_model.pth"),
+    "consolidate": ("litgpt_ext.checkpoint.dcp:consolidate", "turn a sharded (DCP) checkpoint into litgpt's lit_model.pth"),
     "convert-to-hf": ("litgpt_ext.eval.convert:convert_to_hf", "export a dense checkpoint to Hugging Face format"),
-    "sweep": ("litgpt_ext.study.sweep:sweep", "expand a grid of midtraining/SFT runs: plan table, SLURM arrays, or run locally"),
+    "sweep": ("litgpt_ext.study.execute:sweep", "expand a grid of midtraining/SFT runs: plan table, SLURM arrays, or run locally"),
     "reproduce": ("litgpt_ext.study.reproduce:reproduce", "the paper's study at CPU scale: pretrain, midtrain, SFT, bridge, REPORT.md"),
     "similarity": ("litgpt_ext.study.similarity:similarity", "dataset similarity, proximity advantage and its correlation (the bridge)"),
     "convert-moe-to-litgpt": ("litgpt_ext.eval.convert:convert_moe_to_litgpt", "rewrite an MoE checkpoint in litgpt's own MoE layout"),
@@ -54,7 +54,7 @@ def _load(target: str) -> Callable:
     return getattr(importlib.import_module(module), fn)
 
 
-# commands whose signals (SIGUSR1/SIGTERM/SIGINT) mean "checkpoint and exit 99" (train/preempt.py)
+# commands whose signals (SIGUSR1/SIGTERM/SIGINT) mean "checkpoint and exit 99" (preempt.py)
 PREEMPTIBLE = {"pretrain", "sft", "sft-grid"}
 
 # flags whose natural name is a Python keyword: `fork --from X` is the function's `source`
@@ -205,12 +205,12 @@ def main(argv: list[str] | None = None) -> None:
     flag = None
     if name in PREEMPTIBLE:
         # before the heavy imports: a SLURM signal during the first seconds must not kill the run
-        from litgpt_ext.train.preempt import install
+        from litgpt_ext.preempt import install
 
         flag = install()
     from jsonargparse import CLI
 
-    from litgpt_ext.train.checkpoint import CheckpointError  # a failed save (disk full): file and cause
+    from litgpt_ext.checkpoint import CheckpointError  # a failed save (disk full): file and cause
 
     _PARSED[name] = False
     _NEW_OUTPUTS[name] = []

@@ -18,12 +18,12 @@ from typing import Sequence
 import torch
 import yaml
 
-from litgpt_ext.train import checkpoint as ckpt
+from litgpt_ext import checkpoint as ckpt
 
 
 def _ingredient(path: Path) -> Path:
     """A checkpoint folder as is; a run folder -> its latest checkpoint (`final/` or the last step)."""
-    from litgpt_ext.eval.loading import resolve_checkpoints
+    from litgpt_ext.checkpoint.loading import resolve_checkpoints
 
     return resolve_checkpoints(Path(path))[0]
 

@@ -257,7 +257,7 @@ def _tree(root: Path) -> list:
 
 def test_cli_optimizer_override_wins(world, tmp_path):
     """`--optimizer.init_args.lr` on the command line overrides the YAML (it was silently dropped)."""
-    from litgpt_ext.train import checkpoint as ckpt
+    from litgpt_ext import checkpoint as ckpt
 
     out = tmp_path / "run"
     cli_main(["pretrain", "--config", str(world["cfg"]), "--out_dir", str(out), "--train.max_iters", "1",

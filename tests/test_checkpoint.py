@@ -5,8 +5,8 @@ import torch
 import yaml
 from litgpt.config import Config
 
+from litgpt_ext import checkpoint as ckpt
 from litgpt_ext.cli import main as cli_main
-from litgpt_ext.train import checkpoint as ckpt
 
 CFG = Config(name="tiny", block_size=8, n_layer=1, n_head=1, n_embd=8, padded_vocab_size=16, vocab_size=16)
 

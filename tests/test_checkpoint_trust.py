@@ -22,7 +22,7 @@ from litgpt.config import Config
 sys.path.insert(0, str(Path(__file__).parent))
 from eval_fixtures import tiny_config, train_tokenizer  # noqa: E402
 
-from litgpt_ext.train import checkpoint as ckpt  # noqa: E402
+from litgpt_ext import checkpoint as ckpt  # noqa: E402
 
 CFG = Config(name="tiny", block_size=8, n_layer=1, n_head=1, n_embd=8, padded_vocab_size=16, vocab_size=16)
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,7 +105,7 @@ def test_disk_full_names_file_and_cause_and_leaves_nothing_half_written(tmp_path
 
     monkeypatch.setattr(torch, "save", save)
     if failure == "unexpected_pos":  # torch's message alone says "disk full" only via the free space
-        monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: _Usage(free=1000))
+        monkeypatch.setattr(shutil, "disk_usage", lambda p: _Usage(free=1000))
     with pytest.raises(ckpt.CheckpointError) as e:
         write(tmp_path, 2)
     msg = str(e.value)
@@ -152,7 +152,7 @@ def test_fork_across_file_systems_copies_and_survives_its_source(tmp_path, monke
     def no_link(a, b):
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
-    monkeypatch.setattr(ckpt.os, "link", no_link)
+    monkeypatch.setattr(os, "link", no_link)
     dst = ckpt.fork(src, tmp_path / "mid")
     assert json.loads((tmp_path / "mid" / "forked_from.json").read_text())["links"] == ["copy"]
     assert not any(p.is_symlink() for p in dst.iterdir())
@@ -201,7 +201,7 @@ def test_fork_refuses_a_corrupt_source(tmp_path):
 
 HOLDER = """
 import sys, time
-from litgpt_ext.train.checkpoint import run_lock
+from litgpt_ext.checkpoint import run_lock
 with run_lock(sys.argv[1]):
     print("held", flush=True)
     time.sleep(60)

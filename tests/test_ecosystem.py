@@ -125,7 +125,7 @@ def test_litgpt_evaluate_runs_our_tasks(dense_ckpt, tmp_path):
     ckpt, data = dense_ckpt
     lit = tmp_path / "ckpt"
     lit.mkdir()
-    # a checkpoint as litgpt writes it (bare state dict + config.json: what train/checkpoint.py writes)
+    # a checkpoint as litgpt writes it (bare state dict + config.json: what checkpoint/ writes)
     sd = torch.load(ckpt / "lit_model.pth", weights_only=True)["model"]
     torch.save(sd, lit / "lit_model.pth")
     for f in ("model_config.yaml", "tokenizer.json", "tokenizer_config.json"):

@@ -337,8 +337,8 @@ def test_pretrain_follows_the_schedule_and_resume_keeps_it(tmp_path):
 
     import yaml
 
+    from litgpt_ext import checkpoint as ckpt
     from litgpt_ext.cli import main as cli_main
-    from litgpt_ext.train import checkpoint as ckpt
     from tests.test_train_cli import pattern_shard
 
     data = tmp_path / "data"

@@ -102,7 +102,7 @@ def _fsdp_ep_model(config, moe, mesh, state_dict):
 
     model = build_model(config, moe)
     model.load_state_dict(state_dict)
-    ignored = expert_parallel_hook(model, mesh, 2)  # what litgpt_ext.parallel does before FSDP2
+    ignored = expert_parallel_hook(model, mesh, 2)  # what litgpt_ext.train.parallel does before FSDP2
     assert ignored == expert_parameters(model)
     for block in model.transformer.h:
         fully_shard(block, mesh=mesh, ignored_params=ignored)

@@ -13,8 +13,8 @@ import pytest
 import torch
 import yaml
 
+from litgpt_ext import checkpoint as ckpt
 from litgpt_ext.data.shard_io import write_token_shard
-from litgpt_ext.train import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 64
@@ -110,7 +110,7 @@ def test_moe_pretrain_and_resume_across_ep_layouts(data_dir, tmp_path, capsys):
     assert load_moe_args(b / "final") == MoEArgs(**MOE)  # eval/export can rebuild the MoE model
     model = build_model(Config.from_file(b / "final" / "model_config.yaml"), load_moe_args(b / "final"))
     model.load_state_dict(ckpt.load_model_state(b / "final"), strict=True)
-    from litgpt_ext.eval.loading import load_model  # the lm-eval backend's loader: MoE, no conversion
+    from litgpt_ext.checkpoint.loading import load_model  # the lm-eval backend's loader: MoE, no conversion
 
     evaluated, _ = load_model(b / "final", device="cpu", dtype="float32")
     x = torch.randint(0, VOCAB, (2, 8))

@@ -16,10 +16,10 @@ import torch
 from litgpt import GPT, Config
 from test_sft_data import tok_dir, tokenizer  # noqa: F401  (fixtures)
 
+from litgpt_ext import checkpoint as ckpt
 from litgpt_ext.cli import main as cli
 from litgpt_ext.sft.data import SFTData
 from litgpt_ext.sft.prepare import RECIPES
-from litgpt_ext.train import checkpoint as ckpt
 from litgpt_ext.train.state import TrainingState
 from tests.conftest import ROOT, make_shard
 

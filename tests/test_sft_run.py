@@ -17,10 +17,10 @@ from conftest import make_shard
 from litgpt import GPT, Config, Tokenizer
 from test_sft_data import _records, tok_dir, tokenizer, write_json  # noqa: F401  (fixtures)
 
+from litgpt_ext import checkpoint as ckpt
 from litgpt_ext.cli import main as cli
 from litgpt_ext.sft.data import SFTData, SFTLoader
 from litgpt_ext.sft.loss import validate_sft
-from litgpt_ext.train import checkpoint as ckpt
 from litgpt_ext.train.state import TrainingState
 
 

@@ -354,8 +354,9 @@ def test_sweep_plan_runs_on_slurm_with_per_run_dependencies(cluster, tmp_path):
     """`litgpt-ext sweep --action write` -> `bash submit.sh` on a real SLURM: the base run split at the
     fork step, an arm with two data seeds (one array) after exactly that segment, and their soup after
     both. The first segment is preempted (scancel --signal=USR1) and requeued: the arms still wait for it."""
-    from litgpt_ext.study.sweep import load_spec, plan_sweep, write_plan
-    from litgpt_ext.train import checkpoint as ckpt
+    from litgpt_ext import checkpoint as ckpt
+    from litgpt_ext.study.spec import load_spec
+    from litgpt_ext.study.sweep import plan_sweep, write_plan
 
     base = _config(tmp_path, SWEEP_STEPS, num_workers=0)
     _pattern_shard(tmp_path / "data" / "c1", 3, 80, 1)

@@ -131,7 +131,7 @@ def test_a_rank_killed_after_the_preemption_checkpoint_still_requeues(env, tmp_p
 
 
 def test_slurm_task_count_must_match_the_world_size(monkeypatch):
-    from litgpt_ext.parallel import resolve_devices
+    from litgpt_ext.train.parallel import resolve_devices
 
     for k in ("SLURM_NTASKS_PER_NODE", "SLURM_GPUS_ON_NODE", "SLURM_NNODES"):
         monkeypatch.delenv(k, raising=False)

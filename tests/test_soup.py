@@ -14,9 +14,9 @@ from litgpt import GPT
 sys.path.insert(0, str(Path(__file__).parent))
 from eval_fixtures import save_checkpoint, tiny_config, train_tokenizer  # noqa: E402
 
-from litgpt_ext.eval.loading import load_model  # noqa: E402
+from litgpt_ext.checkpoint import load_model_state  # noqa: E402
+from litgpt_ext.checkpoint.loading import load_model  # noqa: E402
 from litgpt_ext.soup import soup  # noqa: E402
-from litgpt_ext.train.checkpoint import load_model_state  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

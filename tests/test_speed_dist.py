@@ -16,8 +16,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from litgpt import GPT, Config
 
+from litgpt_ext.checkpoint import dcp as tdcp
 from litgpt_ext.model import MoEArgs, build_model
-from litgpt_ext.train import dcp as tdcp
 from litgpt_ext.train import speed as sp
 from litgpt_ext.train.speed import SpeedArgs
 
@@ -57,7 +57,7 @@ def _roundtrip(obj):
 
 
 def _sharded(cfg, moe, mesh, speed=None, seed=None, state=None, ep=1, meta=False):
-    from litgpt_ext.parallel import parallelize
+    from litgpt_ext.train.parallel import parallelize
 
     with torch.device("meta") if meta else torch.device("cpu"):
         model = build_model(cfg, moe)

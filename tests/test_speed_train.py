@@ -13,9 +13,9 @@ import torch
 import yaml
 from test_train_cli import pattern_shard, val_rows
 
+from litgpt_ext import checkpoint as ckpt
+from litgpt_ext.checkpoint import dcp as tdcp
 from litgpt_ext.cli import main as cli_main
-from litgpt_ext.train import checkpoint as ckpt
-from litgpt_ext.train import dcp as tdcp
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 64

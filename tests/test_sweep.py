@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from litgpt_ext.study.sweep import load_spec, mix_string, plan_sweep, plan_table, run_local, write_plan
-from litgpt_ext.train import checkpoint as ckpt
+from litgpt_ext import checkpoint as ckpt
+from litgpt_ext.study.execute import run_local
+from litgpt_ext.study.spec import load_spec, mix_string
+from litgpt_ext.study.sweep import plan_sweep, plan_table, write_plan
 from tests.test_train_cli import config_file  # noqa: F401  (the tiny real-shard pretraining config)
 
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import yaml
 
+from litgpt_ext import checkpoint as ckpt
 from litgpt_ext.cli import main as cli_main
 from litgpt_ext.data.shard_io import write_token_shard
-from litgpt_ext.train import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 64

@@ -14,7 +14,7 @@ from litgpt.config import Config
 sys.path.insert(0, str(Path(__file__).parent))
 from train_fakes import VOCAB, FakeMixedData  # noqa: E402
 
-from litgpt_ext.train import checkpoint as ckpt  # noqa: E402
+from litgpt_ext import checkpoint as ckpt  # noqa: E402
 from litgpt_ext.train.args import EvalArgs, TrainArgs  # noqa: E402
 from litgpt_ext.train.loop import PREEMPT_EXIT_CODE, pretrain  # noqa: E402
 from litgpt_ext.train.schedules import Schedule  # noqa: E402

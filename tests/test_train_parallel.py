@@ -1,6 +1,7 @@
 import pytest
 
-from litgpt_ext import parallel
+from litgpt_ext.model import hooks
+from litgpt_ext.train import parallel
 
 
 def test_strategy_choice_and_errors():
@@ -29,11 +30,11 @@ def test_parallelize_hook_registry(monkeypatch, tmp_path):
     from litgpt.model import GPT
     from torch.distributed.device_mesh import init_device_mesh
 
-    monkeypatch.setattr(parallel, "_HOOKS", [])
+    monkeypatch.setattr(hooks, "_HOOKS", [])
     calls = []
-    hook = parallel.register_parallelize_hook(lambda m, mesh, ep: calls.append((type(m).__name__, mesh.size(), ep)))
-    parallel.register_parallelize_hook(hook)  # idempotent
-    assert parallel._HOOKS == [hook]
+    hook = hooks.register_parallelize_hook(lambda m, mesh, ep: calls.append((type(m).__name__, mesh.size(), ep)))
+    hooks.register_parallelize_hook(hook)  # idempotent
+    assert hooks._HOOKS == [hook]
     # parallelize runs the registered hook exactly once, before FSDP2 wraps the blocks
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:

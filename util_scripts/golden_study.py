@@ -120,6 +120,9 @@ def record(study: Path, work: Path) -> dict:
     for p in sorted(study.rglob("*")):
         if p.is_file() and not p.is_symlink() and p.suffix in TENSOR_SUFFIXES:
             rec["checkpoints"][str(p.relative_to(study))] = _content(p, w)
+    for name in ("config.json", "model_config.yaml", "hyperparameters.yaml"):  # the files beside the weights
+        for p in sorted(study.rglob(name)):
+            rec["checkpoints"][str(p.relative_to(study))] = p.read_text().replace(w, "<work>")
     for p in sorted(study.rglob("sft_metrics.json")):
         rec["sft_metrics"][str(p.relative_to(study))] = _canonical(json.loads(p.read_text()), w)
     rec["results"] = _canonical(json.loads((study / "results.json").read_text()), w)

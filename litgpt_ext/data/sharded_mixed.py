@@ -35,7 +35,7 @@ from litgpt_ext.data.mixing import (
 )
 from litgpt_ext.data.shard_io import ShardError, is_shard_dir, read_shard_index
 from litgpt_ext.data.shard_types import MixError, Shard, build_registry, discover_shards
-from litgpt_ext.train.preempt import ignore_in_worker
+from litgpt_ext.preempt import ignore_in_worker
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 2  # 2 adds the mixture schedule (`schedule`, `segment_phase_pos`); 1 still loads

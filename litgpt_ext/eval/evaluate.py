@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from litgpt_ext.train.checkpoint import checkpoint_step
+from litgpt_ext.checkpoint import checkpoint_step
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 DEMO_TASK_PREFIX = "demo_"
@@ -238,7 +238,7 @@ def evaluate(
         The results files written (or found, when skipped).
     """
     check_eval_args(tasks, num_fewshot, batch_size, limit, device, dtype, bootstrap_iters)
-    from litgpt_ext.train.checkpoint import resolve_checkpoints  # torch/litgpt: only when running
+    from litgpt_ext.checkpoint import resolve_checkpoints  # torch/litgpt: only when running
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     ckpts = resolve_checkpoints(Path(checkpoint), all_checkpoints=all_checkpoints)

@@ -19,7 +19,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import Collator, normalize_gen_kwargs
 
-from litgpt_ext.eval.loading import load_model, load_tokenizer, resolve_device
+from litgpt_ext.checkpoint.loading import load_model, load_tokenizer, resolve_device
 from litgpt_ext.progress import progress
 
 log = logging.getLogger(__name__)

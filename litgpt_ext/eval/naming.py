@@ -1,3 +1,3 @@
-"""Kept for imports from older code: the checkpoint vocabulary lives in litgpt_ext.train.checkpoint."""
+"""Kept for imports from older code: the checkpoint vocabulary lives in litgpt_ext.checkpoint."""
 
-from litgpt_ext.train.checkpoint import STEP_RE, checkpoint_step  # noqa: F401
+from litgpt_ext.checkpoint import STEP_RE, checkpoint_step  # noqa: F401

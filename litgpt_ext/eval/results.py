@@ -14,7 +14,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from litgpt_ext.train.checkpoint import STEP_RE
+from litgpt_ext.checkpoint import STEP_RE
 
 LOWER_IS_BETTER = {"loss", "ppl", "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"}
 VAL_PREFIX = "val:"

@@ -7,6 +7,7 @@ from typing import Optional
 from litgpt import GPT, Config
 from litgpt.model import LLaMAMoE
 
+from litgpt_ext.model.hooks import register_parallelize_hook
 from litgpt_ext.model.moe import (
     MoEArgs,
     MoEFeedForward,
@@ -19,7 +20,6 @@ from litgpt_ext.model.moe import (
     to_litgpt_state_dict,
     update_router_biases,
 )
-from litgpt_ext.parallel import register_parallelize_hook
 
 __all__ = [
     "MoEArgs",
@@ -43,7 +43,7 @@ def _expert_parallel_hook(model, dp_mesh, expert_parallel_size):
     return expert_parallel_hook(model, dp_mesh, expert_parallel_size)
 
 
-# `litgpt_ext.parallel.parallelize` runs this before FSDP2: experts get sharded over the EP mesh
+# `litgpt_ext.train.parallel.parallelize` runs this before FSDP2: experts get sharded over the EP mesh
 register_parallelize_hook(_expert_parallel_hook)
 
 

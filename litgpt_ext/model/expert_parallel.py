@@ -209,7 +209,7 @@ def apply_expert_parallel(
 
 
 def expert_parallel_hook(model: nn.Module, dp_mesh: Any, expert_parallel_size: int) -> set[nn.Parameter]:
-    """`litgpt_ext.parallel` hook: shard experts before FSDP2 wraps the blocks.
+    """`litgpt_ext.train.parallel` hook: shard experts before FSDP2 wraps the blocks.
 
     The data-parallel ranks are laid out as a (world/ep, ep) grid: each row of `ep` consecutive
     ranks is one expert-parallel group holding all experts between them; ranks in a column hold the

@@ -98,7 +98,7 @@ def optimizer_spec(optimizer: Union[str, dict]) -> Union[str, dict]:
 
 def finished(out_dir: Path) -> bool:
     """An SFT run is finished when its `final/` checkpoint and `sft_metrics.json` both exist."""
-    from litgpt_ext.train import checkpoint as ckpt
+    from litgpt_ext import checkpoint as ckpt
 
     return (Path(out_dir) / FILE_NAME).is_file() and ckpt.is_complete(Path(out_dir) / "final")
 
@@ -110,8 +110,8 @@ def run_sft(cfg: SFTConfig, data: SFTData, hparams: dict) -> Optional[dict]:
     from litgpt.config import Config
     from litgpt.utils import choose_logger
 
-    from litgpt_ext.parallel import build_strategy, resolve_devices
     from litgpt_ext.train.loop import PREEMPT_EXIT_CODE, main
+    from litgpt_ext.train.parallel import build_strategy, resolve_devices
 
     src, out_dir = cfg.checkpoint_dir, cfg.out_dir
     if finished(out_dir) and cfg.resume not in (False, None):
@@ -209,7 +209,7 @@ def sft_val_loaders(data: SFTData, eval: SFTEvalArgs, seq_len: int) -> dict:
 
 def _source_step(src: Path) -> Optional[int]:
     """The source checkpoint's training step (its TrainingState), or None for a converted model."""
-    from litgpt_ext.train import checkpoint as ckpt
+    from litgpt_ext import checkpoint as ckpt
 
     if not ckpt.is_complete(src):
         return None

@@ -31,7 +31,7 @@ def cell_dir(out_root: Path, checkpoint: Path, lr: float, seed: int) -> Path:
 
 def sources(checkpoints: Optional[list[Path]], run_dir: Optional[Path], every: Optional[int]) -> list[Path]:
     """The source checkpoints: those listed, plus every `every`-th step-* of `run_dir` (and its final/)."""
-    from litgpt_ext.train import checkpoint as ckpt
+    from litgpt_ext import checkpoint as ckpt
 
     out = [Path(c) for c in checkpoints or []]
     if run_dir is not None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from litgpt_ext.study.sweep import mix_string
+from litgpt_ext.study.spec import mix_string
 
 
 @dataclass
@@ -386,7 +386,7 @@ def sweep_report(spec, jobs: list, out: Path) -> Path:
     """
     import yaml
 
-    from litgpt_ext.study.sweep import ReportSpec, _arms, _get, arm_family
+    from litgpt_ext.study.spec import ReportSpec, _arms, _get, arm_family
 
     if spec.sft is None:
         raise ValueError("sweep report: the spec has no sft section; the report compares the arms after SFT")

@@ -29,7 +29,8 @@ import yaml
 
 from litgpt_ext.study import report
 from litgpt_ext.study.report import Analysis, Arm, Cell, cells_of, compare, findings  # noqa: F401  (the API)
-from litgpt_ext.study.sweep import ROLES, Job, SweepSpec, mix_string, plan_sweep, read_yaml_for
+from litgpt_ext.study.spec import ROLES, SweepSpec, mix_string, read_yaml_for
+from litgpt_ext.study.sweep import Job, plan_sweep
 
 DOMAIN_TASK = {"code": "code", "math": "math"}  # the SFT task of each midtraining domain
 ANALYSIS = Analysis(task_of=DOMAIN_TASK, near_task="prose")

@@ -24,16 +24,16 @@ from litgpt.args import LogArgs
 from litgpt.config import Config
 from litgpt.data import DataModule
 
+from litgpt_ext import checkpoint as ckpt
+from litgpt_ext import preempt
+from litgpt_ext.checkpoint import dcp as tdcp
 from litgpt_ext.model import MoEArgs
-from litgpt_ext.train import checkpoint as ckpt
-from litgpt_ext.train import dcp as tdcp
-from litgpt_ext.train import preempt
+from litgpt_ext.preempt import PREEMPT_EXIT_CODE
+from litgpt_ext.preempt import PreemptFlag as _PreemptFlag
 from litgpt_ext.train.args import EvalArgs, TrainArgs
 from litgpt_ext.train.metrics import StepLogger
 from litgpt_ext.train.objective import LossFn, next_token_loss
 from litgpt_ext.train.plan import RunPlan, choose_plan, phases_of, record_phase, stop_warning
-from litgpt_ext.train.preempt import PREEMPT_EXIT_CODE
-from litgpt_ext.train.preempt import PreemptFlag as _PreemptFlag
 from litgpt_ext.train.speed import SpeedArgs
 from litgpt_ext.train.state import CheckpointWriter, TrainingState
 from litgpt_ext.train.validate import check_pretrain_inputs, check_shards_fit_model
@@ -90,7 +90,7 @@ def pretrain(
         optimizer: A torch.optim class name or {class_path, init_args}; its lr is the peak LR.
         devices: Devices per node (default: SLURM_NTASKS_PER_NODE, else all GPUs, else 1).
         num_nodes: Nodes (default: SLURM_JOB_NUM_NODES, else 1).
-        expert_parallel_size: Expert-parallel group size for MoE models (passed to litgpt_ext.parallel).
+        expert_parallel_size: Expert-parallel group size for MoE models (passed to litgpt_ext.train.parallel).
         tokenizer_dir: Tokenizer folder; its files are copied into every checkpoint.
         logger_name: tensorboard, csv or wandb.
         seed: Seed for model init (the data order is seeded by data.seed).
@@ -101,7 +101,7 @@ def pretrain(
     hparams = _hparams(locals())  # first: the arguments exactly as given, before any local name exists
     from litgpt.utils import choose_logger
 
-    from litgpt_ext.parallel import build_strategy, resolve_devices
+    from litgpt_ext.train.parallel import build_strategy, resolve_devices
 
     # CLI overrides folded into optimizer.init_args (jsonargparse leaves `--optimizer.init_args.lr` beside
     # them), lr > 0, the tokenizer loads; the saved config records the optimizer actually used

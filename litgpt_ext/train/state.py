@@ -13,7 +13,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from litgpt_ext.train import checkpoint as ckpt
+from litgpt_ext import checkpoint as ckpt
 from litgpt_ext.train.plan import RunPlan
 
 
@@ -72,7 +72,7 @@ class TrainingState:
 
         fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         if sharded_from is not None:
-            from litgpt_ext.train import dcp
+            from litgpt_ext.checkpoint import dcp
 
             dcp.load_sharded(sharded_from, model.module, optimizer.optimizer)
         else:
@@ -102,7 +102,7 @@ class CheckpointWriter:
 
         model_sd = None
         if self.sharded:  # into <name>.tmp/sharded/ on every rank; rank 0 adds the rest and renames below
-            from litgpt_ext.train import dcp
+            from litgpt_ext.checkpoint import dcp
 
             tmp = ckpt.tmp_dir_of(self.out_dir / name)
             if fabric.global_rank == 0 and tmp.exists():

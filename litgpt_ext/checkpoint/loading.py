@@ -1,6 +1,6 @@
 """Load our checkpoints natively (dense and MoE) and find them inside run folders.
 
-Checkpoint names, completeness and the weight loader come from litgpt_ext.train.checkpoint (one
+Checkpoint names, completeness and the weight loader come from litgpt_ext.checkpoint (one
 vocabulary for training and evaluation); this module builds models and tokenizers from them.
 """
 
@@ -11,11 +11,10 @@ from pathlib import Path
 import torch
 from litgpt import Config, Tokenizer
 
-from litgpt_ext.model import build_model, load_moe_args
-
 # One checkpoint vocabulary for training and evaluation (names, completeness, weight loading).
-from litgpt_ext.train.checkpoint import MODEL_FILE, is_complete, resolve_checkpoints  # noqa: F401
-from litgpt_ext.train.checkpoint import load_model_state as load_state_dict  # noqa: F401
+from litgpt_ext.checkpoint import MODEL_FILE, is_complete, resolve_checkpoints  # noqa: F401
+from litgpt_ext.checkpoint import load_model_state as load_state_dict  # noqa: F401
+from litgpt_ext.model import build_model, load_moe_args
 
 
 def is_checkpoint_dir(path: Path) -> bool:

@@ -5,7 +5,7 @@ Lightning's `FSDPStrategy` (FSDP1) refuses CPU; `ModelParallelStrategy` with `fu
 CPU (gloo) and GPU (nccl) alike, so the same code path is tested here with 2 CPU processes.
 
 Hook for expert parallelism: modules that need their own sharding (MoE experts) register a
-function with `register_parallelize_hook`; it runs on the unsharded model before the FSDP2 wrapping,
+function with `litgpt_ext.model.hooks.register_parallelize_hook`; it runs on the unsharded model before the FSDP2 wrapping,
 receives the data-parallel mesh and `expert_parallel_size`, and may shard/replace modules
 (e.g. `fully_shard` experts over an expert mesh). With no hook registered, `expert_parallel_size`
 must be 1.
@@ -15,27 +15,17 @@ from __future__ import annotations
 
 import os
 from functools import partial
-from typing import TYPE_CHECKING, Callable, Literal, Optional, Union
+from typing import TYPE_CHECKING, Literal, Optional, Union
 
 import torch
 from torch import nn
+
+from litgpt_ext.model import hooks
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
     from litgpt_ext.train.speed import SpeedArgs
-
-# a hook may return parameters it sharded itself (MoE experts under EP): FSDP2 leaves those alone
-ParallelizeHook = Callable[[nn.Module, "DeviceMesh", int], Optional[set]]
-_HOOKS: list[ParallelizeHook] = []
-
-
-def register_parallelize_hook(fn: ParallelizeHook) -> ParallelizeHook:
-    """Add `fn(model, dp_mesh, expert_parallel_size)`, run before FSDP2 wraps the blocks."""
-    if fn not in _HOOKS:
-        _HOOKS.append(fn)
-    return fn
-
 
 def parallelize(model: nn.Module, device_mesh: "DeviceMesh", expert_parallel_size: int = 1,
                 speed: Optional["SpeedArgs"] = None, seed: Optional[int] = None) -> nn.Module:
@@ -48,17 +38,17 @@ def parallelize(model: nn.Module, device_mesh: "DeviceMesh", expert_parallel_siz
     from torch.distributed.fsdp import fully_shard
 
     dp_mesh = device_mesh["data_parallel"]
-    if expert_parallel_size > 1 and not _HOOKS:
+    if expert_parallel_size > 1 and not hooks._HOOKS:
         raise ValueError(
             f"expert_parallel_size={expert_parallel_size} needs an MoE model that registers a parallelize hook"
-            " (litgpt_ext.parallel.register_parallelize_hook); a dense model takes expert_parallel_size=1"
+            " (litgpt_ext.model.hooks.register_parallelize_hook); a dense model takes expert_parallel_size=1"
         )
     if speed is not None and speed.activation_checkpointing:
         from litgpt_ext.train.speed import apply_activation_checkpointing
 
         apply_activation_checkpointing(model)
     ignored: set = set()
-    for hook in _HOOKS:
+    for hook in hooks._HOOKS:
         ignored |= set(hook(model, dp_mesh, expert_parallel_size) or ())  # params sharded by the hook
     blocks = getattr(getattr(model, "transformer", None), "h", None)
     if blocks is None:

@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import nn
 
-from litgpt_ext.train import checkpoint as ckpt
+from litgpt_ext import checkpoint as ckpt
 
 SHARDED_DIR = ckpt.SHARDED_DIR  # "sharded"
 

@@ -1,0 +1,237 @@
+"""The sweep spec: typed sections read from YAML, and the arm vocabulary (names, mixes, domain steps).
+
+Spec (YAML; every key is listed in `SweepSpec`):
+
+    name: demo_study
+    base_config: midtrain_configs/demo/pretrain.yaml
+    total_steps: 240
+    seeds: [42]
+    grid: {domain: [math, code], start: [80, 160], weight: [0.2]}
+    arms: [{name: cpt_math, domain: math, start: 200, weight: 1.0}]
+    sft: {config: midtrain_configs/sft/demo_math.yaml, tasks: {math: {...}}, lr: [1e-3, 3e-3], seeds: [0, 1, 2]}
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+STAGES = ("base", "midtrain", "soup", "sft")
+
+
+ROLES = ("mid", "cpt", "cross", "ablation")  # what an arm feeds in the report: litgpt_ext.study.report
+
+
+@dataclass
+class SFTGrid:
+    config: Optional[Path] = None
+    """Base SFT config (for `litgpt-ext sft`); every SFT run is a copy with the overrides below"""
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Task name -> dotted-key overrides of the SFT config (e.g. its data paths)"""
+    lr: list[float] = field(default_factory=list)
+    """Learning rates to sweep (the best by SFT validation loss is kept per checkpoint and task)"""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """SFT seeds (mean and std are reported over them)"""
+    include_base: bool = True
+    """Also fine-tune the base run's final checkpoint: the general-only baseline"""
+    lr_key: str = "optimizer.init_args.lr"
+    """Where the LR goes in the SFT config"""
+    checkpoint_key: str = "checkpoint_dir"
+    """Where the source checkpoint goes in the SFT config"""
+
+
+@dataclass
+class ReportSpec:
+    """`--action report`: how the sweep's arms and SFT tasks map onto the paper's findings F1-F4."""
+
+    task_domains: dict[str, str] = field(default_factory=dict)
+    """SFT task -> the midtraining domain it measures (the paper: pycode: code, gsm8k: math, lima: instruct,
+    sciq: qa); a task without a domain is reported, not used by F1/F2/F4"""
+    far_domains: list[str] = field(default_factory=lambda: ["code", "math"])
+    """Domains far from general text (F1's far points); mid arms of other domains give its near points"""
+    near_task: Optional[str] = None
+    """A near-domain task the far arms are also fine-tuned on (an F1 near point per far arm)"""
+    similarity_docs: int = 1000
+    """Documents per shard and SFT set for the bridge (F3); 0 skips it"""
+    data_path: Optional[Path] = None
+    """Token shards for the bridge (default: the base config's data.init_args.data_path)"""
+    tokenizer_dir: Optional[Path] = None
+    """Tokenizer for the bridge (default: the base config's tokenizer_dir)"""
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    """Sweep name; runs go to out_root/<run>, configs to out_root/configs"""
+    base_config: Path
+    """The general-only pretraining config every run is derived from"""
+    total_steps: int
+    """The shared total: every run ends at this optimizer step (the paper: 61,035)"""
+    out_root: Optional[Path] = None
+    """Default runs/sweeps/<name>"""
+    seeds: list[int] = field(default_factory=lambda: [42])
+    """Pretraining seeds: one base run each (sets `seed` and `data.init_args.seed`)"""
+    replay: str = "main"
+    """The general (replay) shard type mixed with the domain"""
+    grid: dict[str, list] = field(default_factory=dict)
+    """Cartesian product over domain, start, weight (each a list)"""
+    arms: list[dict[str, Any]] = field(default_factory=list)
+    """Explicit extra arms: {domain, start, weight[, name][, seeds]} (e.g. continued-pretraining controls;
+    `seeds` limits an arm to some of the pretraining seeds). `match_tokens_of: <arm>` instead of `start`
+    starts the arm where it sees as many domain tokens as that arm: a token-matched CPT control.
+    `role` (mid | cpt | cross | ablation; default cpt at weight 1.0, else mid) says which finding of
+    `--action report` the arm feeds (ablation: the results table only)"""
+    base_overrides: dict[str, Any] = field(default_factory=dict)
+    """Dotted-key overrides of the base runs (e.g. train.log_interval)"""
+    arm_overrides: dict[str, Any] = field(default_factory=dict)
+    """Dotted-key overrides of every midtraining arm"""
+    split_base: bool = True
+    """Run each base run as one job per fork step (`train.pause_at_step`): an arm forking at 6k starts
+    once step 6k is saved, not after the whole base run. The plan, LR and data order are those of one
+    uninterrupted run; false: one job per base run"""
+    arm_data_seeds: list[int] = field(default_factory=list)
+    """Run every arm once per data seed (`data.init_args.seed`), all forked from the same base checkpoint
+    (empty: one run per pretraining seed, with the data seed = the pretraining seed)"""
+    soup_data_seeds: bool = False
+    """Average each arm's `arm_data_seeds` runs (same fork point, different data order) into
+    `soup_<arm>_seed<s>` (`litgpt-ext soup`, as OLMo soups its anneal runs); SFT then also starts from
+    each soup. Runs of different pretraining seeds are never souped: they start from different random
+    initializations and their average is not a working model"""
+    sft: Optional[SFTGrid] = None
+    report: Optional[ReportSpec] = None
+    """`--action report`: the findings' mapping (`ReportSpec`)"""
+
+
+def read_yaml_for(path: Path, what: str, cls: type) -> dict:
+    """A YAML file's mapping, refusing keys that are not fields of the dataclass `cls` (named)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    known = set(cls.__dataclass_fields__)
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"{what} {str(path)!r}: unknown keys {unknown}; known: {sorted(known)}")
+    return raw
+
+
+def _section(raw: dict, key: str, cls: type) -> Any:
+    """The spec's `key:` mapping as a `cls`, refusing keys that are not its fields (named)."""
+    sec = raw.pop(key, None)
+    if sec is None:
+        return None
+    bad = sorted(set(sec) - set(cls.__dataclass_fields__))
+    if bad:
+        raise ValueError(f"sweep spec {key}: unknown keys {bad}; known: {sorted(cls.__dataclass_fields__)}")
+    return cls(**sec)
+
+
+def load_spec(path: Path) -> SweepSpec:
+    raw = read_yaml_for(path, "sweep spec", SweepSpec)
+    missing = [k for k in ("name", "base_config", "total_steps") if k not in raw]
+    if missing:
+        raise ValueError(f"sweep spec {str(path)!r} lacks {missing}")
+    sft, rep = _section(raw, "sft", SFTGrid), _section(raw, "report", ReportSpec)
+    spec = SweepSpec(**raw, sft=sft, report=rep)
+    spec.base_config = Path(spec.base_config)
+    return spec
+
+
+def _set(cfg: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = cfg
+    for k in keys[:-1]:
+        if not isinstance(node.get(k), dict):
+            node[k] = {}
+        node = node[k]
+    node[keys[-1]] = value
+
+
+def _get(cfg: dict, dotted: str, default: Any = None) -> Any:
+    node = cfg
+    for k in dotted.split("."):
+        if not isinstance(node, dict) or k not in node:
+            return default
+        node = node[k]
+    return node
+
+
+def mix_string(replay: str, domain: str, weight: float) -> str:
+    if weight == 1.0:
+        return f"{domain}:1.0"
+    return f"{replay}:{1 - weight:g},{domain}:{weight:g}"
+
+
+def arm_family(a: dict) -> str:
+    """An arm's name without the pretraining seed (its seeds' runs are one family: a soup's ingredients)."""
+    return a.get("name") or f"{a['domain']}_w{a['weight']:g}_at{a['start']}"
+
+
+def arm_name(a: dict, seed: int) -> str:
+    return f"{arm_family(a)}_seed{seed}"
+
+
+def domain_steps(a: dict, total_steps: int) -> float:
+    """Optimizer steps' worth of the arm's domain data: weight x (total - start)."""
+    return float(a["weight"]) * (total_steps - int(a["start"]))
+
+
+def matched_start(a: dict, arms: dict[str, dict], total_steps: int) -> int:
+    """The start at which `a` sees as much of its domain as the arm it names in `match_tokens_of`
+    (a token-matched continued-pretraining control: weight 1.0 from total - w_ref x (total - start_ref))."""
+    ref = arms.get(str(a["match_tokens_of"]))
+    if ref is None:
+        raise ValueError(f"sweep arm {a}: match_tokens_of={a['match_tokens_of']!r} names no arm with a start;"
+                         f" arms: {sorted(arms)}")
+    if ref["domain"] != a["domain"]:
+        raise ValueError(f"sweep arm {a}: match_tokens_of={a['match_tokens_of']!r} trains on {ref['domain']!r},"
+                         f" not {a['domain']!r}; token matching compares one domain's tokens")
+    start = total_steps - round(domain_steps(ref, total_steps) / float(a["weight"]))
+    if not 0 < start < total_steps:
+        raise ValueError(f"sweep arm {a}: matching {domain_steps(ref, total_steps):.0f} steps of {a['domain']} at"
+                         f" weight {a['weight']} needs a start of {start}, outside (0, total_steps={total_steps})")
+    return start
+
+
+def _arms(spec: SweepSpec) -> list[dict]:
+    arms = []
+    if spec.grid:
+        bad = sorted(set(spec.grid) - {"domain", "start", "weight"})
+        if bad:
+            raise ValueError(f"sweep grid: unknown dimensions {bad}; the grid spans domain, start, weight")
+        missing = [k for k in ("domain", "start", "weight") if not spec.grid.get(k)]
+        if missing:
+            raise ValueError(f"sweep grid lacks values for {missing}")
+        for d, s, w in itertools.product(spec.grid["domain"], spec.grid["start"], spec.grid["weight"]):
+            arms.append({"domain": d, "start": s, "weight": w})
+    known = {"name", "domain", "start", "weight", "seeds", "match_tokens_of", "role"}
+    for a in spec.arms:
+        bad = sorted(set(a) - known)
+        if bad:
+            raise ValueError(f"sweep arm {a}: unknown keys {bad}; known: {sorted(known)}")
+        need = ("domain", "weight") + (() if "match_tokens_of" in a else ("start",))
+        missing = [k for k in need if k not in a]
+        if missing:
+            raise ValueError(f"sweep arm {a} lacks {missing}")
+        arms.append(dict(a))
+    by_name = {arm_family(a): a for a in arms if "match_tokens_of" not in a}
+    for a in arms:
+        if "match_tokens_of" in a:
+            a["start"] = matched_start(a, by_name, spec.total_steps)
+    for a in arms:
+        if not (0 < float(a["weight"]) <= 1):
+            raise ValueError(f"sweep arm {a}: weight must be in (0, 1], got {a['weight']}")
+        if a.get("role", "mid") not in ROLES:
+            raise ValueError(f"sweep arm {a}: role must be one of {', '.join(ROLES)} (what the report's findings use it"
+                             f" for), got {a['role']!r}")
+        if not (0 < int(a["start"]) < spec.total_steps):
+            raise ValueError(f"sweep arm {a}: start must be in (0, total_steps={spec.total_steps}), got {a['start']}")
+    names = [arm_name(a, 0) for a in arms]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"sweep: duplicate arms {dup}")
+    return arms
