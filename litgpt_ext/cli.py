@@ -108,6 +108,24 @@ def _own_error(message: str) -> str:
     return bullets[0] if len(bullets) == 1 else message
 
 
+_PARSER_KEY = r'^Parser key "[^"]+":\s*'
+_WRAPPERS = ("Does not validate", "Subtypes:", "Errors:", "Given value", "Expected a <class 'NoneType'>")
+
+
+def innermost(message: str) -> str:
+    """The deepest line of a jsonargparse report: the cause (`Key 'mix_weight' is not expected`, the
+    bad value, the missing file) under its wrappers (`Problem with given class_path ...:`, the
+    Union's alternatives), with the wrapper that names the class in front of it."""
+    lines = [(len(line) - len(line.lstrip()), line.strip().lstrip("- ").strip()) for line in message.splitlines()]
+    lines = [(depth, text) for depth, text in lines if text and not text.startswith(_WRAPPERS)]
+    if not lines:
+        return message.strip()
+    depth, text = max(lines, key=lambda x: x[0])  # the first of the deepest
+    where = next((t for d, t in reversed(lines[:lines.index((depth, text))]) if d < depth and t.endswith(":")), "")
+    where = re.sub(_PARSER_KEY, "", where)
+    return f"{where.rstrip(':')}: {text}" if where else re.sub(_PARSER_KEY, "", text)
+
+
 def explain_parse_error(parser: Any, message: str, argv: list[str]) -> str:
     """jsonargparse's message for a bad value, rewritten to name the value and the valid choices.
 
@@ -137,7 +155,7 @@ def explain_parse_error(parser: Any, message: str, argv: list[str]) -> str:
     if choices:
         return f"{key}={shown} is not valid; choose from: {', '.join(str(c) for c in choices)}"
     if len(own) == 1:
-        return f"{key}: {own[0]}"
+        return f"{key}: {innermost(message) if own[0].endswith(':') else own[0]}"
     sub = re.search(r"Subtypes: \[(.*)\]", message)
     if sub:
         types = re.sub(r"<class '(?:[\w.]*\.)?(\w+)'>", r"\1", sub.group(1)).replace("NoneType", "null")
@@ -145,8 +163,7 @@ def explain_parse_error(parser: Any, message: str, argv: list[str]) -> str:
     types = re.findall(r"<class '(?:[\w.]*\.)?(\w+)'>", message.splitlines()[-1])
     if types:
         return f"{key}={shown} is not valid; expected {' or '.join(dict.fromkeys(types))}"
-    detail = " ".join(line.strip() for line in message.splitlines()[1:] if line.strip())
-    return f"{key}={shown} is not valid: {detail}"
+    return f"{key}={shown} is not valid: {innermost(message)}"
 
 
 def _parser_class(name: str, argv: list[str]):

@@ -83,6 +83,34 @@ def test_bad_schedule_name_is_named(config_file, capsys):
     assert "cosin" in err and "rewarmup_cosine" in err
 
 
+@pytest.mark.parametrize("where, fragments", [
+    # the paper's retired key (two of its configs carry it): the key and the class are named
+    ("data.init_args.mix_weight", ["Key 'mix_weight' is not expected", "litgpt_ext.data.ShardedMixedDataset"]),
+    ("train.bogus_key", ["'train'", "'bogus_key'"]),
+    ("eval.max_itres", ["'eval'", "'max_itres'"]),  # a typo
+])
+def test_an_unexpected_key_in_a_config_is_named(config_file, tmp_path, capsys, where, fragments):
+    cfg = yaml.safe_load(config_file.read_text())
+    *parents, leaf = where.split(".")
+    node = cfg
+    for k in parents:
+        node = node[k]
+    node[leaf] = 0.3
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit) as e:
+        cli_main(["pretrain", "--config", str(bad), "--print_config"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and all(f in err for f in fragments), err
+    assert not err.rstrip().splitlines()[0].endswith(":"), err  # never a wrapper cut off before its cause
+
+
+def test_a_missing_config_file_is_named(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["pretrain", "--config", str(tmp_path / "nope.yaml")])
+    assert f"File does not exist: '{tmp_path / 'nope.yaml'}'" in capsys.readouterr().err
+
+
 # One shard: every rank count then sees the same samples in each global batch (rank r takes the
 # shard's elements r, r+R, ...), so 1 and 2 processes must agree up to float reduction order.
 ONE_SHARD = ["--data.init_args.mix_weights_str", "null", "--data.init_args.literal_weights_str", "main/1:1.0"]
