@@ -22,7 +22,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from litgpt_ext.data.mixing import Blend, ScheduledBlend, curve_pieces  # noqa: E402
+from litgpt_ext.data.blend import Blend, ScheduledBlend  # noqa: E402
+from litgpt_ext.data.schedule import curve_pieces  # noqa: E402
 
 
 def blend_cost(make, n: int) -> float:

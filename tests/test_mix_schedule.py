@@ -13,7 +13,8 @@ import torch
 import yaml
 
 from litgpt_ext.data import MixError, ShardedMixedDataset
-from litgpt_ext.data.mixing import ScheduledBlend, curve_pieces, parse_mix_schedule, schedule_weights_at
+from litgpt_ext.data.blend import ScheduledBlend
+from litgpt_ext.data.schedule import curve_pieces, parse_mix_schedule, schedule_weights_at
 from tests.conftest import ROOT, shard_of
 
 SEQ = 15  # samples are 16 tokens; shard sizes in samples: 1: 200, 2: 100, c1: 100, c2: 50, m1: 50
@@ -90,7 +91,7 @@ def test_scheduled_blend_bound_over_random_schedules():
 
 
 def test_constant_schedule_matches_constant_blend():
-    from litgpt_ext.data.mixing import Blend
+    from litgpt_ext.data.blend import Blend
 
     rec = {"knots": [0.0], "weights": [{"a": 0.5, "b": 0.3, "c": 0.2}], "ramps": ["constant"]}
     sched = ScheduledBlend(curve_pieces(rec, ["a", "b", "c"], 0.0, 1.0)).take(500)

@@ -196,13 +196,12 @@ def test_reader_matches_litdata_streaming_dataset(tmp_path):
     from litdata.streaming import StreamingDataset
     from litdata.streaming.item_loader import TokensLoader
 
-    from litgpt_ext.data.shard_io import write_token_shard
-    from litgpt_ext.data.sharded_mixed import _ShardReader
+    from litgpt_ext.data.shard_io import ShardReader, write_token_shard
 
     rng = np.random.default_rng(0)
     write_token_shard(tmp_path / "1", [rng.integers(0, 60_000, int(rng.integers(5, 90))) for _ in range(60)], chunk_tokens=300)
     ds = StreamingDataset(str(tmp_path / "1"), item_loader=TokensLoader(block_size=SEQ + 1))
-    reader = _ShardReader(tmp_path / "1", SEQ + 1)
+    reader = ShardReader(tmp_path / "1", SEQ + 1)
     assert len(ds) > 50
     for i in [*range(len(ds)), 0, len(ds) - 1, 7]:
         assert torch.equal(reader[i].long(), ds[i].long()), i

@@ -4,7 +4,8 @@
 which light commands such as `inspect-mix` do not need.
 """
 
-from litgpt_ext.data.mixing import Blend, MixSpec, mix_spec, parse_weights_str, resolve_weights
+from litgpt_ext.data.blend import Blend
+from litgpt_ext.data.mix_spec import MixSpec, mix_spec, parse_weights_str, resolve_weights
 from litgpt_ext.data.shard_types import DEFAULT_SHARD_TYPES, MixError, Shard, build_registry, discover_shards
 
 __all__ = [

@@ -5,12 +5,19 @@ from __future__ import annotations
 import json as _json
 from pathlib import Path
 
-from litgpt_ext.data.mixing import (
-    Phase, apply_repetition_caps, check_max_epochs, constant_record, describe_schedule, drawn_samples, mix_spec,
-    parse_mix_schedule, resolve_schedule, resolve_weights, schedule_weights_at,
+from litgpt_ext.data.mix_spec import MIX_SOURCES, check_mix_sources, mix_spec, resolve_weights
+from litgpt_ext.data.schedule import (
+    Phase,
+    apply_repetition_caps,
+    check_max_epochs,
+    constant_record,
+    describe_schedule,
+    drawn_samples,
+    parse_mix_schedule,
+    resolve_schedule,
+    schedule_weights_at,
 )
-from litgpt_ext.data.shard_types import MixError
-from litgpt_ext.data.shard_types import build_registry, discover_shards
+from litgpt_ext.data.shard_types import MixError, build_registry, discover_shards
 
 
 def mix_report(
@@ -36,8 +43,9 @@ def mix_report(
     """
     registry = build_registry(extra_shard_types)
     points = parse_mix_schedule(mix_schedule, proportional_sampling)
-    if points and any(v not in (None, "") for v in (mix_weights_str, literal_weights_str, mix_config_path)):
-        raise MixError("set the mix either in mix_schedule's points or in mix_weights_str/literal_weights_str/mix_config_path, not both")
+    if points:
+        check_mix_sources(dict(zip(MIX_SOURCES, (mix_weights_str, literal_weights_str, mix_config_path))),
+                          scheduled=True, scheduled_names="/".join(MIX_SOURCES))
     spec = points[0].spec if points else mix_spec(mix_weights_str, literal_weights_str, mix_config_path, proportional_sampling)
     shards = discover_shards(data_path, registry)
     check_max_epochs(max_epochs, shards, registry)

@@ -2,10 +2,14 @@
 
 `write_token_shard` drives litdata's own `BinaryWriter` in-process (no worker pool), so that the
 prepare step, the demo builder and the tests all produce byte-identical litdata shards cheaply.
+`token_chunks` is the one decoder of a shard's chunk layout (token dtype, chunk files, header
+sizes); `read_chunk_tokens`, `ShardReader` (random access by sample) and the training-setup token
+id check all read chunks through it.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 from dataclasses import dataclass
@@ -99,21 +103,88 @@ def is_shard_dir(path: str | Path) -> bool:
     return os.path.isfile(os.path.join(path, INDEX_FILENAME))
 
 
+@dataclass(frozen=True)
+class TokenChunks:
+    """An uncompressed token shard's chunk files, in order, as litdata `TokensLoader` lays them out:
+    each file is a header of 1 + items + 1 uint32, then the tokens."""
+
+    path: Path
+    dtype: np.dtype
+    chunks: tuple[tuple[str, int, int], ...]  # (filename, header bytes, tokens)
+
+    def memmap(self, k: int) -> np.memmap:
+        """The tokens of chunk k as a read-only memmap."""
+        name, header, _ = self.chunks[k]
+        return np.memmap(self.path / name, dtype=self.dtype, mode="r", offset=header)
+
+
+def token_chunks(path: str | Path) -> TokenChunks | None:
+    """The chunk layout `index.json` describes; None for a compressed or encrypted shard (only litdata
+    can decode those). Reads the index as is: call `read_shard_index` first for clear errors."""
+    path = Path(path)
+    meta = json.loads((path / INDEX_FILENAME).read_text())
+    cfg = meta["config"]
+    if cfg.get("compression") or cfg.get("encryption"):
+        return None
+    from litdata.constants import _NUMPY_DTYPES_MAPPING, _TORCH_DTYPES_MAPPING
+
+    serializer, code = cfg["data_format"][0].split(":")
+    dtype = _TORCH_DTYPES_MAPPING[int(code)] if serializer == "no_header_tensor" else _NUMPY_DTYPES_MAPPING[int(code)]
+    np_dtype = torch.empty(0, dtype=dtype).numpy().dtype if isinstance(dtype, torch.dtype) else np.dtype(dtype)
+    return TokenChunks(path, np_dtype, tuple((c["filename"], (1 + c["chunk_size"] + 1) * 4, c["dim"]) for c in meta["chunks"]))
+
+
 def read_chunk_tokens(path: str | Path) -> list[np.ndarray]:
     """Every chunk of an uncompressed token shard as a read-only memmap of its tokens, in order.
 
     The layout is litdata `TokensLoader`'s: a header of 1 + items + 1 uint32, then the tokens.
     """
-    from litdata.constants import _NUMPY_DTYPES_MAPPING, _TORCH_DTYPES_MAPPING
-
     path = Path(path)
     read_shard_index(path)  # clear errors for a missing or corrupt index
-    meta = json.loads((path / INDEX_FILENAME).read_text())
-    cfg = meta["config"]
-    if cfg.get("compression") or cfg.get("encryption"):
+    layout = token_chunks(path)
+    if layout is None:
         raise ShardError(f"shard {str(path)!r} is compressed or encrypted; only plain token chunks can be read directly")
-    serializer, code = cfg["data_format"][0].split(":")
-    dtype = _TORCH_DTYPES_MAPPING[int(code)] if serializer == "no_header_tensor" else _NUMPY_DTYPES_MAPPING[int(code)]
-    np_dtype = torch.empty(0, dtype=dtype).numpy().dtype if isinstance(dtype, torch.dtype) else np.dtype(dtype)
-    return [np.memmap(path / c["filename"], dtype=np_dtype, mode="r", offset=(1 + c["chunk_size"] + 1) * 4)
-            for c in meta["chunks"]]
+    return [layout.memmap(k) for k in range(len(layout.chunks))]
+
+
+class ShardReader:
+    """Random access to one shard's samples, opened lazily in each process.
+
+    Uncompressed local shards are read straight from their chunk files with one memmap per chunk,
+    in exactly `TokensLoader`'s layout (header of 1 + items + 1 uint32, then the tokens; sample k
+    of a chunk is tokens [k*block, (k+1)*block)). This replaces litdata's per-item
+    `StreamingDataset.__getitem__` path, whose per-sample bookkeeping (chunk cache, reader, index
+    lookups) cost a third of the streaming rate (see BENCHMARKS.md); compressed or encrypted
+    shards still go through litdata.
+    """
+
+    def __init__(self, path: Path, block_size: int):
+        self.path, self.block_size = path, block_size
+        self._ds = None
+        self._chunks: list[tuple[str, int, int]] | None = None  # (filename, header bytes, samples)
+        self._mmaps: dict[int, np.memmap] = {}
+
+    def _open(self) -> None:
+        layout = token_chunks(self.path)
+        if layout is None:
+            from litdata.streaming import StreamingDataset
+            from litdata.streaming.item_loader import TokensLoader
+
+            self._ds = StreamingDataset(str(self.path), item_loader=TokensLoader(block_size=self.block_size))
+            self._chunks = []
+            return
+        self._layout = layout
+        self._chunks = [(name, header, tokens // self.block_size) for name, header, tokens in layout.chunks]
+        self._ends = np.cumsum([n for _, _, n in self._chunks]).tolist()
+
+    def __getitem__(self, idx: int) -> torch.Tensor:
+        if self._chunks is None:
+            self._open()
+        if self._ds is not None:
+            return self._ds[int(idx)]
+        c = bisect.bisect_right(self._ends, idx)
+        mm = self._mmaps.get(c)
+        if mm is None:
+            mm = self._mmaps[c] = self._layout.memmap(c)
+        start = (idx - (self._ends[c - 1] if c else 0)) * self.block_size
+        return torch.from_numpy(np.array(mm[start:start + self.block_size]))

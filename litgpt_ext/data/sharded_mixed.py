@@ -8,37 +8,41 @@ a few integers per shard: global cursors (samples served by all ranks), per-segm
 and the mix. That makes three things exact: the mix of every prefix, resume (same batches as an
 uninterrupted run, any worker count), and a blend change on resume (cursors kept, no replay).
 
-Sample j of a shard's infinite stream is `perm(seed, shard, epoch)[j % N]` with `epoch = j // N`;
-rank r of R takes stream elements `start + k*R + r` for its k-th pick of that shard. All ranks use
-the same blend order, so all ranks hold the same state and rank 0's copy resumes every rank.
+The stream itself (which sample each pick serves, on which rank) is `stream.BlendedStream`; the
+loader state is built and continued in `loader_state`. All ranks use the same blend order, so all
+ranks hold the same state and rank 0's copy resumes every rank.
 """
 
 from __future__ import annotations
 
-import bisect
 import copy
-import json
 import logging
-import zlib
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-
 from litgpt.data import DataModule
+from torch.utils.data import DataLoader
 
-from litgpt_ext.data.mixing import (
-    Blend, MixSpec, Phase, ScheduledBlend, apply_repetition_caps, check_max_epochs, constant_record, curve_pieces,
-    describe_schedule, mix_spec, parse_mix_schedule, resolve_schedule, resolve_weights, schedule_weights_at,
+from litgpt_ext.data.blend import Blend, ScheduledBlend
+from litgpt_ext.data.loader_state import LoaderState, continue_state, fresh_state, make_blend
+from litgpt_ext.data.mix_spec import MIX_SOURCES, MixSpec, check_mix_sources, mix_spec, resolve_weights
+from litgpt_ext.data.schedule import (
+    Phase,
+    apply_repetition_caps,
+    check_max_epochs,
+    constant_record,
+    describe_schedule,
+    parse_mix_schedule,
+    resolve_schedule,
+    schedule_weights_at,
 )
-from litgpt_ext.data.shard_io import ShardError, is_shard_dir, read_shard_index
+from litgpt_ext.data.shard_io import ShardError, ShardReader, is_shard_dir, read_shard_index
 from litgpt_ext.data.shard_types import MixError, Shard, build_registry, discover_shards
+from litgpt_ext.data.stream import BlendedStream
 from litgpt_ext.preempt import ignore_in_worker
 
 log = logging.getLogger(__name__)
-STATE_VERSION = 2  # 2 adds the mixture schedule (`schedule`, `segment_phase_pos`); 1 still loads
 
 
 def _dist_rank_world() -> tuple[int, int]:
@@ -47,118 +51,8 @@ def _dist_rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-class _ShardReader:
-    """Random access to one shard's samples, opened lazily in each process.
-
-    Uncompressed local shards are read straight from their chunk files with one memmap per chunk,
-    in exactly `TokensLoader`'s layout (header of 1 + items + 1 uint32, then the tokens; sample k
-    of a chunk is tokens [k*block, (k+1)*block)). This replaces litdata's per-item
-    `StreamingDataset.__getitem__` path, whose per-sample bookkeeping (chunk cache, reader, index
-    lookups) cost a third of the streaming rate (see BENCHMARKS.md); compressed or encrypted
-    shards still go through litdata.
-    """
-
-    def __init__(self, path: Path, block_size: int):
-        self.path, self.block_size = path, block_size
-        self._ds = None
-        self._chunks: list[tuple[str, int, int]] | None = None  # (filename, header bytes, samples)
-        self._mmaps: dict[int, np.memmap] = {}
-
-    def _open(self) -> None:
-        meta = json.loads((self.path / "index.json").read_text())
-        cfg = meta["config"]
-        if cfg.get("compression") or cfg.get("encryption"):
-            from litdata.streaming import StreamingDataset
-            from litdata.streaming.item_loader import TokensLoader
-
-            self._ds = StreamingDataset(str(self.path), item_loader=TokensLoader(block_size=self.block_size))
-            self._chunks = []
-            return
-        from litdata.constants import _NUMPY_DTYPES_MAPPING, _TORCH_DTYPES_MAPPING
-
-        serializer, code = cfg["data_format"][0].split(":")
-        dtype = _TORCH_DTYPES_MAPPING[int(code)] if serializer == "no_header_tensor" else _NUMPY_DTYPES_MAPPING[int(code)]
-        self._np_dtype = torch.empty(0, dtype=dtype).numpy().dtype if isinstance(dtype, torch.dtype) else np.dtype(dtype)
-        self._chunks = [(c["filename"], (1 + c["chunk_size"] + 1) * 4, c["dim"] // self.block_size) for c in meta["chunks"]]
-        self._ends = np.cumsum([n for _, _, n in self._chunks]).tolist()
-
-    def __getitem__(self, idx: int) -> torch.Tensor:
-        if self._chunks is None:
-            self._open()
-        if self._ds is not None:
-            return self._ds[int(idx)]
-        c = bisect.bisect_right(self._ends, idx)
-        mm = self._mmaps.get(c)
-        if mm is None:
-            name, header, _ = self._chunks[c]
-            mm = self._mmaps[c] = np.memmap(self.path / name, dtype=self._np_dtype, mode="r", offset=header)
-        start = (idx - (self._ends[c - 1] if c else 0)) * self.block_size
-        return torch.from_numpy(np.array(mm[start:start + self.block_size]))
-
-
-class _Permutations:
-    """The per-epoch shuffle of one shard, cached for the current epoch."""
-
-    def __init__(self, seed: int, shard_id: str, num_samples: int):
-        self.key = [seed, zlib.crc32(shard_id.encode())]
-        self.n = num_samples
-        self._epoch, self._perm = -1, None
-
-    def __call__(self, element: int) -> int:
-        epoch, pos = divmod(element, self.n)
-        if epoch != self._epoch:
-            self._perm = np.random.default_rng(self.key + [epoch]).permutation(self.n)
-            self._epoch = epoch
-        return int(self._perm[pos])
-
-
-class _BlendedStream(IterableDataset):
-    """One rank's infinite sample stream; worker w produces batches w, w+W, … of it."""
-
-    def __init__(self, shards: list[tuple[str, Path, int]], blend_state: dict, starts: list[int],
-                 rank: int, world_size: int, batch_size: int, block_size: int, seed: int):
-        super().__init__()
-        self.shards, self.blend_state, self.starts = shards, blend_state, starts
-        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
-        self.block_size, self.seed = block_size, seed
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        info = get_worker_info()
-        wid, nworkers = (info.id, info.num_workers) if info is not None else (0, 1)
-        readers = [_ShardReader(path, self.block_size) for _, path, _ in self.shards]
-        perms = [_Permutations(self.seed, sid, n) for sid, _, n in self.shards]
-        blend = make_blend(self.blend_state)
-        counts, starts, R, r = blend.counts, self.starts, self.world_size, self.rank
-        batch = 0
-        while True:
-            mine = batch % nworkers == wid
-            for _ in range(self.batch_size):
-                i = blend.next()
-                if mine:
-                    element = starts[i] + (counts[i] - 1) * R + r
-                    yield readers[i][perms[i](element)]
-            batch += 1
-
-
 def _stack_long(rows: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(rows).long()
-
-
-def make_blend(state: Mapping[str, Any]) -> Blend | ScheduledBlend:
-    """The blend of the current segment: constant weights, or the schedule in this rank's coordinates.
-
-    A segment's blend position n (samples drawn by this rank since the segment began) sits at phase
-    sample `segment_phase_pos + n * world_size`, so every rank follows the same schedule.
-    """
-    ids = list(state["weights"])
-    counts = [state["counts"][s] for s in ids]
-    sched = state.get("schedule")
-    if not sched:
-        return Blend([state["weights"][s] for s in ids], counts)
-    pieces = curve_pieces(sched, ids, float(state["segment_phase_pos"]), float(state["world_size"]))
-    if len(pieces) == 1 and all(w > 0 for w in pieces[0][1]):  # past the last point: the constant fast path
-        return Blend(pieces[0][1], counts)
-    return ScheduledBlend(pieces, counts)
 
 
 class MixedLoader:
@@ -171,12 +65,12 @@ class MixedLoader:
 
     def __init__(self, dm: "ShardedMixedDataset"):
         self.dm = dm
-        self._state: dict[str, Any] | None = None
+        self._state: LoaderState | None = None
         self._tracker = None
 
-    def _ensure(self) -> dict[str, Any]:
+    def _ensure(self) -> LoaderState:
         if self._state is None:
-            self._state = self.dm._fresh_state()
+            self._state = fresh_state(self.dm)
             self._tracker = self._make_tracker()
         return self._state
 
@@ -188,7 +82,7 @@ class MixedLoader:
         st, dm = self._ensure(), self.dm
         ids = list(st["weights"])
         shards = [(sid, dm.shards_by_id[sid].path, st["num_samples"][sid]) for sid in ids]
-        stream = _BlendedStream(
+        stream = BlendedStream(
             shards, copy.deepcopy(st), [st["segment_start"][s] for s in ids],
             dm.rank, dm.world_size, dm.batch_size, dm.block_size, st["seed"],
         )
@@ -209,7 +103,7 @@ class MixedLoader:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from `state`; with a different mix or schedule, keep every cursor and switch the blend."""
-        self._state = self.dm._continue_state(dict(state))
+        self._state = continue_state(self.dm, dict(state))
         self._tracker = self._make_tracker()
 
     def phase_position(self) -> int:
@@ -272,7 +166,7 @@ class _ValStream:
     def __init__(self, name: str, paths: list[Path], block_size: int, batch_size: int, rank: int, world_size: int,
                  max_samples: int | None):
         self.name = name
-        self.readers = [_ShardReader(p, block_size) for p in paths]
+        self.readers = [ShardReader(p, block_size) for p in paths]
         sizes = [read_shard_index(p).num_samples(block_size) for p in paths]
         for p, n in zip(paths, sizes):
             if n == 0:
@@ -362,10 +256,8 @@ class ShardedMixedDataset(DataModule):
         self.registry = build_registry(extra_shard_types)
         self.schedule_points = parse_mix_schedule(mix_schedule, proportional_sampling)
         if self.schedule_points:
-            given = [n for n, v in (("mix_weights_str", mix_weights_str), ("literal_weights_str", literal_weights_str),
-                                    ("mix_config_path", mix_config_path)) if v not in (None, "")]
-            if given:
-                raise MixError(f"set the mix either in mix_schedule's points or in {given[0]}, not both")
+            check_mix_sources(dict(zip(MIX_SOURCES, (mix_weights_str, literal_weights_str, mix_config_path))),
+                              scheduled=True)
             self.spec: MixSpec = self.schedule_points[0].spec
         else:
             self.spec = mix_spec(mix_weights_str, literal_weights_str, mix_config_path, proportional_sampling)
@@ -495,109 +387,8 @@ class ShardedMixedDataset(DataModule):
             "data.train_dataloader()"
         )
 
-    def _fresh_state(self) -> dict[str, Any]:
-        if self.weights is None:
-            self.setup()
-        record = self._phase_record()
-        weights = dict(schedule_weights_at(record, 0.0)) if record is not None else dict(self.weights)
-        sched = record if (record is not None and self.schedule_points) else None
-        return {
-            "version": STATE_VERSION,
-            "seed": self.seed,
-            "block_size": self.block_size,
-            "world_size": self.world_size,
-            "weights": weights,
-            "segment_start": {s: 0 for s in weights},
-            "counts": {s: 0 for s in weights},
-            "cursors": {s: 0 for s in weights},
-            "num_samples": {s: self._num_samples(s) for s in weights},
-            "phase": self.phase.as_dict() if self.phase else None,
-            "schedule": copy.deepcopy(sched),
-            "segment_phase_pos": 0,
-            "mix_history": [{"spec": self._spec_text(), "weights": weights, "at_cursors": {}}],
-        }
-
     def _spec_text(self) -> str:
         return describe_schedule(self.schedule_points) or self.spec.describe()
-
-    def _continue_state(self, saved: dict[str, Any]) -> dict[str, Any]:
-        if saved.get("version") not in (1, STATE_VERSION):
-            raise MixError(f"loader state version {saved.get('version')!r} is not 1 or {STATE_VERSION}; cannot resume it")
-        saved = {"phase": None, "schedule": None, "segment_phase_pos": 0, **saved, "version": STATE_VERSION}
-        if saved["block_size"] != self.block_size:
-            raise MixError(
-                f"the checkpoint's loader used samples of {saved['block_size']} tokens, this run {self.block_size}: "
-                "max_seq_length must not change on resume (shard cursors count samples)"
-            )
-        if saved["seed"] != self.seed:
-            log.warning("data seed %s differs from the checkpoint's %s; keeping %s so no shard replays data",
-                        self.seed, saved["seed"], saved["seed"])
-        for sid, n in saved["num_samples"].items():
-            if sid in self.shards_by_id and self._num_samples(sid) != n:
-                raise MixError(
-                    f"shard {sid!r} had {n} samples when the checkpoint was saved and has {self._num_samples(sid)} now: "
-                    "its data changed under the run"
-                )
-        new = copy.deepcopy(saved)
-        # where the phase stands: global samples drawn in it (all ranks)
-        pos_now = saved["segment_phase_pos"] + sum(saved["counts"].values()) * saved["world_size"]
-        sched_spec = describe_schedule(self.schedule_points)
-        old_sched = saved.get("schedule")
-        if sched_spec is not None and old_sched is not None and old_sched.get("spec") == sched_spec:
-            # same schedule: the checkpoint's plan and phase win (a requeue never moves the schedule)
-            if self.phase is not None and self.phase.as_dict() != saved["phase"]:
-                log.info("data: keeping the checkpoint's phase %s for the unchanged mix_schedule (this run "
-                            "passed %s); a requeue never moves the schedule", saved["phase"], self.phase.as_dict())
-            self.phase, self.record = Phase(**saved["phase"]), copy.deepcopy(old_sched)
-            record, same_mix = old_sched, True
-        else:
-            last_spec = (saved.get("mix_history") or [{}])[-1].get("spec")
-            if (sched_spec is None and self.max_epochs is not None and saved["phase"] and old_sched is None
-                    and last_spec == self._spec_text()):
-                # same capped mix: plan it over the checkpoint's phase, so a requeue draws the same weights
-                self.phase = Phase(**saved["phase"])
-                self.record = self._plan(self.phase)
-            record = self._phase_record(saved["phase"])
-            if sched_spec is None and record is not None:
-                self.weights = dict(record["weights"][0])
-            weights0 = dict(record["weights"][0]) if sched_spec is not None else dict(self.weights)
-            same_mix = old_sched is None and sched_spec is None and set(saved["weights"]) == set(weights0) and all(
-                abs(saved["weights"][s] - weights0[s]) < 1e-12 for s in weights0
-            )
-        if same_mix and saved["world_size"] == self.world_size:
-            return new
-        sched = copy.deepcopy(record) if sched_spec is not None else None
-        if same_mix:
-            seg_pos = pos_now  # same plan, new world size: the schedule continues from here
-        elif sched is not None:
-            seg_pos = pos_now if saved["phase"] == (self.phase.as_dict() if self.phase else None) else 0
-        else:
-            seg_pos = 0
-        weights = (dict(record["weights"][0]) if sched is not None else dict(self.weights))
-        cursors = dict(saved["cursors"])
-        for sid in weights:
-            cursors.setdefault(sid, 0)
-        new.update(
-            world_size=self.world_size,
-            weights=weights,
-            segment_start={s: cursors[s] for s in weights},
-            counts={s: 0 for s in weights},
-            cursors=cursors,
-            num_samples={**saved["num_samples"], **{s: self._num_samples(s) for s in weights}},
-            phase=self.phase.as_dict() if self.phase else saved["phase"],
-            schedule=sched,
-            segment_phase_pos=seg_pos,
-        )
-        if sched is not None:
-            new["weights"] = dict(schedule_weights_at(sched, seg_pos))  # the table shows the mix from here
-        if not same_mix:
-            new["mix_history"] = list(saved.get("mix_history", [])) + [
-                {"spec": self._spec_text(), "weights": dict(new["weights"]), "at_cursors": dict(cursors)}
-            ]
-        reason = "world size %d -> %d" % (saved["world_size"], self.world_size) if same_mix else (
-            "new mix schedule" if sched is not None else "new blend")
-        log.warning("data mix: %s; shard cursors kept (no replay)\n%s", reason, mix_change_table(saved, new))
-        return new
 
     def train_dataloader(self) -> MixedLoader:
         if self.weights is None:
@@ -619,14 +410,3 @@ class ShardedMixedDataset(DataModule):
     def val_dataloader(self):
         loaders = self.val_dataloaders()
         return next(iter(loaders.values())) if loaders else None
-
-
-def mix_change_table(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
-    """Old and new weights side by side with each shard's cursor and epochs, for the resume log."""
-    ids = list(dict.fromkeys(list(old["weights"]) + list(new["weights"]) + list(new["cursors"])))
-    rows = [f"{'shard':<10} {'old weight':>10} {'new weight':>10} {'cursor':>10} {'epochs':>7}"]
-    for sid in ids:
-        n = new["num_samples"].get(sid) or old["num_samples"].get(sid) or 1
-        cur = new["cursors"].get(sid, 0)
-        rows.append(f"{sid:<10} {old['weights'].get(sid, 0):>10.4f} {new['weights'].get(sid, 0):>10.4f} {cur:>10d} {cur / n:>7.2f}")
-    return "\n".join(rows)

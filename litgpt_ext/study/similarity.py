@@ -241,7 +241,7 @@ def similarity(
     import torch
     from litgpt import Tokenizer
 
-    from litgpt_ext.data.mixing import mix_spec, resolve_weights
+    from litgpt_ext.data.mix_spec import mix_spec, resolve_weights
     from litgpt_ext.data.shard_types import build_registry, discover_shards
 
     if general not in sets:

@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 from typing import Any, Union
 
-import numpy as np
 import yaml
 
 SPEC_KEYS = ("class_path", "init_args")
@@ -76,22 +75,14 @@ def shard_max_token_id(path: Path, scan_bytes: int = SCAN_BYTES) -> int:
             value = None
         if isinstance(value, int):
             return value
-    index = json.loads((Path(path) / "index.json").read_text())
-    from litdata.constants import _NUMPY_DTYPES_MAPPING, _TORCH_DTYPES_MAPPING
+    from litgpt_ext.data.shard_io import token_chunks
 
-    cfg = index["config"]
-    if cfg.get("compression") or cfg.get("encryption"):
+    layout = token_chunks(path)
+    if layout is None:
         return -1  # cannot scan cheaply; the tokenizer check still applies
-    serializer, code = cfg["data_format"][0].split(":")
-    dtype = _TORCH_DTYPES_MAPPING[int(code)] if serializer == "no_header_tensor" else _NUMPY_DTYPES_MAPPING[int(code)]
-    if not isinstance(dtype, np.dtype):
-        import torch
-
-        dtype = torch.empty(0, dtype=dtype).numpy().dtype
     top, budget = -1, scan_bytes
-    for c in index["chunks"]:
-        header = (1 + c["chunk_size"] + 1) * 4
-        mm = np.memmap(Path(path) / c["filename"], dtype=dtype, mode="r", offset=header)
+    for k in range(len(layout.chunks)):
+        mm = layout.memmap(k)
         n = min(mm.size, max(budget // mm.itemsize, 0))
         if n:
             top = max(top, int(mm[:n].max()))
