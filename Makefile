@@ -7,7 +7,7 @@ CONSTRAINTS ?= constraints-cpu.txt
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench reproduce clean-demo
+.PHONY: install demo test test-fast lint bench reproduce clean-demo
 
 $(STAMP): pyproject.toml constraints-tested.txt $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,8 +21,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m litgpt_ext demo
 
+# everything (what CI runs): the slow end-to-end, multi-process and real-SLURM tests included
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# while editing: everything but the tests marked slow (@pytest.mark.slow)
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
 
 # ruff's rules live in pyproject.toml ([tool.ruff]); installs the pinned ruff on first use
 lint: $(STAMP)
