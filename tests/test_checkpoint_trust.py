@@ -305,16 +305,16 @@ def _train(out, **kw):
 
 def test_loop_finished_run_reports_finished_and_older_resume_abandons_newer(tmp_path, capsys):
     out = tmp_path / "run"
-    assert _train(out)["step"] == 6
+    assert _train(out).step == 6
     for p in out.glob("step-*"):
         shutil.rmtree(p)  # only final/ is left
     again = _train(out, resume="auto")
-    assert again["stopped"] == "finished" and again["step"] == 6
+    assert again.stopped == "finished" and again.step == 6
     assert "Already finished: " + str(out / "final") + " is at step 6" in capsys.readouterr().out
     assert not (out / ".run.lock").exists()
     # an explicit resume from an older step, then a requeue (`auto`): continues that branch
     first = _train(tmp_path / "b")
-    assert first["step"] == 6
+    assert first.step == 6
     _train(tmp_path / "b", resume=tmp_path / "b" / "step-00000002",
            train={"max_additional_steps": 1, "new_phase": True})  # a new budget from step 2: a new phase
     (aside,) = (tmp_path / "b").glob("abandoned-*")

@@ -122,5 +122,5 @@ def test_moe_pretrain_and_resume_across_ep_layouts(data_dir, tmp_path, capsys):
     cfg = config(data_dir, tmp_path / "c", max_additional_steps=2, max_iters=None)
     cfg["data"]["init_args"]["seed"] = 7
     r = run_in_process(cfg, resume=b / "final")
-    assert r["step"] == 8 and all(np.isfinite(v) for v in r["losses"].values())
-    assert r["losses"][7] < losses[0]  # continues from trained weights, not from scratch
+    assert r.step == 8 and all(np.isfinite(v) for v in r.losses.values())
+    assert r.losses[7] < losses[0]  # continues from trained weights, not from scratch

@@ -101,11 +101,15 @@ def test_sft_end_to_end_and_exact_resume(tmp_path, source, capsys, monkeypatch):
                 os.kill(os.getpid(), signal.SIGUSR1)
             yield b
 
+    marker = tmp_path / "requeue.marker"
     with monkeypatch.context() as mp:
         mp.setattr(SFTLoader, "__iter__", signalling)
+        mp.setenv("LITGPT_EXT_PREEMPT_MARKER", str(marker))
         with pytest.raises(SystemExit) as e:
             cli(["sft", "--config", str(_config(source, part, save_interval=100))])
     assert e.value.code == 99 and ckpt.latest_checkpoint(part).name == "step-00000005"
+    assert marker.read_text() == "step 5\n"  # the shared preemption exit: training_scripts/ requeue on it
+    assert "Preempted (SIGUSR1): checkpoint saved at step 5; exit 99" in capsys.readouterr().out
     assert not (part / "final").exists() and not (part / "sft_metrics.json").exists()
     cli(["sft", "--config", str(_config(source, part, save_interval=100)), "--resume", "auto"])
     a, b = _weights(full / "final"), _weights(part / "final")
@@ -176,3 +180,48 @@ def test_sft_from_a_converted_litgpt_checkpoint(tmp_path, source):
     assert (m["source_run"], m["source_checkpoint_name"], m["source_step"]) == ("tiny", "", None)
     assert m["val_losses"] == {} and m["step"] == 5
     assert m["initial"] is None  # no validation before step 1: not the final one relabelled "initial"
+
+
+@pytest.mark.slow
+def test_two_process_sft_preempted_writes_the_marker_and_resumes_bit_identically(tmp_path, source):
+    """2 ranks (gloo), SIGUSR1 to the process group mid-run as SLURM sends it: every rank saves its
+    part, rank 0 writes the requeue marker, exit 99; `--resume auto` then ends where the
+    uninterrupted 2-process run ends, bit for bit."""
+    import re
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    def start(out: Path, *args: str, marker: Path = None) -> subprocess.Popen:
+        cfg = _config(source, out, save_interval=100)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        env = {k: v for k, v in env.items() if not k.startswith("SLURM_")}
+        if marker is not None:
+            env["LITGPT_EXT_PREEMPT_MARKER"] = str(marker)
+        return subprocess.Popen([sys.executable, "-m", "litgpt_ext", "sft", "--config", str(cfg), "--devices", "2",
+                                 *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+
+    full = start(tmp_path / "full")
+    out, _ = full.communicate(timeout=600)
+    assert full.returncode == 0, out[-3000:]
+    marker = tmp_path / "marker"
+    part = start(tmp_path / "part", marker=marker)
+    seen = ""
+    for line in part.stdout:  # a handshake, not a sleep: signal once step 2 is logged
+        seen += line
+        if re.match(r"step 2/", line):
+            os.killpg(part.pid, signal.SIGUSR1)
+            break
+    out, _ = part.communicate(timeout=600)
+    seen += out
+    step = int(re.search(r"checkpoint saved at step (\d+); exit 99", seen).group(1))
+    assert part.returncode == 99 and marker.read_text() == f"step {step}\n" and step < 10, seen[-3000:]
+    assert ckpt.latest_checkpoint(tmp_path / "part").name == ckpt.step_dir_name(step)
+    again = start(tmp_path / "part", "--resume", "auto")
+    out, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, out[-3000:]
+    a, b = _weights(tmp_path / "full" / "final"), _weights(tmp_path / "part" / "final")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -18,11 +18,14 @@ Resume and preemption are the loop's: `resume: auto` continues the latest `step-
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import TYPE_CHECKING, Literal, Optional, Union
 
 from litgpt_ext.sft.config import SFTConfig, SFTEvalArgs, SFTTrainArgs, sft_plan
 from litgpt_ext.sft.data import SFTData
 from litgpt_ext.sft.metrics import FILE_NAME, SFTMetrics, source_identity, write_sft_metrics
+
+if TYPE_CHECKING:
+    from litgpt_ext.train.launch import RunResult
 
 SFT_VAL_SET = "sft"
 """The SFT validation set's name in val_metrics.csv, TensorBoard and the loop's val history."""
@@ -41,7 +44,7 @@ def sft(
     num_nodes: Optional[int] = None,
     logger_name: Literal["tensorboard", "csv", "wandb"] = "csv",
     seed: int = 42,
-) -> Optional[dict]:
+) -> Optional["RunResult"]:
     """Fully fine-tune a checkpoint on instruction or plain-text data (the paper's post-training stage).
 
     Args:
@@ -103,14 +106,13 @@ def finished(out_dir: Path) -> bool:
     return (Path(out_dir) / FILE_NAME).is_file() and ckpt.is_complete(Path(out_dir) / "final")
 
 
-def run_sft(cfg: SFTConfig, data: SFTData, hparams: dict) -> Optional[dict]:
+def run_sft(cfg: SFTConfig, data: SFTData, hparams: dict) -> Optional["RunResult"]:
     """The command's body for a parsed config (the grid calls it in-process for every cell)."""
-    import lightning as L
     import torch
     from litgpt.config import Config
-    from litgpt.utils import choose_logger
 
-    from litgpt_ext.train.loop import PREEMPT_EXIT_CODE, main
+    from litgpt_ext.train.launch import launch
+    from litgpt_ext.train.loop import main
     from litgpt_ext.train.parallel import build_strategy, resolve_devices
 
     src, out_dir = cfg.checkpoint_dir, cfg.out_dir
@@ -133,33 +135,29 @@ def run_sft(cfg: SFTConfig, data: SFTData, hparams: dict) -> Optional[dict]:
     plan = sft_plan(data.num_train_examples(), cfg.train, cfg.eval, world_size, cfg.peak_lr)
     train, eval_ = loop_args(cfg.train, cfg.eval, plan, seq_len)
 
-    logger = choose_logger(cfg.logger_name, out_dir, name=f"sft-{model_config.name}",
-                           resume=cfg.resume not in (False, None), log_interval=train.log_interval)
     strategy = build_strategy(devices, num_nodes, 1)
-    fabric = L.Fabric(devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision, loggers=[logger])
-    fabric.launch()
-    fabric.print(f"SFT {data.name}: {plan.total_steps} steps ({cfg.train.epochs} epochs of {plan.batches_per_epoch}"
-                 f" micro-batches per rank, {plan.accumulation} per step), warmup {plan.warmup_steps}, cosine"
-                 f" {cfg.peak_lr:g} -> {cfg.train.min_lr:g}; validation every {plan.eval_interval} steps")
-    try:
-        result = main(fabric, model_config=model_config, out_dir=out_dir, data=data, train=train, eval=eval_,
-                      optimizer=cfg.optimizer, hparams=hparams, initial_checkpoint_dir=src, resume=cfg.resume,
-                      tokenizer_dir=src, seed=cfg.seed, moe=moe,
-                      val_loaders=lambda dm: sft_val_loaders(dm, cfg.eval, seq_len))
-    finally:
-        for lg in fabric.loggers:
-            lg.finalize("success")
-    if result["stopped"] == "preempted":
-        fabric.print(f"Preempted (signal {result['signal']}): checkpoint saved at step {result['step']};"
-                     f" exit {PREEMPT_EXIT_CODE}")
-        raise SystemExit(PREEMPT_EXIT_CODE)
+
+    def body(fabric) -> RunResult:
+        fabric.print(f"SFT {data.name}: {plan.total_steps} steps ({cfg.train.epochs} epochs of {plan.batches_per_epoch}"
+                     f" micro-batches per rank, {plan.accumulation} per step), warmup {plan.warmup_steps}, cosine"
+                     f" {cfg.peak_lr:g} -> {cfg.train.min_lr:g}; validation every {plan.eval_interval} steps")
+        return main(fabric, model_config=model_config, out_dir=out_dir, data=data, train=train, eval=eval_,
+                    optimizer=cfg.optimizer, hparams=hparams, initial_checkpoint_dir=src, resume=cfg.resume,
+                    tokenizer_dir=src, seed=cfg.seed, moe=moe,
+                    val_loaders=lambda dm: sft_val_loaders(dm, cfg.eval, seq_len))
+
+    # the shared launch path: a preempted SFT run exits like pretraining (marker, every rank, exit 99)
+    fabric, result = launch(body, out_dir=out_dir, run_name=f"sft-{model_config.name}", devices=devices,
+                            num_nodes=num_nodes, precision=precision, strategy=strategy,
+                            logger_name=cfg.logger_name, resume=cfg.resume not in (False, None),
+                            log_interval=train.log_interval)
     metrics = sft_metrics_of(result, cfg, data)
     if fabric.global_rank == 0:
         path = write_sft_metrics(out_dir, metrics)
         fabric.print(f"SFT {data.name}: val loss {metrics.sft_val_loss:.4f}"
                      + "".join(f", {k} {v:.4f}" for k, v in metrics.val_losses.items()) + f" -> {path}")
     fabric.barrier()
-    result["sft_metrics"] = metrics
+    result.metrics = metrics
     return result
 
 
@@ -216,10 +214,10 @@ def _source_step(src: Path) -> Optional[int]:
     return int(ckpt.load_training_state(src).get("step", 0))
 
 
-def sft_metrics_of(result: dict, cfg: SFTConfig, data: SFTData) -> SFTMetrics:
+def sft_metrics_of(result: "RunResult", cfg: SFTConfig, data: SFTData) -> SFTMetrics:
     """sft_metrics.json from the loop's validation history (the last entry = after SFT)."""
     by_step: dict[int, dict[str, float]] = {}
-    for row in result["val"]:
+    for row in result.val:
         by_step.setdefault(row["step"], {})[row["set"]] = row["loss"]
     if not by_step:
         raise ValueError("SFT finished without a validation (eval: no SFT val set?)")
@@ -232,7 +230,7 @@ def sft_metrics_of(result: dict, cfg: SFTConfig, data: SFTData) -> SFTMetrics:
     last = entry(steps[-1])
     # "initial" means before the first SFT step: the validator's baseline (kept across requeues) is its
     # *first* validation, which is the final one when eval.initial_validation is off: then there is none
-    initial = result.get("val_start") if cfg.eval.initial_validation else None
+    initial = result.val_start if cfg.eval.initial_validation else None
     initial = ({"sft_val_loss": initial.get(SFT_VAL_SET),
                 "val_losses": {k: v for k, v in initial.items() if k != SFT_VAL_SET}} if initial else None)
     run, name, step = source_identity(cfg.checkpoint_dir, _source_step(cfg.checkpoint_dir))
@@ -240,7 +238,7 @@ def sft_metrics_of(result: dict, cfg: SFTConfig, data: SFTData) -> SFTMetrics:
     return SFTMetrics(
         sft_set=data.name, sft_val_loss=last["sft_val_loss"], sft_val_tokens=n_val, lr=cfg.peak_lr, seed=cfg.seed,
         source_checkpoint=str(cfg.checkpoint_dir), source_run=run, source_checkpoint_name=name, source_step=step,
-        step=result["step"], epochs=cfg.train.epochs, train_tokens=data.stats["train"]["tokens"] * cfg.train.epochs,
+        step=result.step, epochs=cfg.train.epochs, train_tokens=data.stats["train"]["tokens"] * cfg.train.epochs,
         val_losses=last["val_losses"], initial=initial,
         history=[entry(s) for s in steps], out_dir=str(cfg.out_dir))
 

@@ -31,6 +31,7 @@ from litgpt_ext.model import MoEArgs
 from litgpt_ext.preempt import PREEMPT_EXIT_CODE
 from litgpt_ext.preempt import PreemptFlag as _PreemptFlag
 from litgpt_ext.train.args import EvalArgs, TrainArgs
+from litgpt_ext.train.launch import LoopData, RunResult, launch
 from litgpt_ext.train.metrics import StepLogger
 from litgpt_ext.train.objective import LossFn, next_token_loss
 from litgpt_ext.train.plan import RunPlan, choose_plan, phases_of, record_phase, stop_warning
@@ -66,7 +67,7 @@ def pretrain(
     seed: int = 42,
     preempt_exit_code: int = PREEMPT_EXIT_CODE,
     speed: SpeedArgs = SpeedArgs(),
-) -> dict:
+) -> RunResult:
     """Pretrain a model, or midtrain one: resume from a checkpoint with a new data blend.
 
     Args:
@@ -99,8 +100,6 @@ def pretrain(
             sharded checkpoints, peak FLOP/s for MFU; see `litgpt_ext.train.speed.SpeedArgs`).
     """
     hparams = _hparams(locals())  # first: the arguments exactly as given, before any local name exists
-    from litgpt.utils import choose_logger
-
     from litgpt_ext.train.parallel import build_strategy, resolve_devices
 
     # CLI overrides folded into optimizer.init_args (jsonargparse leaves `--optimizer.init_args.lr` beside
@@ -123,22 +122,17 @@ def pretrain(
     out_dir = Path(out_dir)
 
     resuming = resume not in (False, None) or fork_from is not None
-    logger = choose_logger(
-        logger_name, out_dir, name=f"pretrain-{model_config.name}", resume=resuming,
-        log_interval=train.log_interval, log_args=asdict(log),
-    )
     strategy = build_strategy(devices, num_nodes, expert_parallel_size, speed=speed, seed=seed)
-    fabric = L.Fabric(devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision, loggers=[logger])
-    fabric.launch()
-    try:
-        result = main(fabric, model_config=model_config, moe=moe, out_dir=out_dir, data=data, train=train, eval=eval,
-                      optimizer=optimizer, initial_checkpoint_dir=initial_checkpoint_dir, resume=resume,
-                      fork_from=fork_from, tokenizer_dir=tokenizer_dir, seed=seed, hparams=hparams, speed=speed)
-    finally:
-        for lg in fabric.loggers:
-            lg.finalize("success")
-    if result["stopped"] == "preempted":
-        preempt.exit_preempted(fabric, result["step"], result["signal"], preempt_exit_code)
+
+    def body(fabric: L.Fabric) -> RunResult:
+        return main(fabric, model_config=model_config, moe=moe, out_dir=out_dir, data=data, train=train, eval=eval,
+                    optimizer=optimizer, initial_checkpoint_dir=initial_checkpoint_dir, resume=resume,
+                    fork_from=fork_from, tokenizer_dir=tokenizer_dir, seed=seed, hparams=hparams, speed=speed)
+
+    _, result = launch(body, out_dir=out_dir, run_name=f"pretrain-{model_config.name}", devices=devices,
+                       num_nodes=num_nodes, precision=precision, strategy=strategy, logger_name=logger_name,
+                       resume=resuming, log_interval=train.log_interval, log_args=asdict(log),
+                       preempt_exit_code=preempt_exit_code)
     return result
 
 
@@ -164,7 +158,7 @@ def main(
     loss_fn: LossFn = next_token_loss,
     val_loaders: Callable[[Any], dict] = val_loaders_of,
     speed: Optional[SpeedArgs] = None,
-) -> dict:
+) -> RunResult:
     """Build the model, optimizer and data, restore a checkpoint, fix the phase's plan, then `fit`.
 
     `val_loaders(data)` gives the named validation loaders (after `data.setup`); SFT adds its own
@@ -198,15 +192,13 @@ def main(
         if saved is not None and what == "kept" and state.step >= plan.stop_step:
             fabric.print(f"Already finished: {resume_dir} is at step {state.step}, where this phase's plan stops"
                          f" ({plan.describe()}); nothing to do (train.new_phase: true with a new budget continues it)")
-            return {"stopped": "finished", "step": state.step, "tokens": state.tokens, "losses": {}, "val": [],
-                    "val_start": state.val_start, "schedule": asdict(plan.schedule), "plan": plan.to_dict(),
-                    "signal": None}
+            return RunResult("finished", state.step, state.tokens, val_start=state.val_start,
+                             schedule=asdict(plan.schedule), plan=plan.to_dict())
         if saved is not None and train.pause_at_step is not None and state.step >= train.pause_at_step:
             fabric.print(f"Paused: {resume_dir} is at step {state.step}, at or past train.pause_at_step="
                          f"{train.pause_at_step}; nothing to do in this job (the next segment's config continues)")
-            return {"stopped": "paused", "step": state.step, "tokens": state.tokens, "losses": {}, "val": [],
-                    "val_start": state.val_start, "schedule": asdict(plan.schedule), "plan": plan.to_dict(),
-                    "signal": None}
+            return RunResult("paused", state.step, state.tokens, val_start=state.val_start,
+                             schedule=asdict(plan.schedule), plan=plan.to_dict())
         loader = _setup_data(fabric, data, train, seq_len, tokenizer_dir, saved, plan)
         check_shards_fit_model(data, model_config, tokenizer_dir)  # token ids < vocab, same tokenizer: before step 1
         state.mix = getattr(data, "resolved_mix", None)
@@ -321,9 +313,8 @@ def _throughput(fabric: L.Fabric, config: Config, seq_len: int, speed: SpeedArgs
 
 def _check_data_module(data: Any) -> None:
     """The loop shards data by rank and resumes its cursors: it needs the ShardedMixedDataset interface."""
-    setup = getattr(data, "setup", None)
-    params = inspect.signature(setup).parameters if callable(setup) else {}
-    if not {"rank", "world_size"} <= set(params) or not callable(getattr(data, "train_dataloader", None)):
+    params = inspect.signature(data.setup).parameters if isinstance(data, LoopData) else {}
+    if not {"rank", "world_size"} <= set(params):
         raise ValueError(
             f"data module {type(data).__name__} is not supported: the loop needs one whose setup(rank=, world_size=)"
             " shards by rank and whose train loader has state_dict()/load_state_dict() for exact resume, such as"
@@ -437,7 +428,7 @@ def fit(
     loss_fn: LossFn = next_token_loss,
     preempt: Optional["_PreemptFlag"] = None,
     throughput: Optional[dict] = None,
-) -> dict:
+) -> RunResult:
     """Train from `state.step` to `plan.stop_step`: one optimizer step per `accum` micro-batches of
     `loss_fn`, validation every `eval.interval`, checkpoints every `save_interval`, early stop and
     preemption at step boundaries. Returns what happened (stopped, step, tokens, losses, val)."""
@@ -493,9 +484,9 @@ def fit(
     if stopped not in ("preempted", "paused"):
         writer.save(fabric, "final", model, optimizer, loader, state)
     fabric.print(f"Done: {stopped} at step {state.step}, {state.tokens:,} tokens")
-    return {"stopped": stopped, "step": state.step, "tokens": state.tokens, "losses": losses,
-            "val": validator.history, "val_start": validator.baseline, "schedule": asdict(plan.schedule),
-            "plan": plan.to_dict(), "signal": preempt.signum if preempt is not None else None}
+    return RunResult(stopped, state.step, state.tokens, losses=losses, val=validator.history,
+                     val_start=validator.baseline, schedule=asdict(plan.schedule), plan=plan.to_dict(),
+                     signal=preempt.signum if preempt is not None else None)
 
 
 # ----------------------------------------------------------------------------------------------- config
