@@ -69,10 +69,10 @@ def sft(
     finished run (its sft_metrics.json); exits with the preemption code after SIGUSR1/SIGTERM.
     """
     args = dict(locals())  # first: the arguments exactly as given
-    from litgpt_ext.train.loop import _hparams
+    from litgpt_ext.train.hparams import resolved_hparams
 
     args["optimizer"] = optimizer_spec(optimizer)
-    hparams = _hparams(args)
+    hparams = resolved_hparams(args)
     if data is None:
         raise ValueError("no SFT data: set data.class_path: litgpt_ext.sft.data.SFTData and data.init_args.train_path")
     cfg = SFTConfig(**hparams)  # the SFT-specific checks (class path, out_dir vs source run, ...)

@@ -9,6 +9,7 @@ that satisfies `LoopData` and a loss; it does not write its own start-up or exit
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol, runtime_checkable
@@ -88,3 +89,24 @@ def launch(
     if result.stopped == "preempted":
         preempt.exit_preempted(fabric, result.step, result.signal, preempt_exit_code)
     return fabric, result
+
+
+@contextmanager
+def preemption():
+    """The one place the loop takes the preemption flag (installed by the CLI at start-up, so a signal
+    that came while torch loaded is kept) and puts the previous handlers back."""
+    flag = preempt.shared_flag()
+    try:
+        yield flag
+    finally:
+        flag.restore()
+
+
+def preempt_requested(fabric: Any, flag: preempt.PreemptFlag) -> bool:
+    """Did any rank get a preemption signal? (all ranks must stop at the same step boundary)"""
+    import torch
+
+    if fabric.world_size == 1:
+        return flag.signum is not None
+    t = torch.tensor(1.0 if flag.signum is not None else 0.0, device=fabric.device)
+    return bool(fabric.all_reduce(t, reduce_op="max") > 0)

@@ -25,17 +25,17 @@ from litgpt.config import Config
 from litgpt.data import DataModule
 
 from litgpt_ext import checkpoint as ckpt
-from litgpt_ext import preempt
 from litgpt_ext.checkpoint import dcp as tdcp
 from litgpt_ext.model import MoEArgs
 from litgpt_ext.preempt import PREEMPT_EXIT_CODE
 from litgpt_ext.preempt import PreemptFlag as _PreemptFlag
 from litgpt_ext.train.args import EvalArgs, TrainArgs
-from litgpt_ext.train.launch import LoopData, RunResult, launch
+from litgpt_ext.train.hparams import resolved_hparams
+from litgpt_ext.train.launch import LoopData, RunResult, launch, preempt_requested, preemption
 from litgpt_ext.train.metrics import StepLogger
 from litgpt_ext.train.objective import LossFn, next_token_loss
 from litgpt_ext.train.plan import RunPlan, choose_plan, phases_of, record_phase, stop_warning
-from litgpt_ext.train.speed import SpeedArgs
+from litgpt_ext.train.speed import SpeedArgs, speed_summary, throughput_of
 from litgpt_ext.train.state import CheckpointWriter, TrainingState
 from litgpt_ext.train.validate import check_pretrain_inputs, check_shards_fit_model
 from litgpt_ext.train.validation import VAL_CSV, Validator, val_loaders_of
@@ -99,13 +99,13 @@ def pretrain(
         speed: Speed and scale (compile, activation checkpointing, fused optimizer, meta-device init,
             sharded checkpoints, peak FLOP/s for MFU; see `litgpt_ext.train.speed.SpeedArgs`).
     """
-    hparams = _hparams(locals())  # first: the arguments exactly as given, before any local name exists
+    hparams = resolved_hparams(locals())  # first: the arguments exactly as given, before any local name exists
     from litgpt_ext.train.parallel import build_strategy, resolve_devices
 
     # CLI overrides folded into optimizer.init_args (jsonargparse leaves `--optimizer.init_args.lr` beside
     # them), lr > 0, the tokenizer loads; the saved config records the optimizer actually used
     optimizer = check_pretrain_inputs(optimizer, tokenizer_dir, num_nodes, None if model_config else model_name)
-    hparams["optimizer"] = _hparams({"optimizer": optimizer})["optimizer"]
+    hparams["optimizer"] = resolved_hparams({"optimizer": optimizer})["optimizer"]
     if model_config is None:
         if model_name is None:
             raise ValueError("give model_name (a litgpt model name such as pythia-14m) or an inline model_config")
@@ -178,7 +178,7 @@ def main(
         weights_from = resume_dir or initial_checkpoint_dir
         model = _build_model(fabric, model_config, moe, seq_len, weights_from=weights_from, seed=seed, speed=speed)
         opt = _build_optimizer(fabric, model, optimizer, speed)
-        fabric.print(_speed_summary(model, opt, speed))
+        fabric.print(speed_summary(model, opt, speed))
         peak_lr = float(opt.param_groups[0]["lr"])
         if saved is None and weights_from is not None and tdcp.is_sharded(weights_from):  # weights only
             tdcp.load_sharded(weights_from, model.module)  # every rank reads its shards (any world size)
@@ -216,10 +216,10 @@ def main(
         validator = Validator(fabric, val_loaders(data), eval, out_dir, baseline=state.val_start, loss_fn=loss_fn)
         writer = CheckpointWriter(out_dir, model_config, hparams, tokenizer_dir, train.keep_last_k,
                                   sharded=speed.checkpoint_format == "sharded")
-        throughput = _throughput(fabric, model_config, seq_len, speed)
+        throughput = throughput_of(fabric, model_config, seq_len, speed)
         if what != "kept" and fabric.global_rank == 0:
             record_phase(out_dir, plan, str(resume_dir) if resume_dir else None)
-        with _preemption() as flag:
+        with preemption() as flag:
             return fit(fabric, model, opt, loader, state, plan, train, validator=validator, writer=writer,
                        loss_fn=loss_fn, preempt=flag, throughput=throughput)
 
@@ -279,36 +279,6 @@ def _build_optimizer(fabric: L.Fabric, model, optimizer: Union[str, dict], speed
 
     extra = optimizer_kwargs(optimizer, speed or SpeedArgs(), fabric.device) if speed is not None else {}
     return fabric.setup_optimizers(instantiate_torch_optimizer(optimizer, model.parameters(), **extra))
-
-
-def _speed_summary(model: Any, opt: Any, speed: SpeedArgs) -> str:
-    """What the speed knobs did, read back from the model and optimizer (not from the config)."""
-    module = getattr(model, "module", model)
-    blocks = list(getattr(getattr(module, "transformer", None), "h", []))
-    compiled = ("model" if getattr(module, "_litgpt_ext_compiled", False)
-                else "blocks" if blocks and all(getattr(b, "_litgpt_ext_compiled", False) for b in blocks) else None)
-    inner = getattr(opt, "optimizer", opt)
-    parts = [f"compile {compiled} ({speed.compile_backend})" if compiled else "eager",
-             "activation checkpointing" if blocks and all(getattr(b, "_litgpt_ext_ac", False) for b in blocks) else None,
-             f"fused {type(inner).__name__}" if inner.defaults.get("fused") else f"unfused {type(inner).__name__}",
-             f"{speed.checkpoint_format} checkpoints"]
-    return "Speed: " + ", ".join(p for p in parts if p)
-
-
-def _throughput(fabric: L.Fabric, config: Config, seq_len: int, speed: SpeedArgs) -> dict:
-    """Model FLOPs per token and the devices' peak, once, for the MFU StepLogger reports."""
-    from litgpt_ext.train.speed import device_peak_flops, flops_per_token
-
-    try:
-        fpt = flops_per_token(config, seq_len)
-    except ValueError as e:  # an MLP class the FLOP count does not know: train anyway, without MFU
-        fabric.print(f"MFU n/a: {e}")
-        return {}
-    peak = device_peak_flops(speed, fabric.device)
-    if peak is None:
-        fabric.print(f"MFU n/a: no peak FLOP/s known for {fabric.device} (set speed.peak_flops_per_device);"
-                     f" model FLOPs/token {fpt:.3g}")
-    return {"flops_per_token": fpt, "peak_flops_per_device": peak, "n_devices": fabric.world_size}
 
 
 def _check_data_module(data: Any) -> None:
@@ -393,24 +363,6 @@ def _writer_lock(fabric: L.Fabric, out_dir: Path):
             lock.release()
 
 
-@contextmanager
-def _preemption():
-    """The one place the loop takes the preemption flag (installed by the CLI at start-up, so a signal
-    that came while torch loaded is kept) and puts the previous handlers back."""
-    flag = preempt.shared_flag()
-    try:
-        yield flag
-    finally:
-        flag.restore()
-
-
-def _preempt_requested(fabric: L.Fabric, flag: "_PreemptFlag") -> bool:
-    if fabric.world_size == 1:
-        return flag.signum is not None
-    t = torch.tensor(1.0 if flag.signum is not None else 0.0, device=fabric.device)
-    return bool(fabric.all_reduce(t, reduce_op="max") > 0)
-
-
 # ----------------------------------------------------------------------------------------------- fit
 
 
@@ -474,7 +426,7 @@ def fit(
         if validator.due(state.step, last) and validator.run(model, state.step, state.tokens) is not None:
             stopped = "early_stop"
         state.val_start = validator.baseline
-        if preempt is not None and _preempt_requested(fabric, preempt):
+        if preempt is not None and preempt_requested(fabric, preempt):
             stopped = "preempted"
         elif stopped == "budget" and not last and state.step == train.pause_at_step:
             stopped = "paused"  # a segment of the phase: checkpoint here, no final/, exit 0
@@ -489,28 +441,3 @@ def fit(
                      signal=preempt.signum if preempt is not None else None)
 
 
-# ----------------------------------------------------------------------------------------------- config
-
-
-def _hparams(args: dict) -> dict:
-    """The resolved config in the paper's key format (reloadable with `--config`)."""
-    out = {}
-    for k, v in args.items():
-        if k == "data" and v is not None:
-            out[k] = {"class_path": f"{type(v).__module__}.{type(v).__qualname__}", "init_args": _init_args(v)}
-        elif dataclasses.is_dataclass(v):
-            out[k] = asdict(v)
-        else:
-            out[k] = v
-    return ckpt._jsonable(out)
-
-
-def _init_args(obj: Any) -> dict:
-    """A data module's constructor arguments: dataclass fields, Lightning `save_hyperparameters()`,
-    else the attributes named like the parameters."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init}
-    saved = dict(getattr(obj, "hparams", None) or {})
-    params = inspect.signature(type(obj).__init__).parameters
-    return {n: saved[n] if n in saved else getattr(obj, n) for n in params
-            if n != "self" and (n in saved or hasattr(obj, n))}

@@ -346,3 +346,31 @@ def mfu(tokens_per_sec: float, flops_per_token: float, n_devices: int, peak_flop
     if not peak_flops_per_device or n_devices < 1:
         return None
     return tokens_per_sec * flops_per_token / (n_devices * peak_flops_per_device)
+
+
+def speed_summary(model: Any, opt: Any, speed: SpeedArgs) -> str:
+    """What the speed knobs did, read back from the model and optimizer (not from the config)."""
+    module = getattr(model, "module", model)
+    blocks = list(getattr(getattr(module, "transformer", None), "h", []))
+    compiled = ("model" if getattr(module, "_litgpt_ext_compiled", False)
+                else "blocks" if blocks and all(getattr(b, "_litgpt_ext_compiled", False) for b in blocks) else None)
+    inner = getattr(opt, "optimizer", opt)
+    parts = [f"compile {compiled} ({speed.compile_backend})" if compiled else "eager",
+             "activation checkpointing" if blocks and all(getattr(b, "_litgpt_ext_ac", False) for b in blocks) else None,
+             f"fused {type(inner).__name__}" if inner.defaults.get("fused") else f"unfused {type(inner).__name__}",
+             f"{speed.checkpoint_format} checkpoints"]
+    return "Speed: " + ", ".join(p for p in parts if p)
+
+
+def throughput_of(fabric: Any, config: Any, seq_len: int, speed: SpeedArgs) -> dict:
+    """Model FLOPs per token and the devices' peak, once, for the MFU StepLogger reports."""
+    try:
+        fpt = flops_per_token(config, seq_len)
+    except ValueError as e:  # an MLP class the FLOP count does not know: train anyway, without MFU
+        fabric.print(f"MFU n/a: {e}")
+        return {}
+    peak = device_peak_flops(speed, fabric.device)
+    if peak is None:
+        fabric.print(f"MFU n/a: no peak FLOP/s known for {fabric.device} (set speed.peak_flops_per_device);"
+                     f" model FLOPs/token {fpt:.3g}")
+    return {"flops_per_token": fpt, "peak_flops_per_device": peak, "n_devices": fabric.world_size}
