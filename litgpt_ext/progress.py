@@ -39,7 +39,7 @@ def quiet_third_party_bars() -> None:
     os.environ.setdefault("TQDM_MININTERVAL", "60")
 
 
-def _fmt_time(s: float) -> str:
+def fmt_time(s: float) -> str:
     s = int(max(s, 0))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
@@ -70,8 +70,8 @@ class LogProgress:
         done = f"{self.n:,}" + (f"/{self.total:,} ({self.n / self.total:.0%})" if self.total else "")
         eta = ""
         if self.total and self.n and self.n < self.total:
-            eta = f", ETA {_fmt_time((self.total - self.n) / rate)}"
-        return f"{self.desc}: {done} {self.unit}, {_fmt_num(rate)} {self.unit}/s, {_fmt_time(el)} elapsed{eta}"
+            eta = f", ETA {fmt_time((self.total - self.n) / rate)}"
+        return f"{self.desc}: {done} {self.unit}, {_fmt_num(rate)} {self.unit}/s, {fmt_time(el)} elapsed{eta}"
 
     def update(self, n: int = 1) -> None:
         self.n += n

@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import TYPE_CHECKING, Any, Mapping, TypedDict
+from typing import Any, Mapping, TypedDict
 
 from litgpt_ext.data.blend import Blend, ScheduledBlend
 from litgpt_ext.data.schedule import Phase, curve_pieces, describe_schedule, schedule_weights_at
 from litgpt_ext.data.shard_types import MixError
-
-if TYPE_CHECKING:
-    from litgpt_ext.data.sharded_mixed import ShardedMixedDataset
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 2  # 2 adds the mixture schedule (`schedule`, `segment_phase_pos`); 1 still loads
@@ -59,7 +56,7 @@ def make_blend(state: Mapping[str, Any]) -> Blend | ScheduledBlend:
     return ScheduledBlend(pieces, counts)
 
 
-def fresh_state(dm: ShardedMixedDataset) -> LoaderState:
+def fresh_state(dm: Any) -> LoaderState:  # dm: the ShardedMixedDataset (not imported: it imports this)
     """The state of a run that starts the phase: every cursor at 0, the plan's weights at phase sample 0."""
     if dm.weights is None:
         dm.setup()
@@ -83,7 +80,7 @@ def fresh_state(dm: ShardedMixedDataset) -> LoaderState:
     }
 
 
-def continue_state(dm: ShardedMixedDataset, saved: dict[str, Any]) -> LoaderState:
+def continue_state(dm: Any, saved: dict[str, Any]) -> LoaderState:  # dm: the ShardedMixedDataset
     """Continue from a checkpoint's state; with a different mix, schedule or world size keep every
     cursor (no replay) and start a new segment of the blend, logged with `mix_change_table`."""
     if saved.get("version") not in (1, STATE_VERSION):

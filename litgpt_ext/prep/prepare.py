@@ -34,7 +34,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator, Literal
 
@@ -42,6 +42,8 @@ import numpy as np
 
 from litgpt_ext.data.shard_io import write_token_shard
 from litgpt_ext.prep.readers import DocStream, expand_inputs, file_signature
+from litgpt_ext.prep.stats import PrepareProgress, PrepareStats
+from litgpt_ext.prep.tokenizer import tokenizer_digest
 
 META_FILENAME = "prepare_meta.json"
 SHARD_NAME_RE = re.compile(r"^(?:[1-9][0-9]*|[a-z]+[1-9][0-9]*)$")
@@ -125,76 +127,6 @@ def _ordered_map(batches: Iterator, num_workers: int, tokenizer_dir: str) -> Ite
 # ---------------------------------------------------------------- progress
 
 
-def _fmt_int(n: float) -> str:
-    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.2f}{unit}"
-    return f"{n:.0f}"
-
-
-def _fmt_time(s: float) -> str:
-    s = int(max(s, 0))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-@dataclass
-class PrepareStats:
-    shard: str
-    documents: int = 0
-    skipped_empty: int = 0
-    tokens: int = 0
-    train_documents: int = 0
-    train_tokens: int = 0
-    val_documents: int = 0
-    val_tokens: int = 0
-    train_chunks: int = 0
-    val_chunks: int = 0
-    seconds: float = 0.0
-    skipped: bool = False  # resume found the shard complete
-    invalid_utf8_documents: int = 0  # documents with bytes that are not UTF-8 (replaced or skipped)
-    invalid_utf8_bytes: int = 0
-    max_token_id: int = -1
-
-    def summary(self) -> str:
-        rate = self.tokens / self.seconds if self.seconds > 0 else 0.0
-        return (
-            f"prepare {self.shard}: {self.documents:,} documents ({self.skipped_empty:,} empty skipped), "
-            f"{self.tokens:,} tokens = {self.train_tokens:,} train ({self.train_chunks} chunks) + "
-            f"{self.val_tokens:,} val ({self.val_documents:,} docs, {self.val_chunks} chunks) "
-            f"in {self.seconds:.1f}s ({_fmt_int(rate)} tok/s)"
-            + (f"; {self.invalid_utf8_documents:,} documents had {self.invalid_utf8_bytes:,} invalid UTF-8 bytes"
-               if self.invalid_utf8_documents else "")
-        )
-
-
-@dataclass
-class _Progress:
-    shard: str
-    total_bytes: int | None
-    max_docs: int | None
-    interval_s: float
-    t0: float = field(default_factory=time.perf_counter)
-    last: float = field(default_factory=time.perf_counter)
-
-    def maybe_log(self, docs: int, tokens: int, done_bytes: int, force: bool = False) -> None:
-        now = time.perf_counter()
-        if not force and now - self.last < self.interval_s:
-            return
-        self.last = now
-        el = max(now - self.t0, 1e-9)
-        frac = None
-        if self.max_docs:
-            frac = docs / self.max_docs
-        if self.total_bytes and done_bytes:
-            frac = max(frac or 0.0, done_bytes / self.total_bytes)
-        eta = f", {frac:.0%} done, ETA {_fmt_time(el * (1 - frac) / frac)}" if frac else ""
-        print(
-            f"prepare {self.shard}: {docs:,} docs ({_fmt_int(docs / el)} docs/s), "
-            f"{_fmt_int(tokens)} tokens ({_fmt_int(tokens / el)} tok/s), {_fmt_time(el)} elapsed{eta}",
-            flush=True,
-        )
-
-
 # ---------------------------------------------------------------- output folders and fingerprint
 
 
@@ -216,16 +148,6 @@ def _chunk_count(path: Path) -> int:
         return len(json.loads((path / "index.json").read_text())["chunks"])
     except (OSError, json.JSONDecodeError, KeyError):
         return 0
-
-
-def _tokenizer_digest(tokenizer_dir: Path) -> str:
-    h = hashlib.sha256()
-    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
-        p = tokenizer_dir / name
-        if p.is_file():
-            h.update(name.encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------- the command
@@ -320,7 +242,7 @@ def prepare(
         "version": META_VERSION,
         "inputs": file_signature(files),
         "hf_dataset": [hf_dataset, hf_config, hf_split] if hf_dataset else None,
-        "tokenizer": _tokenizer_digest(tokenizer_dir),
+        "tokenizer": tokenizer_digest(tokenizer_dir),
         "text_field": text_field,
         "val_fraction": val_fraction,
         "val_count": val_count,
@@ -367,7 +289,7 @@ def prepare(
     tmp_train = output_dir / f"{shard}.{tag}"
     tmp_val = output_dir / "val" / f"{shard}.{tag}"
     stats = PrepareStats(shard=shard)
-    progress = _Progress(shard, stream.total_bytes, max_docs, log_interval_s)
+    progress = PrepareProgress(shard, stream.total_bytes, max_docs, log_interval_s)
     print(
         f"prepare {shard}: {f'{len(files)} input file(s)' if files else f'HF dataset {hf_dataset!r}'} -> {train_dir}"
         + (f" (+ val {val_dir})" if with_val else ""),

@@ -8,6 +8,7 @@ in GPT-2: documents are separated by EOS and no BOS is added (`add_bos_token: fa
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import time
@@ -231,3 +232,14 @@ class FastTokenizer:
                 ids = ids + [eos]
             out.append(ids)
         return out
+
+
+def tokenizer_digest(tokenizer_dir: Path) -> str:
+    """A short fingerprint of a tokenizer folder's files (recorded with the shards it tokenized)."""
+    h = hashlib.sha256()
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
+        p = tokenizer_dir / name
+        if p.is_file():
+            h.update(name.encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()[:16]

@@ -66,7 +66,7 @@ def sweep(spec: Path, action: Literal["plan", "write", "local", "report"] = "pla
     elif action == "local":
         run_local(jobs, cdir)
     elif action == "report":
-        from litgpt_ext.study.report import sweep_report
+        from litgpt_ext.study.sweep_report import sweep_report
 
         print(f"\nwrote {sweep_report(s, jobs, root / 'report')}")
     return [{"name": j.name, "stage": j.stage, "out_dir": str(j.out_dir), "depends": j.depends, **j.info} for j in jobs]

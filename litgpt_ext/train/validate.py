@@ -93,7 +93,7 @@ def shard_max_token_id(path: Path, scan_bytes: int = SCAN_BYTES) -> int:
 
 
 def _tokenizer_digest(tokenizer_dir: Path) -> str:
-    from litgpt_ext.prep.prepare import _tokenizer_digest as digest
+    from litgpt_ext.prep.tokenizer import tokenizer_digest as digest
 
     return digest(Path(tokenizer_dir))
 

@@ -1,0 +1,111 @@
+"""`litgpt-ext sweep --action report`: REPORT.md of a sweep from the SFT runs that finished, with the
+analysis `reproduce` uses (`litgpt_ext.study.report`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from litgpt_ext.study.report import Analysis, Arm, cells_of, write_report
+from litgpt_ext.study.spec import mix_string
+
+
+def _sft_train_file(path: Path) -> Path:
+    """An SFT data path as `SFTData` takes it (a file, or a folder with train.json(l)) -> its train file."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("train.json", "train.jsonl"):
+            if (path / name).is_file():
+                return path / name
+    return path
+
+
+def sweep_report(spec, jobs: list, out: Path) -> Path:
+    """REPORT.md of a sweep (`litgpt-ext sweep --action report`) from the SFT runs that finished.
+
+    Per (source checkpoint, task) the LR with the lowest mean SFT validation loss over the seeds that
+    finished is kept (the sweep runs the whole LR x seed grid), and its seeds are the cell; an arm's
+    pretraining seeds pool into one cell, as in `reproduce`. Runs without `sft_metrics.json` are
+    counted and named in the report, never silently left out.
+    """
+    import yaml
+
+    from litgpt_ext.study.spec import ReportSpec, _arms, _get, arm_family
+
+    if spec.sft is None:
+        raise ValueError("sweep report: the spec has no sft section; the report compares the arms after SFT")
+    rs = spec.report or ReportSpec()
+    if rs.similarity_docs < 0:
+        raise ValueError(f"sweep report: similarity_docs must be >= 0 (0 skips the bridge), got {rs.similarity_docs}")
+    unknown = sorted(set(rs.task_domains) - set(spec.sft.tasks))
+    if unknown:
+        raise ValueError(f"sweep report: task_domains names {unknown}, which are not SFT tasks; tasks: {sorted(spec.sft.tasks)}")
+    task_of: dict[str, str] = {}
+    for task, domain in rs.task_domains.items():
+        if domain in task_of:
+            raise ValueError(f"sweep report: tasks {task_of[domain]!r} and {task!r} both measure domain {domain!r}; "
+                             "give each domain one task")
+        task_of[domain] = task
+    family_of = {"base_seed%d" % s: "base" for s in spec.seeds}
+    for j in jobs:
+        if j.stage == "midtrain":
+            family_of[j.name] = j.name.rsplit("_seed", 1)[0]
+        elif j.stage == "soup":
+            family_of[j.name] = "soup_" + j.info["family"].rsplit("_seed", 1)[0]
+    sft_jobs = [j for j in jobs if j.stage == "sft"]
+    missing = [j.name for j in sft_jobs if not j.done()]
+    by_src: dict[tuple[str, str], dict[float, list[dict]]] = {}
+    for j in sft_jobs:
+        if j.name in missing:
+            continue
+        m = json.loads((j.out_dir / "sft_metrics.json").read_text())
+        by_src.setdefault((j.info["source"], j.info["task"]), {}).setdefault(j.info["lr"], []).append(
+            {**m, "pretrain_seed": j.info["pretrain_seed"]})
+    best: dict[tuple[str, str], list[dict]] = {}
+    for (src, task), lrs in sorted(by_src.items()):
+        lr = min(lrs, key=lambda k: (sum(m["sft_val_loss"] for m in lrs[k]) / len(lrs[k]), k))
+        best.setdefault((family_of[src], task), []).extend(lrs[lr])
+    cells = cells_of(best)
+    tasks = list(spec.sft.tasks)
+    arms = [Arm(arm_family(a), a["domain"], int(a["start"]), float(a["weight"]), a.get("seeds") or list(spec.seeds),
+                tasks, a.get("role") or ("cpt" if float(a["weight"]) == 1.0 else "mid")) for a in _arms(spec)]
+
+    sim = None
+    if rs.similarity_docs > 0 and cells:
+        base_cfg = yaml.safe_load(Path(spec.base_config).read_text()) or {}
+        data_path = Path(rs.data_path or _get(base_cfg, "data.init_args.data_path", "") or "")
+        tok = Path(rs.tokenizer_dir or base_cfg.get("tokenizer_dir") or "")
+        sft_cfg = yaml.safe_load(Path(spec.sft.config).read_text()) or {}
+        sft_sets = {t: _sft_train_file(Path((o or {}).get("data.init_args.train_path") or _get(sft_cfg, "data.init_args.train_path", "")))
+                    for t, o in spec.sft.tasks.items()}
+        sets = {"base": f"{spec.replay}:1.0", **{a.name: mix_string(spec.replay, a.domain, a.weight) for a in arms}}
+        absent = [str(p) for p in (data_path, tok, *sft_sets.values()) if not str(p) or not p.exists()]
+        if absent:
+            sim = {"error": f"missing {absent}; set report.data_path / report.tokenizer_dir or prepare the SFT sets"}
+        else:
+            from litgpt_ext.study.similarity import saved_similarity, similarity
+
+            sim = saved_similarity(out / "similarity", sets, sft_sets, rs.similarity_docs)
+            if sim is None:
+                try:
+                    sim = similarity(data_path, tok, sets, sft_sets, general="base", num_docs=rs.similarity_docs,
+                                     out_dir=out / "similarity")
+                except (ValueError, FileNotFoundError) as e:
+                    sim = {"error": str(e)}
+    done = len(sft_jobs) - len(missing)
+    status = (f"all {done} SFT runs of the plan have finished" if not missing else
+              f"{done} of {len(sft_jobs)} SFT runs have finished; the {len(missing)} without `sft_metrics.json` are left "
+              f"out (first: {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''})")
+    g = spec.sft
+    setup = [f"- pretraining: `{spec.base_config}`, {spec.total_steps} steps total, seeds {list(spec.seeds)}; arms fork the "
+             "base run of their seed and train to the same total with the base run's schedule (no re-warmup)",
+             f"- SFT: `{g.config}`; tasks {tasks}, LRs {list(g.lr)} x seeds {list(g.seeds)}; per (checkpoint, task) the LR "
+             "with the lowest mean SFT validation loss over seeds",
+             f"- findings: task of each domain {task_of or '(none: report.task_domains)'}, far domains {rs.far_domains}"
+             + (f", near task {rs.near_task}" if rs.near_task else "")]
+    return write_report(
+        out, title=f"Sweep {spec.name}: results after SFT and the paper's findings",
+        intro=f"Generated by `litgpt-ext sweep --action report`: {status}. Everything below is measured.",
+        setup=setup, arms=arms, base_seeds=list(spec.seeds), base_tasks=tasks if g.include_base else [],
+        replay=spec.replay, cells=cells, sim=sim,
+        analysis=Analysis(task_of=task_of, near_task=rs.near_task, far_domains=list(rs.far_domains)), footer=[])
