@@ -303,6 +303,7 @@ def _train(out, **kw):
                     optimizer={"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-3}}, **kw)
 
 
+@pytest.mark.slow
 def test_loop_finished_run_reports_finished_and_older_resume_abandons_newer(tmp_path, capsys):
     out = tmp_path / "run"
     assert _train(out).step == 6

@@ -68,6 +68,7 @@ def test_rules_can_be_disabled_one_by_one(corpus):
     assert corpus[10] in kept and corpus[12] in kept and corpus[11] in kept and corpus[6] in kept
 
 
+@pytest.mark.slow
 def test_clean_cli_is_deterministic_and_reports(tmp_path, corpus):
     src = tmp_path / "raw.jsonl"
     src.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus))

@@ -86,6 +86,7 @@ def test_pick_best_respects_forgetting_budget(runs, tmp_path, capsys):
         pick_best.main(["--runs", str(runs[0]), "--domain_task", "demo_code"])
 
 
+@pytest.mark.slow
 def test_plot_results_writes_png(runs, tmp_path):
     out = tmp_path / "plot.png"
     assert plot_results.main([*map(str, runs), "--out", str(out)]) == 0

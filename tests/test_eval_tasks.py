@@ -68,6 +68,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 def test_trained_model_beats_untrained_on_math_mc(tmp_path, capsys, one_thread):
     demo = _write_demo(tmp_path, n_math=80)
     tok_texts = [d["text"] for d in arithmetic_docs(300, seed=5)] + [CODE, PROSE]

@@ -67,6 +67,7 @@ def random_record(rng, ids):
     return {"knots": knots, "weights": weights, "ramps": ramps}
 
 
+@pytest.mark.slow
 def test_scheduled_blend_bound_over_random_schedules():
     """|c_i(n) - T_i(n)| <= 1 - 1/(2(S-1)) at every prefix, for random piecewise-linear schedules."""
     worst = 0.0
@@ -308,6 +309,7 @@ def test_example_recipe_yaml_parses(shard_root):
     assert w["c1"] + w["c2"] == pytest.approx(0.65)
 
 
+@pytest.mark.slow
 def test_inspect_mix_prints_the_schedule(shard_root):
     import json
 
@@ -332,6 +334,7 @@ def test_inspect_mix_prints_the_schedule(shard_root):
     assert "0.2500->0.4000" in table and "steps 16-80 (10%-50% of the phase)" in table
 
 
+@pytest.mark.slow
 def test_pretrain_follows_the_schedule_and_resume_keeps_it(tmp_path):
     """Through the real `pretrain` CLI: the loop hands the phase to the data module (set_phase), the
     realized code share ramps with the schedule, and a resumed run continues the same plan exactly."""

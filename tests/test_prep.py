@@ -204,6 +204,7 @@ def test_prepare_num_workers_output_identical(tmp_path, tok_dir, docs):
                 assert (a / n).read_bytes() == (b / n).read_bytes(), n
 
 
+@pytest.mark.slow
 def test_build_demo_tiny_is_deterministic(tmp_path, capsys):
     from litgpt_ext.prep.demo import build_demo
 

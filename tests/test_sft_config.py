@@ -71,6 +71,7 @@ def _fit(model, opt, loader, plan, start: int, stop: int):
         opt.zero_grad()
 
 
+@pytest.mark.slow
 def test_parts_compose_into_an_exactly_resumable_run(tmp_path, tokenizer):
     train, ev = SFTTrainArgs(epochs=2, global_batch_size=8, micro_batch_size=4), SFTEvalArgs()
     dm = make_dm(tmp_path, tokenizer, n=30, batch_size=4)

@@ -170,6 +170,7 @@ def test_an_existing_folder_is_refused_unless_overwrite(tmp_path, capsys):
     assert json.loads((out / "manifest.json").read_text())["seed"] == 9 and not (tmp_path / "out.tmp").exists()
 
 
+@pytest.mark.slow
 def test_hub_unreachable_names_the_dataset_and_the_offline_route(tmp_path):
     """Offline (as here and on many cluster nodes) the hub path fails at once with what to do instead."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}

@@ -61,6 +61,7 @@ def _weights(d: Path) -> dict:
     return ckpt.load_model_state(d)
 
 
+@pytest.mark.slow
 def test_sft_end_to_end_and_exact_resume(tmp_path, source, capsys, monkeypatch):
     full = tmp_path / "full"
     cli(["sft", "--config", str(_config(source, full, save_interval=4))])
@@ -134,6 +135,7 @@ def test_optimizer_flags_fold_into_init_args():
     assert optimizer_spec("AdamW") == "AdamW"
 
 
+@pytest.mark.slow
 def test_sft_grid_picks_the_lr_per_checkpoint_and_skips_finished_runs(tmp_path, source, capsys):
     from litgpt_ext.sft.grid import mean_std
 
@@ -164,6 +166,7 @@ def test_sft_grid_picks_the_lr_per_checkpoint_and_skips_finished_runs(tmp_path, 
     assert "ran 0, skipped 8" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_sft_from_a_converted_litgpt_checkpoint(tmp_path, source):
     """A folder as `litgpt download`/`convert_hf_checkpoint` leave it: a bare state dict, no training state."""
     src = source / "base" / "step-00000007"

@@ -176,6 +176,7 @@ def test_data_module_from_paper_style_config(shard_root, tmp_path):
     assert dm.resolve() == pytest.approx({"main/1": 0.45, "main/2": 0.45, "m1": 0.1})
 
 
+@pytest.mark.slow
 def test_inspect_mix_cli(shard_root):
     out = subprocess.run(
         [sys.executable, "-m", "litgpt_ext", "inspect-mix", "--data_path", str(shard_root),

@@ -103,6 +103,7 @@ def corpus(tmp_path_factory):
     return root, tok_dir
 
 
+@pytest.mark.slow
 def test_similarity_command_pa_and_correlation(corpus, tmp_path):
     root, tok_dir = corpus
     imp = tmp_path / "imp.csv"

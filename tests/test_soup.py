@@ -89,6 +89,7 @@ def test_mismatches_are_refused_and_named(tmp_path, tok_dir):
         soup([a, moe], tmp_path / "x")
 
 
+@pytest.mark.slow
 def test_moe_soup_via_cli(tmp_path, tok_dir):
     """An MoE model (our grouped experts) soups too, and the CLI takes the checkpoints positionally."""
     from litgpt_ext.model import build_model, load_moe_args

@@ -76,6 +76,7 @@ def test_flops_per_token_matches_flop_counter_dense(cfg):
     assert sp.flops_per_token(cfg, 16) == _measured_flops_per_token(model, 16)
 
 
+@pytest.mark.slow
 def test_flops_per_token_matches_flop_counter_moe():
     """Active parameters only: router + top-k routed + shared experts; first layer dense."""
     cfg = moe_config()
@@ -150,6 +151,7 @@ def _loss(model, x):
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scope", ["model", "blocks"])
 def test_compile_matches_eager(scope):
     """Real dynamo tracing + AOT autograd (backend aot_eager: inductor's C++ build takes minutes on a
@@ -171,6 +173,7 @@ def test_compile_matches_eager(scope):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=n)
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_same_gradients_one_process():
     torch.manual_seed(0)
     cfg = moe_config()

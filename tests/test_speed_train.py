@@ -17,6 +17,7 @@ from litgpt_ext import checkpoint as ckpt
 from litgpt_ext.checkpoint import dcp as tdcp
 from litgpt_ext.cli import main as cli_main
 
+pytestmark = pytest.mark.slow  # 2-process and compiled runs: minutes on 2 cores
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 64
 ALL_KNOBS = {"compile": True, "compile_backend": "aot_eager", "activation_checkpointing": True,

@@ -123,6 +123,7 @@ def one_proc(config_file):
     return out
 
 
+@pytest.mark.slow
 def test_two_processes_reach_the_same_loss_as_one(config_file, one_proc):
     out2 = config_file.parent / "out" / "two"
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
@@ -142,6 +143,7 @@ def test_two_processes_reach_the_same_loss_as_one(config_file, one_proc):
     assert val_rows(out2)[(6, "general")] == pytest.approx(one[(6, "general")], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_saved_hyperparameters_reload_with_config(config_file, one_proc, capsys):
     saved = one_proc / "final" / "hyperparameters.yaml"
     text = saved.read_text()
@@ -154,6 +156,7 @@ def test_saved_hyperparameters_reload_with_config(config_file, one_proc, capsys)
     assert printed["data"]["init_args"]["literal_weights_str"] == "main/1:1.0"
 
 
+@pytest.mark.slow
 def test_fork_then_midtrain_with_new_blend(config_file, one_proc):
     mid = config_file.parent / "out" / "mid"
     cli_main(["fork", "--from", str(one_proc / "step-00000003"), "--to", str(mid)])

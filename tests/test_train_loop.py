@@ -106,6 +106,7 @@ def test_initial_checkpoint_loads_weights_only(straight, tmp_path):
     assert ckpt.load_training_state(tmp_path / "final")["data"]["count"] == 2 * 4  # fresh data stream
 
 
+@pytest.mark.slow
 def test_early_stop_when_a_set_worsens(tmp_path):
     # the domain set (stride 3) is never trained on (weight_a=1) -> its loss rises above the start
     res = run(tmp_path, data=FakeMixedData(weight_a=1.0), train={"max_iters": 40},
@@ -141,6 +142,7 @@ class _SignalAfter(FakeMixedData):
         return L()
 
 
+@pytest.mark.slow
 def test_preemption_saves_and_exits_with_requeue_code(straight, tmp_path):
     out, r = straight
     with pytest.raises(SystemExit) as e:
@@ -151,6 +153,7 @@ def test_preemption_saves_and_exits_with_requeue_code(straight, tmp_path):
     assert again.losses == {k: v for k, v in r.losses.items() if k > 3}
 
 
+@pytest.mark.slow
 def test_requeued_phase_stops_where_it_was_planned_with_the_same_lrs(straight, tmp_path):
     # issue 8.2: a midtraining phase of 8 steps from step 4, preempted and requeued three times
     out, _ = straight
@@ -175,6 +178,7 @@ def test_requeued_phase_stops_where_it_was_planned_with_the_same_lrs(straight, t
     assert len((requeued / "phases.jsonl").read_text().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_pause_at_step_splits_a_phase_into_jobs_without_moving_its_plan(straight, tmp_path):
     # sweep's base segments: each job stops at a fork step (exit 0, no final/), the next continues
     out, r = straight
