@@ -7,7 +7,7 @@ CONSTRAINTS ?= constraints-cpu.txt
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint bench reproduce clean-demo
+.PHONY: install demo test test-fast lint bench reproduce
 
 $(STAMP): pyproject.toml constraints-tested.txt $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -36,7 +36,7 @@ EVAL_DATA_DIR=${EVAL_DATA_DIR:-data/demo/eval_tasks}
 # Under sbatch the script runs from a spool copy: the submit dir is the repo root.
 REPO_ROOT=${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
-# Logs, not terminals: no tqdm carriage-return bars (litgpt-ext sets the same; see README "Evaluation").
+# Logs, not terminals: no tqdm carriage-return bars (litgpt-ext sets the same; see docs/evaluation.md).
 [[ -t 2 ]] || export TQDM_DISABLE=${TQDM_DISABLE:-1} TQDM_MININTERVAL=${TQDM_MININTERVAL:-60}
 # the repo's venv (as `make install` creates it) unless PYTHON says otherwise, as small_model_pretrain.sh
 PYTHON=${PYTHON:-$( [ -x "$REPO_ROOT/.venv/bin/python" ] && echo "$REPO_ROOT/.venv/bin/python" || echo python )}

@@ -11,7 +11,7 @@ Three stages, in this order, each document meeting the first rule that removes i
 
 The first occurrence (in the sorted input order `prepare` also uses) is kept, so the output is
 deterministic. MinHash/LSH come from `rensa` (Rust, one 0.5 MB wheel, no dependencies); see
-README "Cleaning" for why not datatrove or datasketch.
+docs/data.md "Cleaning" for why not datatrove or datasketch.
 
 Output: a JSONL of the kept documents (`{"<text_field>": ...}`, input order) to feed `prepare`,
 and a JSON report (counts per rule, a few examples of each) beside it.
