@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from litgpt_ext.prep.math_gen import generate_problems
+from litgpt_ext.demo.math_gen import generate_problems
 from litgpt_ext.prep.prepare import PrepareError, is_val_doc, prepare
 from litgpt_ext.prep.readers import InputError
 from litgpt_ext.prep.tokenizer import EOS_TOKEN, FastTokenizer, train_tokenizer
@@ -206,7 +206,7 @@ def test_prepare_num_workers_output_identical(tmp_path, tok_dir, docs):
 
 @pytest.mark.slow
 def test_build_demo_tiny_is_deterministic(tmp_path, capsys):
-    from litgpt_ext.prep.demo import build_demo
+    from litgpt_ext.demo.corpus import build_demo
 
     kw = dict(vocab_size=400, main_tokens=30_000, code_tokens=12_000, math_tokens=8_000, heldout_docs=5,
               tokenizer_sample_chars=150_000, chunk_tokens=4096, val_fraction=0.1, seed=5)
@@ -255,7 +255,7 @@ def test_cli_help_lists_prep_commands(capsys):
 
 
 def test_build_demo_fails_clearly_when_too_little_text(tmp_path, monkeypatch):
-    import litgpt_ext.prep.demo as demo
+    import litgpt_ext.demo.corpus as demo
 
     monkeypatch.setattr(demo, "collect_prose", lambda target, **kw: ["A short paragraph of prose. " * 20] * 30)
     with pytest.raises(demo.DemoError, match=r"found only ~[\d,]+ tokens of main text for a budget of 100,000"):
@@ -266,7 +266,7 @@ def test_build_demo_fails_clearly_when_too_little_text(tmp_path, monkeypatch):
 def test_demo_prose_leaves_out_this_projects_own_files(tmp_path):
     """Our dist-info METADATA is the README: if the corpus read it, every README edit would change
     the demo data and every result trained on it (seen: the reproduction's numbers moved)."""
-    from litgpt_ext.prep.demo_sources import collect_prose
+    from litgpt_ext.demo.sources import collect_prose
 
     para = " ".join(["word"] * 3 + ["prose"] * 20)
     theirs = "These are the documented words of another installed package, written for its users. " * 3

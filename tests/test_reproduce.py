@@ -121,7 +121,7 @@ def test_reproduce_end_to_end_on_a_tiny_corpus(tmp_path, capsys):
     redoes nothing."""
     import json
 
-    from litgpt_ext.prep.demo import build_demo
+    from litgpt_ext.demo.corpus import build_demo
     from litgpt_ext.study.reproduce import reproduce
 
     demo = tmp_path / "demo"

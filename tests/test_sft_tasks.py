@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from test_sft_data import tok_dir, tokenizer  # noqa: F401  (fixtures)
 
-from litgpt_ext.prep.math_gen import generate_problems
-from litgpt_ext.sft.tasks import build_sft_tasks, cloze_items, extract_functions, math_items
+from litgpt_ext.demo.math_gen import generate_problems
+from litgpt_ext.demo.sft_tasks import build_sft_tasks, cloze_items, extract_functions, math_items
 
 SHARED_FUNC = '''def shared_helper(x):
     """In a training file and in a held-out file."""

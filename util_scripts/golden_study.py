@@ -75,7 +75,7 @@ def run_study(work: Path) -> Path:
     import yaml
 
     torch.set_num_threads(1)  # one thread: the same float reductions on any core count
-    from litgpt_ext.prep.demo import build_demo
+    from litgpt_ext.demo.corpus import build_demo
     from litgpt_ext.study.reproduce import reproduce
 
     shutil.rmtree(work, ignore_errors=True)

@@ -8,7 +8,7 @@
     <out_dir>/val/1, 2, c1, m1                         their validation splits
     <out_dir>/DONE.json                                settings + summary; a rerun with the same settings is a no-op
 
-Sources (see `demo_sources`): prose from the Python docs bundled with the standard library and the
+Sources (see `litgpt_ext.demo.sources`): prose from the Python docs bundled with the standard library and the
 environment's package documentation and docstrings; code from the standard library's sources;
 math from a seeded generator of worked problems. Token budgets are approximate: documents are
 selected by characters, using the characters-per-token ratio measured with the trained tokenizer.
@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
-from litgpt_ext.prep.demo_sources import collect_code, collect_prose
-from litgpt_ext.prep.math_gen import generate_problems
+from litgpt_ext.demo.math_gen import generate_problems
+from litgpt_ext.demo.sources import collect_code, collect_prose
 from litgpt_ext.prep.prepare import prepare
 from litgpt_ext.prep.tokenizer import FastTokenizer, train_tokenizer_from_texts
 
@@ -249,7 +249,7 @@ def _environment() -> dict:
     """What the raw text depends on besides the settings: Python and the installed distributions."""
     import platform
 
-    from litgpt_ext.prep.demo_sources import site_package_dirs
+    from litgpt_ext.demo.sources import site_package_dirs
 
     dists = sorted(p.name for d in site_package_dirs() for p in d.iterdir() if p.name.endswith(".dist-info"))
     return {"python": platform.python_version(), "distributions": dists}

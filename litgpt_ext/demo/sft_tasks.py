@@ -9,7 +9,7 @@ They play the paper's PyCode, GSM8K and SciQ roles and differ from the midtraini
 (functions rather than file chunks; question/answer pairs rather than "Problem/Solution/Answer"
 documents; cloze prompts rather than running prose). Sources are the documents `build-demo` kept
 out of every shard (`raw/<type>_heldout.jsonl`); the math problems come from templates that the
-demo's generator (`prep/math_gen.py`) does not have. An item whose text occurs in the shards'
+demo's generator (`demo/math_gen.py`) does not have. An item whose text occurs in the shards'
 documents (`raw/<type>.jsonl`, e.g. a function copied between standard-library files) is dropped
 and counted. Train and val are split by source document, so no document feeds both.
 
@@ -30,7 +30,7 @@ _DEF = re.compile(r"^(?P<indent>[ \t]*)(async\s+)?def\s+\w+\s*\(")
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
 _WORD = re.compile(r"\b[A-Za-z]{6,}\b")
 
-# Names and objects deliberately not in prep/math_gen.py (NAMES, ITEMS), and none of its templates.
+# Names and objects deliberately not in demo/math_gen.py (NAMES, ITEMS), and none of its templates.
 NAMES = ["Aria", "Bruno", "Celia", "Dario", "Elena", "Felix", "Greta", "Hugo", "Ines", "Jonas", "Lena", "Marco",
          "Nadia", "Oscar", "Paula", "Rafael", "Sofia", "Tomas", "Una", "Victor"]
 MATH_NAME = "math"

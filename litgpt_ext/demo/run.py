@@ -142,7 +142,7 @@ def demo(
     branches = branches or {"midtrain_math": "midtrain_math.yaml", "midtrain_control": "midtrain_control.yaml"}
     t0 = time.perf_counter()
     print(f"== 1/4 demo data in {data_dir}", flush=True)
-    from litgpt_ext.prep.demo import build_demo
+    from litgpt_ext.demo.corpus import build_demo
 
     build_demo(out_dir=data_dir)
     from litgpt_ext.data.inspect import inspect_mix
