@@ -201,3 +201,17 @@ def test_report_from_the_finished_sft_runs(tmp_path, config_file, capsys):  # no
     with pytest.raises(SystemExit, match="role must be one of mid, cpt, cross, ablation"):
         cli(["sweep", "--spec", str(_spec(tmp_path, config_file, arms=[
             {"name": "x", "domain": "code", "start": 2, "weight": 0.5, "role": "main"}])), "--action", "report"])
+
+
+def test_one_best_lr_rule_and_one_run_name_parser():
+    from litgpt_ext.sft.grid import best_lr
+    from litgpt_ext.study.spec import arm_name, split_run_name
+
+    assert best_lr({3e-3: [1.0, 1.4], 1e-3: [1.3, 1.3]}) == 3e-3  # the lowest mean over seeds (1.2 < 1.3)
+    assert best_lr({3e-3: [1.0], 1e-3: [1.0]}) == 1e-3  # a tie: the smaller LR
+    with pytest.raises(ValueError, match="every LR needs at least one"):
+        best_lr({1e-3: []})
+    a = {"name": "math_mid_seed_fix", "domain": "math", "start": 3, "weight": 0.2}
+    assert split_run_name(arm_name(a, 42)) == ("math_mid_seed_fix", 42)
+    with pytest.raises(ValueError, match=r"'base' does not end in _seed<N>"):
+        split_run_name("base")

@@ -69,13 +69,22 @@ def group(metrics: list[SFTMetrics]) -> dict[GridKey, dict[float, list[SFTMetric
     return out
 
 
+def best_lr(losses: dict[float, list[float]]) -> float:
+    """The one best-LR rule (sft-grid, the sweep report, reproduce): the LR whose mean SFT validation
+    loss over its seeds is lowest; ties: the smaller LR. `losses`: {lr: that LR's losses, one per seed}."""
+    if not losses or any(not v for v in losses.values()):
+        raise ValueError(f"best_lr: every LR needs at least one SFT validation loss, got {losses}")
+    means = {lr: sum(v) / len(v) for lr, v in losses.items()}
+    return min(means, key=lambda lr: (means[lr], lr))
+
+
 def pick_lr(metrics: list[SFTMetrics]) -> list[BestLR]:
     """Per source checkpoint and SFT set: the LR whose mean SFT validation loss over seeds is lowest
     (ties: the smaller LR), with mean/std over seeds of every loss at that LR."""
     best = []
     for key, cells in sorted(group(metrics).items(), key=lambda kv: (kv[0][0], kv[0][3], _step_key(kv[0][2]), kv[0][1])):
         means = {lr: mean_std([m.sft_val_loss for m in runs])[0] for lr, runs in cells.items()}
-        lr = min(means, key=lambda x: (means[x], x))
+        lr = best_lr({lr: [m.sft_val_loss for m in runs] for lr, runs in cells.items()})
         runs = cells[lr]
         losses = [m.sft_val_loss for m in runs]
         mean, std = mean_std(losses)

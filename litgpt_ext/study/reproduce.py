@@ -27,9 +27,10 @@ from typing import Any, Optional
 
 import yaml
 
+from litgpt_ext.sft.grid import best_lr
 from litgpt_ext.study import report
 from litgpt_ext.study.report import Analysis, Arm, Cell, cells_of, compare, findings  # noqa: F401  (the API)
-from litgpt_ext.study.spec import ROLES, SweepSpec, mix_string, read_yaml_for
+from litgpt_ext.study.spec import ROLES, SweepSpec, mix_string, read_yaml_for, split_run_name
 from litgpt_ext.study.sweep import Job, plan_sweep
 
 DOMAIN_TASK = {"code": "code", "math": "math"}  # the SFT task of each midtraining domain
@@ -221,7 +222,7 @@ def run_sft_grid(cfg: ReproduceConfig, sources: list[tuple[str, str, int, Path, 
                             cfg.out_dir / "sft" / task / source / f"lr{lr:g}_seed{cfg.sft_seeds[0]}") for lr in cfg.sft_lrs]
             for r in first:
                 run(r, ckpt_dir)
-            best = min(first, key=lambda r: r.metrics()["sft_val_loss"]).lr
+            best = best_lr({r.lr: [r.metrics()["sft_val_loss"]] for r in first})  # the LR sweep uses the first seed
             for s in cfg.sft_seeds[1:]:
                 run(SFTRun(source, family, pseed, task, best, s, cfg.out_dir / "sft" / task / source / f"lr{best:g}_seed{s}"),
                     ckpt_dir)
@@ -239,7 +240,7 @@ def best_lr_runs(runs: list[SFTRun]) -> dict[tuple[str, str], list[dict]]:
     out: dict[tuple[str, str], list[dict]] = {}
     for (_source, task), rs in by_src.items():
         first_seed = min(r.seed for r in rs)
-        best = min((r for r in rs if r.seed == first_seed), key=lambda r: r.metrics()["sft_val_loss"]).lr
+        best = best_lr({r.lr: [r.metrics()["sft_val_loss"]] for r in rs if r.seed == first_seed})
         for r in rs:
             if r.lr == best:
                 out.setdefault((r.family, task), []).append({**r.metrics(), "pretrain_seed": r.pretrain_seed})
@@ -349,7 +350,7 @@ def reproduce(
     for j in jobs:
         if j.info.get("pause") is not None:
             continue  # a base run's segment up to a fork step: its run's last job is the SFT source
-        family = "base" if j.stage == "base" else j.name.rsplit("_seed", 1)[0]
+        family = "base" if j.stage == "base" else split_run_name(j.name)[0]
         tasks = cfg.base_tasks if family == "base" else fam[family].tasks
         sources.append((j.name, family, j.info["seed"], j.out_dir / "final", tasks))
     runs = run_sft_grid(cfg, sources, progress)

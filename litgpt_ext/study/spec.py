@@ -175,6 +175,14 @@ def arm_name(a: dict, seed: int) -> str:
     return f"{arm_family(a)}_seed{seed}"
 
 
+def split_run_name(name: str) -> tuple[str, int]:
+    """`arm_name`'s inverse: "math_mid_seed42" -> ("math_mid", 42); the one place a run name is parsed."""
+    family, sep, seed = name.rpartition("_seed")
+    if not sep or not seed.isdigit():
+        raise ValueError(f"run name {name!r} does not end in _seed<N> (names are <arm family>_seed<pretraining seed>)")
+    return family, int(seed)
+
+
 def domain_steps(a: dict, total_steps: int) -> float:
     """Optimizer steps' worth of the arm's domain data: weight x (total - start)."""
     return float(a["weight"]) * (total_steps - int(a["start"]))

@@ -28,7 +28,18 @@ from typing import Optional
 
 import yaml
 
-from litgpt_ext.study.spec import STAGES, SweepSpec, _arms, _get, _set, arm_family, arm_name, domain_steps, mix_string
+from litgpt_ext.study.spec import (
+    STAGES,
+    SweepSpec,
+    _arms,
+    _get,
+    _set,
+    arm_family,
+    arm_name,
+    domain_steps,
+    mix_string,
+    split_run_name,
+)
 
 
 @dataclass
@@ -151,7 +162,7 @@ def plan_sweep(spec: SweepSpec) -> list[Job]:
             name, out = f"soup_{family}", root / f"soup_{family}"
             cfg = {"checkpoints": [str(c) for _, c in runs], "out": str(out), "overwrite": True}
             jobs.append(Job(name, "soup", "soup", cfg, out, depends=[n for n, _ in runs],
-                            info={"family": family, "seeds": len(runs), "seed": int(family.rsplit("_seed", 1)[1])}))
+                            info={"family": family, "seeds": len(runs), "seed": split_run_name(family)[1]}))
             finals.append((name, out, jobs[-1].info["seed"]))
 
     if spec.sft is not None:

@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from litgpt_ext.sft.grid import best_lr
 from litgpt_ext.study.report import Analysis, Arm, cells_of, write_report
-from litgpt_ext.study.spec import mix_string
+from litgpt_ext.study.spec import mix_string, split_run_name
 
 
 def _sft_train_file(path: Path) -> Path:
@@ -49,9 +50,9 @@ def sweep_report(spec, jobs: list, out: Path) -> Path:
     family_of = {"base_seed%d" % s: "base" for s in spec.seeds}
     for j in jobs:
         if j.stage == "midtrain":
-            family_of[j.name] = j.name.rsplit("_seed", 1)[0]
+            family_of[j.name] = split_run_name(j.name)[0]
         elif j.stage == "soup":
-            family_of[j.name] = "soup_" + j.info["family"].rsplit("_seed", 1)[0]
+            family_of[j.name] = "soup_" + split_run_name(j.info["family"])[0]
     sft_jobs = [j for j in jobs if j.stage == "sft"]
     missing = [j.name for j in sft_jobs if not j.done()]
     by_src: dict[tuple[str, str], dict[float, list[dict]]] = {}
@@ -63,7 +64,7 @@ def sweep_report(spec, jobs: list, out: Path) -> Path:
             {**m, "pretrain_seed": j.info["pretrain_seed"]})
     best: dict[tuple[str, str], list[dict]] = {}
     for (src, task), lrs in sorted(by_src.items()):
-        lr = min(lrs, key=lambda k: (sum(m["sft_val_loss"] for m in lrs[k]) / len(lrs[k]), k))
+        lr = best_lr({k: [m["sft_val_loss"] for m in ms] for k, ms in lrs.items()})
         best.setdefault((family_of[src], task), []).extend(lrs[lr])
     cells = cells_of(best)
     tasks = list(spec.sft.tasks)
