@@ -234,7 +234,7 @@ def test_folder_layout_and_bad_inputs(tmp_path, tokenizer):
         dm.connect(tokenizer)
         dm.setup()
     write_json(tmp_path / "bad.json", [{"instruction": "x", "answer": "y"}])
-    with pytest.raises(ValueError, match=r"record 0 has neither 'output'.*\['answer', 'instruction'\]"):
+    with pytest.raises(ValueError, match=r"record 0: has 'answer' but no 'output': rename.*\['answer', 'instruction'\]"):
         dm = SFTData(train_path=tmp_path / "bad.json", val_split_fraction=0.5, seed=0)
         dm.connect(tokenizer)
         dm.setup()

@@ -47,6 +47,9 @@ class SFTTrainArgs:
     """Gradient clipping norm (None: no clipping)"""
     keep_last_k: Optional[int] = None
     """Keep only the newest k `step-*` checkpoints of this run (None: keep all)"""
+    allow_zero_lr: bool = False
+    """Allow `optimizer.init_args.lr: 0` (a no-update control run: weights stay the source's); a
+    negative LR is always refused"""
 
     def __post_init__(self) -> None:
         for name in ("epochs", "global_batch_size", "micro_batch_size", "log_interval", "save_interval",
@@ -124,6 +127,19 @@ def sft_plan(num_train_examples: int, train: SFTTrainArgs, eval: SFTEvalArgs, wo
     return SFTPlan(per_epoch, accum, total, warmup, interval, total * accum - total_micro, sched)
 
 
+def check_peak_lr(lr: float, allow_zero: bool = False, min_lr: float = 0.0) -> None:
+    """A peak LR that cannot train (0, negative, nan, inf) would still run and report like a real run."""
+    if lr == 0 and allow_zero:
+        return
+    if not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"optimizer.init_args.lr={lr:g}: the peak LR must be a positive finite number (an LR of 0 "
+                         "trains nothing but reports like a real run; for a deliberate no-update control run set "
+                         "train.allow_zero_lr: true)")
+    if min_lr > lr:
+        raise ValueError(f"train.min_lr={min_lr:g} exceeds the peak LR optimizer.init_args.lr={lr:g}: the cosine "
+                         "would rise; set min_lr <= lr")
+
+
 @dataclass
 class SFTConfig:
     """One SFT run: the arguments of `litgpt-ext sft` (= the top-level keys of an SFT YAML).
@@ -163,9 +179,14 @@ class SFTConfig:
     @property
     def peak_lr(self) -> float:
         if isinstance(self.optimizer, dict):
-            lr = self.optimizer.get("init_args", {}).get("lr")
+            lr = (self.optimizer.get("init_args") or {}).get("lr")
             if lr is not None:
-                return float(lr)
+                try:
+                    lr = float(lr)
+                except (TypeError, ValueError):
+                    raise ValueError(f"optimizer.init_args.lr={lr!r} is not a number") from None
+                check_peak_lr(lr, self.train.allow_zero_lr, self.train.min_lr)
+                return lr
         raise ValueError("optimizer.init_args.lr is not set: SFT needs an explicit peak LR (the grid sweeps it)")
 
     def build_data(self):

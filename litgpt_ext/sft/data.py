@@ -19,7 +19,6 @@ What is reused from litgpt and what is not:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import zlib
@@ -30,6 +29,9 @@ import numpy as np
 import torch
 from litgpt.data import DataModule, get_sft_collate_fn
 from litgpt.prompts import Default, PromptStyle, prompt_styles
+
+from litgpt_ext.sft import checks
+from litgpt_ext.sft.records import load_records, read_json_rows  # noqa: F401  (re-exported: prepare.py reads them here)
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -64,46 +66,6 @@ def get_prompt_style(name: str | PromptStyle) -> PromptStyle:
 # ----------------------------------------------------------------------------------------------- records
 
 
-def read_json_rows(path: Path) -> list:
-    """The rows of a .jsonl file (one JSON value a line) or a .json file (a list); bad JSON names the file
-    (and line)."""
-    raw = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        rows = []
-        for i, line in enumerate(raw.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i}: not valid JSON: {e}") from e
-    elif path.suffix == ".json":
-        try:
-            rows = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON: {e}") from e
-        if not isinstance(rows, list):
-            raise ValueError(f"{path}: expected a JSON list of records, got {type(rows).__name__}")
-    else:
-        raise ValueError(f"SFT data file {str(path)!r}: expected .json (a list) or .jsonl")
-    return rows
-
-
-def load_records(path: str | Path, text_field: str = "text") -> list[dict]:
-    """Rows of a .json (a list) or .jsonl file; each must be an instruction record or plain text."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"SFT data file {str(path)!r} does not exist")
-    rows = read_json_rows(path)
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict) or not ("output" in row or text_field in row):
-            keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-            raise ValueError(f"{path}: record {i} has neither 'output' (instruction format: instruction, input, "
-                             f"output) nor {text_field!r} (plain text); it has {keys}")
-    if not rows:
-        raise ValueError(f"SFT data file {str(path)!r} holds no records")
-    return rows
-
-
 def split_records(rows: list, fraction: float, seed: int) -> tuple[list, list]:
     """(train, val): a seeded random `fraction` of the rows (at least one) held out, order kept."""
     if not 0.0 < fraction < 1.0:
@@ -115,16 +77,18 @@ def split_records(rows: list, fraction: float, seed: int) -> tuple[list, list]:
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
+def render_record(row: dict, style: PromptStyle, text_field: str = "text") -> tuple[str | None, str]:
+    """(prompt, response) as trained: the rendered prompt (None for plain text) and the target text."""
+    if "output" in row:
+        return style.apply(prompt=row.get("instruction", ""), **row), row["output"]
+    return None, row[text_field]  # plain text: no prompt, the whole text is the target
+
+
 def encode_record(row: dict, tokenizer, style: PromptStyle, mask_prompt: bool, text_field: str = "text",
                   ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, labels), untruncated, exactly as `litgpt.data.SFTDataset` builds them."""
-    if "output" in row:
-        prompt = style.apply(prompt=row.get("instruction", ""), **row)
-        enc_prompt = tokenizer.encode(prompt)
-        response = row["output"]
-    else:  # plain text: no prompt, the whole text is the target
-        enc_prompt = tokenizer.encode("")
-        response = row[text_field]
+    prompt, response = render_record(row, style, text_field)
+    enc_prompt = tokenizer.encode(prompt if prompt is not None else "")
     enc_response = tokenizer.encode(response, bos=False, eos=True)
     ids = torch.cat((enc_prompt, enc_response)).type(torch.int64)
     labels = ids.clone()
@@ -336,6 +300,10 @@ class SFTData(DataModule):
         self.train_examples: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.val_examples: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.stats: dict[str, dict[str, int]] = {}
+        self.sources: dict[str, str] = {}
+        self.block_size: int | None = None  # the model's, when known: named in the target-token refusal
+        self._encoded: tuple | None = None
+        self.train_rows: list[dict] = []
 
     def __repr__(self) -> str:
         return (f"SFTData(train_path={str(self.train_path)!r}, prompt_style={self.prompt_style!r}, "
@@ -363,42 +331,54 @@ class SFTData(DataModule):
             missing = [s for s, f in found.items() if f is None]
             if missing:
                 raise FileNotFoundError(f"SFT data folder {str(p)!r} lacks {', '.join(m + '.json(l)' for m in missing)}")
+            self.sources = {s: str(f) for s, f in found.items()}
             return load_records(found["train"], self.text_field), load_records(found["val"], self.text_field)
         rows = load_records(p, self.text_field)
         if self.val_path is not None and self.val_split_fraction is not None:
             raise ValueError("set either val_path or val_split_fraction, not both")
         if self.val_path is not None:
+            self.sources = {"train": str(p), "val": str(self.val_path)}
             return rows, load_records(self.val_path, self.text_field)
         if self.val_split_fraction is None:
             raise ValueError(f"no SFT validation data for {str(p)!r}: set data.val_path (a file) or "
                              "data.val_split_fraction (a seeded held-out fraction)")
+        held = f"{p}, val_split_fraction={self.val_split_fraction}"
+        self.sources = {"train": f"{held}: the rest", "val": f"{held}: the held-out part"}
         return split_records(rows, self.val_split_fraction, self.split_seed)
 
     def _encode(self, split: str, rows: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        out, truncated, longest, no_target = [], 0, 0, 0
+        out, truncated, longest, info = [], 0, 0, []
         for row in rows:
             ids, labels = encode_record(row, self.tokenizer, self.style, self.mask_prompt, self.text_field,
                                         self.ignore_index)
             longest = max(longest, len(ids))
+            info.append(checks.example_target_info(labels, self.max_seq_length, self.ignore_index))
             if 0 < self.max_seq_length < len(ids):
                 truncated += 1
                 ids, labels = ids[: self.max_seq_length], labels[: self.max_seq_length]
-            if not (labels[1:] != self.ignore_index).any():
-                no_target += 1
             out.append((ids, labels))
+        no_target = sum(kept == 0 for kept, _ in info)
         self.stats[split] = {"examples": len(rows), "truncated": truncated, "longest": longest,
                              "no_target": no_target, "tokens": sum(len(i) for i, _ in out),
-                             "target_tokens": sum(int((lab[1:] != self.ignore_index).sum()) for _, lab in out)}
+                             "target_tokens": sum(kept for kept, _ in info)}
         if truncated:
             msg = (f"SFT {self.name} {split}: {truncated} of {len(rows)} examples are longer than max_seq_length="
-                   f"{self.max_seq_length} (longest {longest} tokens) and were cut"
-                   + (f"; {no_target} of them keep no target token" if no_target else ""))
+                   f"{self.max_seq_length} (longest {longest} tokens) and were cut")
             if self.truncation == "error":
                 raise ValueError(msg + "; raise train.max_seq_length or set data.truncation: warn")
             log.warning(msg)
-        elif no_target:
-            log.warning("SFT %s %s: %d examples have no target token (empty output)", self.name, split, no_target)
+        # refuses a split where no example keeps a target token (loss 0 / nan), whatever `truncation` says
+        warning = checks.target_problems(self.name, split, self.sources.get(split, str(self.train_path)), info,
+                                         self.max_seq_length, self.mask_prompt, self.block_size)
+        if warning:
+            log.warning(warning)
         return out
+
+    def _cache_key(self) -> tuple:
+        """What the encoded examples depend on beyond the constructor's arguments: the tokenizer (its
+        ids for a probe text) and max_seq_length; `setup` reuses `preflight`'s examples when it matches."""
+        probe = self.tokenizer.encode("The 12 cats, 7541 + 75 = 116.\n\tÜber").tolist()
+        return (getattr(self.tokenizer, "vocab_size", None), tuple(probe), self.max_seq_length)
 
     def setup(self, stage: str = "", rank: int | None = None, world_size: int | None = None) -> None:
         if self.tokenizer is None:
@@ -410,13 +390,30 @@ class SFTData(DataModule):
             d_rank, d_world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist else (0, 1)
             rank, world_size = d_rank if rank is None else rank, d_world if world_size is None else world_size
         self.rank, self.world_size = rank, world_size
+        key = self._cache_key()
+        if self._encoded is not None and self._encoded[0] == key:
+            self.train_examples, self.val_examples = self._encoded[1], self._encoded[2]
+            return
         train_rows, val_rows = self._files()
         self.train_examples = self._encode("train", train_rows)
         self.val_examples = self._encode("val", val_rows)
+        self._encoded = (key, self.train_examples, self.val_examples)
+        self.train_rows = train_rows
         for split in ("train", "val"):
             s = self.stats[split]
             log.info("SFT %s %s: %d examples, %d tokens, %d target tokens, longest %d", self.name, split,
                      s["examples"], s["tokens"], s["target_tokens"], s["longest"])
+
+    def preflight(self, tokenizer, max_seq_length: int, block_size: int | None = None, show: bool = True) -> None:
+        """Read, check and encode the data before a model is built (every refusal of `setup` happens here,
+        first); with `show`, print one rendered train example with its prompt/response boundary marked
+        and warn when the two sides fuse into one token run. `setup` then reuses the encoded examples."""
+        self.block_size = block_size
+        self.connect(tokenizer, batch_size=self.batch_size, max_seq_length=max_seq_length)
+        self.setup(rank=0, world_size=1)
+        if show:
+            checks.report_examples(self, tokenizer, [render_record(r, self.style, self.text_field)
+                                                     for r in self.train_rows[:200]])
 
     def num_train_examples(self) -> int:
         """Training examples (read from the files, no tokenizer needed): what the run's plan counts."""

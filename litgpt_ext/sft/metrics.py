@@ -11,7 +11,10 @@ Schema (version 1):
       "lr": 1e-4, "seed": 1,                   the grid coordinates
       "source_checkpoint": "runs/x/step-00001000",   what SFT started from, as given
       "source_run": "x", "source_checkpoint_name": "step-00001000", "source_step": 1000,
-      "step": 40, "epochs": 4, "train_tokens": 81920,   SFT optimizer steps, epochs, tokens seen
+      "step": 40, "epochs": 4,                 SFT optimizer steps, epochs
+      "train_tokens": 81920,                   real tokens trained on (prompt included, no padding), all ranks
+      "train_tokens_padded": 98304,            what the padded batches held
+      "train_target_tokens": 20480,            tokens that carried loss (0 in files written before these keys)
       "initial": {"sft_val_loss": 2.1, "val_losses": {...}} | null,   before the first SFT step
       "history": [{"step": 10, "sft_val_loss": 1.5, "val_losses": {...}}, ...],
       "out_dir": "runs/sft/x/..."
@@ -50,6 +53,8 @@ class SFTMetrics:
     step: int
     epochs: float
     train_tokens: int = 0
+    train_tokens_padded: int = 0
+    train_target_tokens: int = 0
     val_losses: dict[str, float] = field(default_factory=dict)
     initial: Optional[dict[str, Any]] = None
     history: list[dict[str, Any]] = field(default_factory=list)

@@ -17,6 +17,8 @@ Resume and preemption are the loop's: `resume: auto` continues the latest `step-
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Optional, Union
 
@@ -66,7 +68,9 @@ def sft(
         seed: Model-side seed and, unless data.seed is set, the data order's seed.
 
     Returns the loop's result with `sft_metrics` added, or None when out_dir already holds a
-    finished run (its sft_metrics.json); exits with the preemption code after SIGUSR1/SIGTERM.
+    finished run (its sft_metrics.json) of the same config (another config is refused, naming the
+    differing keys); exits with the preemption code after SIGUSR1/SIGTERM. Bad records, data
+    without target tokens and a peak LR <= 0 are refused before any model is built.
     """
     args = dict(locals())  # first: the arguments exactly as given
     from litgpt_ext.train.hparams import resolved_hparams
@@ -109,16 +113,26 @@ def finished(out_dir: Path) -> bool:
 def run_sft(cfg: SFTConfig, data: SFTData, hparams: dict) -> Optional["RunResult"]:
     """The command's body for a parsed config (the grid calls it in-process for every cell)."""
     import torch
+    from litgpt import Tokenizer
     from litgpt.config import Config
 
+    from litgpt_ext.sft.checks import refuse_changed_rerun, save_prompt_style
     from litgpt_ext.train.launch import launch
     from litgpt_ext.train.loop import main
     from litgpt_ext.train.parallel import build_strategy, resolve_devices
 
     src, out_dir = cfg.checkpoint_dir, cfg.out_dir
     if finished(out_dir) and cfg.resume not in (False, None):
-        print(f"SFT run {out_dir} is finished ({FILE_NAME} and final/ exist): nothing to do")
+        refuse_changed_rerun(out_dir, hparams)  # another LR/seed/data/... into a finished run: refuse
+        save_prompt_style(out_dir, data.style)  # runs finished before checkpoints carried it
+        print(f"SFT run {out_dir} is finished ({FILE_NAME} and final/ exist, same config): nothing to do")
         return None
+    if cfg.resume in ("auto", True):  # a requeue continues the latest step-*: with the config it began with
+        from litgpt_ext import checkpoint as ckpt
+
+        latest = ckpt.latest_checkpoint(out_dir) if out_dir.is_dir() else None
+        if latest is not None:
+            refuse_changed_rerun(out_dir, hparams, checkpoint=latest)
     if not (src / "model_config.yaml").is_file():
         raise FileNotFoundError(f"checkpoint_dir {str(src)!r} has no model_config.yaml (expected a litgpt_ext or"
                                 " litgpt checkpoint folder)")
@@ -126,11 +140,17 @@ def run_sft(cfg: SFTConfig, data: SFTData, hparams: dict) -> Optional["RunResult
     moe = source_moe_args(src)
     if data.seed is None:
         data.seed = cfg.seed
+    seq_len = cfg.train.max_seq_length or model_config.block_size
+    if seq_len > model_config.block_size:
+        raise ValueError(f"train.max_seq_length={seq_len} exceeds the model's block_size={model_config.block_size}"
+                         f" ({src / 'model_config.yaml'})")
+    # read, check and encode the data before any model is built: bad records, no target token, fused
+    # prompt/response boundaries are reported here (the loop's data.setup reuses the encoded examples)
+    data.preflight(Tokenizer(src), seq_len, model_config.block_size, show=_launcher_rank() == 0)
     devices, num_nodes = resolve_devices(cfg.devices if cfg.devices is not None else "auto", cfg.num_nodes)
     precision = cfg.precision
     if precision is None:
         precision = "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
-    seq_len = cfg.train.max_seq_length or model_config.block_size
     world_size = devices * num_nodes
     plan = sft_plan(data.num_train_examples(), cfg.train, cfg.eval, world_size, cfg.peak_lr)
     train, eval_ = loop_args(cfg.train, cfg.eval, plan, seq_len)
@@ -138,6 +158,7 @@ def run_sft(cfg: SFTConfig, data: SFTData, hparams: dict) -> Optional["RunResult
     strategy = build_strategy(devices, num_nodes, 1)
 
     def body(fabric) -> RunResult:
+        count_real_tokens(fabric, data, plan.accumulation)
         fabric.print(f"SFT {data.name}: {plan.total_steps} steps ({cfg.train.epochs} epochs of {plan.batches_per_epoch}"
                      f" micro-batches per rank, {plan.accumulation} per step), warmup {plan.warmup_steps}, cosine"
                      f" {cfg.peak_lr:g} -> {cfg.train.min_lr:g}; validation every {plan.eval_interval} steps")
@@ -147,18 +168,66 @@ def run_sft(cfg: SFTConfig, data: SFTData, hparams: dict) -> Optional["RunResult
                     val_loaders=lambda dm: sft_val_loaders(dm, cfg.eval, seq_len))
 
     # the shared launch path: a preempted SFT run exits like pretraining (marker, every rank, exit 99)
-    fabric, result = launch(body, out_dir=out_dir, run_name=f"sft-{model_config.name}", devices=devices,
-                            num_nodes=num_nodes, precision=precision, strategy=strategy,
-                            logger_name=cfg.logger_name, resume=cfg.resume not in (False, None),
-                            log_interval=train.log_interval)
-    metrics = sft_metrics_of(result, cfg, data)
+    try:
+        fabric, result = launch(body, out_dir=out_dir, run_name=f"sft-{model_config.name}", devices=devices,
+                                num_nodes=num_nodes, precision=precision, strategy=strategy,
+                                logger_name=cfg.logger_name, resume=cfg.resume not in (False, None),
+                                log_interval=train.log_interval)
+    finally:  # also for a preemption exit: its step-* carries the prompt style too
+        save_prompt_style(out_dir, data.style)
+    metrics = sft_metrics_of(result, cfg, data, plan.accumulation)
     if fabric.global_rank == 0:
         path = write_sft_metrics(out_dir, metrics)
         fabric.print(f"SFT {data.name}: val loss {metrics.sft_val_loss:.4f}"
-                     + "".join(f", {k} {v:.4f}" for k, v in metrics.val_losses.items()) + f" -> {path}")
+                     + "".join(f", {k} {v:.4f}" for k, v in metrics.val_losses.items())
+                     + f"; trained on {metrics.train_tokens:,} real tokens ({metrics.train_tokens_padded:,} padded,"
+                     f" {metrics.train_target_tokens:,} with loss; the loop's 'tokens' above is its budget) -> {path}")
     fabric.barrier()
     result.metrics = metrics
     return result
+
+
+def _launcher_rank() -> int:
+    """This process's rank before Fabric exists (launched ranks carry it in the environment)."""
+    for k in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(k, "").isdigit():
+            return int(os.environ[k])
+    return 0
+
+
+TOKENS_RE = re.compile(r"\| tokens [\d,]+ \|")
+
+
+def count_real_tokens(fabric, data: SFTData, accum: int) -> None:
+    """The step log of an SFT run: `tokens` = real tokens (prompt included, no padding) over all ranks,
+    `tokens_padded` = what the padded batches held, `target_tokens` = tokens carrying loss, and
+    `tokens_budget` = the loop's own counter (steps x global_batch_size x max_seq_length), in the
+    logger's metrics and the printed step line (`litgpt_ext.sft.tokens`)."""
+    from litgpt_ext.sft.tokens import TokenCounter
+
+    counter: list = []
+    log_dict, print_ = fabric.log_dict, fabric.print
+
+    def counts(step: int) -> dict:
+        if not counter:
+            counter.append(TokenCounter(data))  # after data.setup: the loop logs only after its first step
+        return counter[0].after(step * accum)
+
+    def sft_log_dict(metrics, step=None):
+        if "grad_norm" in metrics and "step" in metrics and "tokens" in metrics:
+            metrics = {**metrics, "tokens_budget": metrics["tokens"], **counts(int(metrics["step"]))}
+        return log_dict(metrics, step=step)
+
+    def sft_print(*args, **kwargs):
+        line = args[0] if args else None
+        if isinstance(line, str) and (m := re.match(r"step (\d+)/", line)) and (t := TOKENS_RE.search(line)):
+            c = counts(int(m.group(1)))
+            line = (line[:t.start()] + f"| tokens {c['tokens']:,} (padded {c['tokens_padded']:,}, target "
+                    f"{c['target_tokens']:,}) |" + line[t.end():])
+            args = (line,) + args[1:]
+        return print_(*args, **kwargs)
+
+    fabric.log_dict, fabric.print = sft_log_dict, sft_print
 
 
 def source_moe_args(src: Path):
@@ -214,7 +283,7 @@ def _source_step(src: Path) -> Optional[int]:
     return int(ckpt.load_training_state(src).get("step", 0))
 
 
-def sft_metrics_of(result: "RunResult", cfg: SFTConfig, data: SFTData) -> SFTMetrics:
+def sft_metrics_of(result: "RunResult", cfg: SFTConfig, data: SFTData, accum: int = 1) -> SFTMetrics:
     """sft_metrics.json from the loop's validation history (the last entry = after SFT)."""
     by_step: dict[int, dict[str, float]] = {}
     for row in result.val:
@@ -234,11 +303,15 @@ def sft_metrics_of(result: "RunResult", cfg: SFTConfig, data: SFTData) -> SFTMet
     initial = ({"sft_val_loss": initial.get(SFT_VAL_SET),
                 "val_losses": {k: v for k, v in initial.items() if k != SFT_VAL_SET}} if initial else None)
     run, name, step = source_identity(cfg.checkpoint_dir, _source_step(cfg.checkpoint_dir))
+    from litgpt_ext.sft.tokens import TokenCounter
+
     n_val = sum(int((lab[1:] != data.ignore_index).sum()) for _, lab in data.val_examples)
+    seen = TokenCounter(data).after(result.step * accum)  # every rank's batches, exact after resumes
     return SFTMetrics(
         sft_set=data.name, sft_val_loss=last["sft_val_loss"], sft_val_tokens=n_val, lr=cfg.peak_lr, seed=cfg.seed,
         source_checkpoint=str(cfg.checkpoint_dir), source_run=run, source_checkpoint_name=name, source_step=step,
-        step=result.step, epochs=cfg.train.epochs, train_tokens=data.stats["train"]["tokens"] * cfg.train.epochs,
+        step=result.step, epochs=cfg.train.epochs, train_tokens=seen["tokens"],
+        train_tokens_padded=seen["tokens_padded"], train_target_tokens=seen["target_tokens"],
         val_losses=last["val_losses"], initial=initial,
         history=[entry(s) for s in steps], out_dir=str(cfg.out_dir))
 
