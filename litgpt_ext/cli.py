@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "clean": ("litgpt_ext.prep.clean:clean", "quality-filter and deduplicate (MinHash) raw documents before prepare"),
     "prepare": ("litgpt_ext.prep.prepare:prepare", "tokenize raw text into typed litdata token shards"),
     "train-tokenizer": ("litgpt_ext.prep.tokenizer:train_tokenizer", "train a byte-level BPE tokenizer offline"),
+    "synth-replay": ("litgpt_ext.prep.synth_replay:synth_replay", "sample replay documents from a frozen checkpoint into a synth shard (s1)"),
+    "extend-vocab": ("litgpt_ext.prep.extend_vocab:extend_vocab", "add tokens to a checkpoint's tokenizer; new rows = mean of their old sub-pieces"),
     "build-demo": ("litgpt_ext.demo.corpus:build_demo", "build the offline demo corpus, tokenizer and shards"),
     "inspect-mix": ("litgpt_ext.data.inspect:inspect_mix", "print each shard's resolved weight, tokens and epochs"),
     "pretrain": ("litgpt_ext.train.loop:pretrain", "pretrain or midtrain (resume with a new blend)"),
@@ -35,11 +37,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare-sft": ("litgpt_ext.sft.prepare:prepare_sft", "the paper's SFT sets (gsm8k, sciq, lima, pycode) as litgpt JSON from the hub or local files"),
     "build-sft-tasks": ("litgpt_ext.demo.sft_tasks:build_sft_tasks", "build the demo's SFT tasks (code, math, prose) as litgpt JSON"),
     "build-eval-tasks": ("litgpt_ext.eval.build_tasks:build_tasks", "build the local lm-eval tasks from held-out demo docs"),
+    "build-own-tasks": ("litgpt_ext.eval.own_tasks:build_own_tasks", "lm-eval tasks from your own files: perplexity, multiple choice, SFT generation"),
     "consolidate": ("litgpt_ext.checkpoint.dcp:consolidate", "turn a sharded (DCP) checkpoint into litgpt's lit_model.pth"),
     "convert-to-hf": ("litgpt_ext.eval.convert:convert_to_hf", "export a dense checkpoint to Hugging Face format"),
     "sweep": ("litgpt_ext.study.execute:sweep", "expand a grid of midtraining/SFT runs: plan table, SLURM arrays, or run locally"),
     "reproduce": ("litgpt_ext.study.reproduce:reproduce", "the paper's study at CPU scale: pretrain, midtrain, SFT, bridge, REPORT.md"),
     "similarity": ("litgpt_ext.study.similarity:similarity", "dataset similarity, proximity advantage and its correlation (the bridge)"),
+    "cka": ("litgpt_ext.study.cka:cka", "linear CKA per layer and weight distance per block between checkpoints (before/after SFT)"),
     "convert-moe-to-litgpt": ("litgpt_ext.eval.convert:convert_moe_to_litgpt", "rewrite an MoE checkpoint in litgpt's own MoE layout"),
     "lm-eval": ("litgpt_ext.eval.interop:lm_eval_main", "lm-eval's CLI with --model litgpt_ext and the demo_* tasks"),
     "litgpt": ("litgpt_ext.eval.interop:litgpt_main", "litgpt's CLI (e.g. `litgpt evaluate`) with the demo_* tasks"),
@@ -201,6 +205,112 @@ def _remove_empty_new_outputs(name: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+# Exceptions that, raised after parsing but before the command's work started, come from a config
+# or input file the command could not use (a list where a mapping belongs, a missing key, ...):
+INPUT_ERRORS = (TypeError, LookupError, AttributeError, OSError)  # LookupError: KeyError, IndexError
+# a file or folder that is not there, not of its kind, not readable, or cut short: always the input's
+FILE_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError, EOFError)
+# ... and the frames that are the work itself: an exception raised under one of them is a bug and
+# keeps its traceback. (file path suffix, function name)
+WORK_FRAMES = {("litgpt_ext/train/loop.py", "fit"), ("lm_eval/evaluator.py", "evaluate")}
+# frames of a reader: an exception raised in one of them is about the file being read
+READER_FILES = ("torch/serialization.py", "json/decoder.py", "json/__init__.py", "/yaml/", "safetensors/",
+                "pyarrow/parquet/", "codecs.py")
+
+
+def _reader_errors() -> tuple:
+    """Decoding errors of the file readers we use (imported only where already loaded)."""
+    out = []
+    if "yaml" in sys.modules:
+        out.append(sys.modules["yaml"].YAMLError)
+    import pickle
+
+    out.append(pickle.UnpicklingError)
+    return tuple(out)
+
+
+def _frames(tb) -> list:
+    out = []
+    while tb is not None:
+        out.append(tb.tb_frame)
+        tb = tb.tb_next
+    return out
+
+
+def _at_work(tb) -> bool:
+    return any((f.f_code.co_filename.replace(os.sep, "/").endswith(path) and f.f_code.co_name == fn)
+               for f in _frames(tb) for path, fn in WORK_FRAMES)
+
+
+def _reading_file(tb) -> bool:
+    frames = _frames(tb)
+    return bool(frames) and any(r in frames[-1].f_code.co_filename.replace(os.sep, "/") for r in READER_FILES)
+
+
+def _culprit_file(e: BaseException) -> Optional[str]:
+    """The file an exception is about: OSError's filename, else the innermost frame of ours that holds
+    a path to an existing file (the one it was reading)."""
+    if isinstance(e, OSError) and e.filename:
+        return str(e.filename)
+    mark = getattr(e, "problem_mark", None)  # yaml
+    if mark is not None and not str(getattr(mark, "name", "<")).startswith("<"):  # "<unicode string>": no file
+        return str(mark.name)
+    for frame in reversed(_frames(e.__traceback__)):
+        if "litgpt_ext" not in frame.f_code.co_filename:
+            continue
+        for value in frame.f_locals.values():
+            if isinstance(value, (str, Path)) and 0 < len(str(value)) < 4096 and "\n" not in str(value):
+                try:
+                    if Path(value).is_file():
+                        return str(value)
+                except (OSError, ValueError):
+                    continue
+    return None
+
+
+def _input_error(e: BaseException) -> str:
+    """One line for an input error: the command's own message (ours name the culprit), or the
+    reader's, with the file named when it is known and the message does not name it yet."""
+    if isinstance(e, OSError) and not isinstance(e, FileExistsError) and e.filename and e.strerror:
+        return f"{e.filename!r}: {e.strerror}" + (
+            "; a file is expected here, not a folder" if isinstance(e, IsADirectoryError) else
+            "; a folder is expected here" if isinstance(e, NotADirectoryError) else "")
+    decoding = isinstance(e, UnicodeDecodeError) or type(e).__module__ == "json.decoder"
+    if isinstance(e, (ValueError, OSError)) and not decoding:
+        return _own_error(str(e))
+    if getattr(e, "problem_mark", None) is not None:  # yaml: where and what, not its 5-line report
+        mark = e.problem_mark  # type: ignore[attr-defined]
+        msg = f"not valid YAML at line {mark.line + 1}, column {mark.column + 1}: {getattr(e, 'problem', '') or e}"
+    elif isinstance(e, RuntimeError) and _reading_file(e.__traceback__):  # torch.load of a file that is none
+        msg = f"not a readable torch file (empty, truncated or another format): {str(e).split('.')[0]}"
+    elif isinstance(e, KeyError):
+        msg = f"missing key {e}"
+    else:
+        msg = f"{type(e).__name__}: {' '.join(str(e).split())}"
+    where = _culprit_file(e)
+    return f"{where}: {msg}" if where and where not in msg else msg
+
+
+def _check_first(name: str, rest: list[str]) -> Optional[str]:
+    """`--config` checked before the command is imported (validate_first): the error line, or None."""
+    from litgpt_ext.validate_first import ConfigError, check_configs
+
+    if os.environ.get("LITGPT_EXT_SKIP_EARLY_CHECK"):  # benchmarks/bad_config_latency.py: the late path
+        return None
+    try:
+        check_configs(name, COMMANDS[name][0], rest)
+    except ConfigError as e:
+        if os.environ.get("LITGPT_EXT_TRACEBACK"):
+            raise
+        hint = f"see `litgpt-ext {name} --help` for every option" if e.exit_code == 2 else \
+            "set LITGPT_EXT_TRACEBACK=1 for the traceback"
+        if e.exit_code == 2:  # a parse error: the status jsonargparse gives one
+            sys.stderr.write(f"litgpt-ext {name}: error: {e}\n({hint})\n")
+            sys.exit(2)
+        return f"litgpt-ext {name}: error: {e}\n({hint})"
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -219,6 +329,9 @@ def main(argv: list[str] | None = None) -> None:
         rest = [x for a in rest[:k] for x in (LEADING_LIST[name], a)] + rest[k:]
     if name not in COMMANDS:
         sys.exit(f"litgpt-ext: unknown command {name!r}; known: {', '.join(COMMANDS)}\n(`litgpt-ext --help` describes them)")
+    early = _check_first(name, rest)
+    if early:
+        sys.exit(early)
     flag = None
     if name in PREEMPTIBLE:
         # before the heavy imports: a SLURM signal during the first seconds must not kill the run
@@ -234,13 +347,15 @@ def main(argv: list[str] | None = None) -> None:
     try:
         CLI(_load(COMMANDS[name][0]), args=rest, as_positional=name in POSITIONAL, prog=f"litgpt-ext {name}",
             parser_class=_parser_class(name, rest))
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, CheckpointError) as e:
+    except (ValueError, *FILE_ERRORS, CheckpointError, *_reader_errors()) as e:
         # Our configuration errors are ValueErrors that name the culprit: show the message, not a
-        # traceback. LITGPT_EXT_TRACEBACK=1 shows the traceback (for bugs that raise ValueError).
+        # traceback; so are a file that cannot be read or decoded (not found, a folder, no
+        # permission, not UTF-8, bad JSON/YAML, a truncated torch file), with the file named.
+        # LITGPT_EXT_TRACEBACK=1 shows the traceback (for bugs that raise these).
         _remove_empty_new_outputs(name)
         if os.environ.get("LITGPT_EXT_TRACEBACK"):
             raise
-        sys.exit(f"litgpt-ext {name}: error: {_own_error(str(e))}\n(set LITGPT_EXT_TRACEBACK=1 for the traceback)")
+        sys.exit(f"litgpt-ext {name}: error: {_input_error(e)}\n(set LITGPT_EXT_TRACEBACK=1 for the traceback)")
     except KeyboardInterrupt:
         if os.environ.get("LITGPT_EXT_TRACEBACK"):
             raise
@@ -248,10 +363,16 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:
         # jsonargparse itself can fail on odd flags (e.g. `--optimizer.init_args '{...}'` on a dict
         # option raises AttributeError): an error in the arguments, not a bug of the command.
-        if _PARSED.get(name) or os.environ.get("LITGPT_EXT_TRACEBACK"):
+        if os.environ.get("LITGPT_EXT_TRACEBACK"):
             raise
-        sys.exit(f"litgpt-ext {name}: error: could not parse the arguments {rest}: {type(e).__name__}: {e}\n"
-                 f"(see `litgpt-ext {name} --help`; set LITGPT_EXT_TRACEBACK=1 for the traceback)")
+        if not _PARSED.get(name):
+            sys.exit(f"litgpt-ext {name}: error: could not parse the arguments {rest}: {type(e).__name__}: {e}\n"
+                     f"(see `litgpt-ext {name} --help`; set LITGPT_EXT_TRACEBACK=1 for the traceback)")
+        if _at_work(e.__traceback__) or not (isinstance(e, INPUT_ERRORS) or _reading_file(e.__traceback__)):
+            raise  # a bug once the work has started (training steps, scoring): its traceback
+        _remove_empty_new_outputs(name)
+        sys.exit(f"litgpt-ext {name}: error: {_input_error(e)}\n(an input the command could not use, found "
+                 f"before its work started; set LITGPT_EXT_TRACEBACK=1 for the traceback)")
     finally:
         if flag is not None:
             flag.restore()  # main() called in-process (tests, notebooks) leaves no handlers behind

@@ -32,11 +32,6 @@ def _yaml(path: Path) -> dict:
     return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
 
 
-def _diff(a: dict, b: dict) -> list[str]:
-    keys = sorted(set(a) | set(b), key=str)
-    return [f"{k}: {a.get(k, '<missing>')!r} vs {b.get(k, '<missing>')!r}" for k in keys if a.get(k) != b.get(k)]
-
-
 def start_of(ckpt_dir: Path) -> str:
     """Where a checkpoint's run started, from its hyperparameters.yaml: the checkpoint it forked or was
     fine-tuned from, or its random initialization (seed). Soups only work between runs with one start."""
@@ -126,12 +121,12 @@ def soup(checkpoints: list[Path], out: Path, weights: list[float] | None = None,
     cfg0, moe0 = _yaml(first / "model_config.yaml"), _yaml(first / ckpt.HPARAMS_FILE).get("moe")
     tok0 = (first / "tokenizer.json").read_bytes() if (first / "tokenizer.json").is_file() else None
     for p in paths[1:]:
-        d = _diff(cfg0, _yaml(p / "model_config.yaml"))
+        d = ckpt.config_diff(cfg0, _yaml(p / "model_config.yaml"))
         if d:
             raise ValueError(f"model_config.yaml of {p} differs from {first}: " + "; ".join(d))
         moe = _yaml(p / ckpt.HPARAMS_FILE).get("moe")
         if moe != moe0:
-            d = _diff(moe0 or {}, moe or {})
+            d = ckpt.config_diff(moe0 or {}, moe or {})
             raise ValueError(f"MoE options (hyperparameters.yaml moe:) of {p} differ from {first}: " + "; ".join(d))
         tok = (p / "tokenizer.json").read_bytes() if (p / "tokenizer.json").is_file() else None
         if tok != tok0:

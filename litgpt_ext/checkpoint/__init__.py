@@ -63,6 +63,7 @@ from litgpt_ext.checkpoint.layout import (  # noqa: F401
     STEP_RE,
     CheckpointError,
     checkpoint_step,
+    config_diff,
     load_training_state,
     read_manifest,
     required_files,

@@ -92,3 +92,9 @@ def load_training_state(ckpt_dir: Path) -> dict:
     import torch
 
     return torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def config_diff(a: dict, b: dict) -> list[str]:
+    """`key: a vs b` for every key whose value differs (two model configs; soups, weight loading)."""
+    keys = sorted(set(a) | set(b), key=str)
+    return [f"{k}: {a.get(k, '<missing>')!r} vs {b.get(k, '<missing>')!r}" for k in keys if a.get(k) != b.get(k)]

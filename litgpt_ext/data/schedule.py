@@ -43,10 +43,13 @@ def parse_mix_schedule(points: Sequence[Mapping] | None, proportional_sampling: 
     (shard id -> weight). `ramp: linear` ramps from the previous point's mix to this one; `constant`
     (default) switches at this point. Before the first point the first point's mix holds.
     """
-    if points in (None, []):
+    if points is None:
         return None
     if isinstance(points, Mapping) or not isinstance(points, Sequence) or isinstance(points, str):
         raise MixError(f"mix_schedule must be a list of points, e.g. [{{at_fraction: 0.1, mix_weights_str: 'main:0.5,math:0.5'}}], got {points!r}")
+    if not points:
+        raise MixError("mix_schedule is an empty list; give at least one point, e.g. [{at_step: 0, mix_weights_str: "
+                       "'main:0.8,math:0.2'}], or drop mix_schedule and set the mix with mix_weights_str")
     out = []
     valid = {"at_step", "at_fraction", "mix_weights_str", "literal_weights_str", "weights", "literal_weights", "ramp"}
     for k, p in enumerate(points):
@@ -90,8 +93,27 @@ def parse_mix_schedule(points: Sequence[Mapping] | None, proportional_sampling: 
                         if key == "weights" else MixSpec("literal", literal_weights=w, source="mix_schedule"))
         except MixError as e:
             raise MixError(f"{what}: {e}") from None
+        twin = next((j for j, q in enumerate(out) if q.kind == kind and q.at == float(at)), None)
+        if twin is not None:
+            raise MixError(f"{what}: at_{kind}={at!r} is also point {twin}'s; each point needs its own "
+                           f"at_{kind} (a mix switches once per position: drop or move one of them)")
         out.append(SchedulePoint(kind, float(at), spec, ramp))
     return out
+
+
+def check_schedule_budget(points: Sequence[SchedulePoint], phase: Phase) -> None:
+    """Refuse an `at_step` point after the phase's last step (its mix would never be drawn).
+
+    `at_step` is absolute; the phase ends at `stop_step`, which the run's budget (train.max_tokens,
+    max_steps, max_additional_steps) sets. A point at `stop_step` itself is allowed: a linear ramp
+    that ends there is as meaningful as `at_fraction: 1`.
+    """
+    for k, p in enumerate(points):
+        if p.kind == "step" and p.at > phase.stop_step:
+            raise MixError(
+                f"mix_schedule point {k}: at_step={int(p.at)} is beyond this run's budget (the phase is steps "
+                f"{phase.start_step}->{phase.stop_step}); use an at_step <= {phase.stop_step}, an at_fraction, "
+                f"or a longer run (train.max_tokens / max_steps)")
 
 
 def describe_schedule(points: Sequence[SchedulePoint] | None) -> str | None:
@@ -128,6 +150,11 @@ class Phase:
         return {"start_step": self.start_step, "stop_step": self.stop_step, "global_batch_size": self.global_batch_size}
 
 
+# the phase in which `ShardedMixedDataset.resolve()` places the points only to learn which shards
+# they use (before the run's budget is known): no budget check there
+UNPLACED = Phase(0, 1, 1)
+
+
 def resolve_schedule(points: Sequence[SchedulePoint], shards: Sequence[Shard], registry: Mapping[str, str],
                      phase: Phase) -> dict:
     """Points -> a plain record: knots in global samples since the phase start, per-shard weights, ramps.
@@ -135,6 +162,8 @@ def resolve_schedule(points: Sequence[SchedulePoint], shards: Sequence[Shard], r
     The record is what the loader state stores, so a resume follows it exactly (a requeue never
     moves it even if the phase it would compute now differs).
     """
+    if phase != UNPLACED:
+        check_schedule_budget(points, phase)
     knots, mixes = [], []
     for k, p in enumerate(points):
         x = (p.at - phase.start_step) * phase.global_batch_size if p.kind == "step" else p.at * phase.total_samples

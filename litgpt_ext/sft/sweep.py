@@ -33,6 +33,9 @@ def sources(checkpoints: Optional[list[Path]], run_dir: Optional[Path], every: O
     """The source checkpoints: those listed, plus every `every`-th step-* of `run_dir` (and its final/)."""
     from litgpt_ext import checkpoint as ckpt
 
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise ValueError(f"every={every!r} must be a positive integer (keep the step-* checkpoints whose step is a "
+                         "multiple of it), e.g. --every 1000; leave it unset for all of them")
     out = [Path(c) for c in checkpoints or []]
     if run_dir is not None:
         found = ckpt.list_checkpoints(run_dir)
