@@ -41,6 +41,15 @@ def _split(rows: list[dict], n_fewshot: int, max_examples: int) -> dict[str, lis
     return {"train": rows[:n_fewshot], "test": rows[n_fewshot : n_fewshot + max_examples]}
 
 
+def write_task_splits(out_dir: Path, name: str, rows: list[dict], perplexity: bool, n_fewshot: int,
+                      max_examples: int, max_ppl_docs: int) -> dict[str, int]:
+    """Write one task's `<out_dir>/<name>/{train,test}.jsonl`: a perplexity task is all test (at most
+    `max_ppl_docs`), any other holds back a few-shot pool (`train`) before at most `max_examples` test
+    items. Returns {split: count} (empty splits are not written). Shared with `build-own-tasks`."""
+    splits = {"test": rows[:max_ppl_docs]} if perplexity else _split(rows, n_fewshot, max_examples)
+    return {split: write_jsonl(Path(out_dir) / name / f"{split}.jsonl", r) for split, r in splits.items() if r}
+
+
 def _numeric_distractors(answer: str, rng: random.Random, k: int) -> list[str]:
     """Plausible wrong numbers: off-by-small, off-by-ten, digit-reversed, doubled/halved."""
     is_int = "." not in answer
@@ -196,8 +205,7 @@ def build_tasks(
         if not rows:
             print(f"build_tasks: {name}: no usable items, skipped")
             continue
-        splits = {"test": rows[:max_ppl_docs]} if name.endswith("_ppl") else _split(rows, n_fewshot, max_examples)
-        manifest[name] = {split: write_jsonl(out_dir / name / f"{split}.jsonl", r) for split, r in splits.items() if r}
+        manifest[name] = write_task_splits(out_dir, name, rows, name.endswith("_ppl"), n_fewshot, max_examples, max_ppl_docs)
         print(f"build_tasks: {name}: " + ", ".join(f"{s}={n}" for s, n in manifest[name].items()))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "manifest.json").write_text(json.dumps({"demo_dir": str(demo_dir), "seed": seed, "tasks": manifest}, indent=2))

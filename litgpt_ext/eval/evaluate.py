@@ -102,7 +102,9 @@ def _ensure_demo_tasks(tasks: list[str], eval_data_dir: Path, demo_dir: Path) ->
     if not (Path(demo_dir) / "raw").is_dir():
         raise FileNotFoundError(
             f"local task data {str(eval_data_dir)!r} is missing and {str(Path(demo_dir) / 'raw')!r} does not exist "
-            "to build it from; run `litgpt-ext build-demo` first or pass --eval_data_dir"
+            "to build it from; run `litgpt-ext build-demo` first or pass --eval_data_dir. For your own data: "
+            "`litgpt-ext build-own-tasks --out_dir DIR --prefix mine --mc quiz.jsonl ...`, then "
+            "`evaluate <checkpoint> --tasks mine --include_path DIR` (docs/own-data.md)"
         )
     from litgpt_ext.eval.build_tasks import build_tasks
 
@@ -136,6 +138,9 @@ def evaluate_checkpoint(
     extra = [] if include_path is None else [include_path] if isinstance(include_path, (str, Path)) else list(include_path)
     tm = _task_manager(task_list, extra, eval_data_dir)
     lm = model if model is not None else LitGPTExtLM(pretrained=checkpoint, batch_size=batch_size, device=device, dtype=dtype)
+    from litgpt_ext.eval.interop import quiet_git_hash
+
+    quiet_git_hash()  # no `fatal: not a git repository` outside a checkout
     t0 = time.perf_counter()
     results = lm_eval.simple_evaluate(
         model=lm,

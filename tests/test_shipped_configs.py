@@ -1,0 +1,181 @@
+"""Every YAML under midtrain_configs/ parses with its command's own parser, the cluster templates name
+their data, and the demo/CPU configs run on demo data (a small build-demo corpus, 1-2 steps each).
+
+The runs happen in a folder that holds `data/demo` (built once per session) and a link to the
+repository's `midtrain_configs/`, so the configs run with their own relative paths (`data/demo/...`,
+`runs/...`): only the budget (steps, validation batches) is overridden.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from litgpt_ext.cli import main as cli_main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = ROOT / "midtrain_configs"
+# every shipped config -> the command that reads it
+KIND = {
+    "demo/midtrain_control.yaml": "pretrain", "demo/midtrain_math.yaml": "pretrain", "demo/moe_tiny.yaml": "pretrain",
+    "demo/pretrain.yaml": "pretrain",
+    "midtrain/pythia-160m_code_rewarmup.yaml": "pretrain", "midtrain/pythia-160m_dynamic_mix.yaml": "pretrain",
+    "midtrain/pythia-160m_math_decay.yaml": "pretrain",
+    "pretrain/pythia-160m_paper_c4.yaml": "pretrain", "pretrain/pythia-160m_wsd.yaml": "pretrain",
+    "pretrain/tiny_cpu.yaml": "pretrain",
+    "reproduce/cpu.yaml": "reproduce", "reproduce/pretrain_cpu.yaml": "pretrain", "reproduce/sft_cpu.yaml": "sft",
+    "sft/demo_math.yaml": "sft", "sft/paper_sft.yaml": "sft",
+    "sweeps/paper_pythia160m.yaml": "sweep",
+}
+CLUSTER = sorted(k for k in KIND if "pythia" in k or "paper" in k)
+SHORT = ["--eval.max_iters", "1", "--logger_name", "csv"]
+# the demo/CPU configs, in dependency order: (config, extra flags, the checkpoint it must leave, its step)
+RUNS = [
+    ("demo/pretrain.yaml", ["--train.max_iters", "2", "--train.save_interval", "1", *SHORT],
+     "runs/demo/pretrain/final", 2),
+    ("demo/midtrain_math.yaml", ["--fork_from", "runs/demo/pretrain/step-00000001", "--train.max_additional_steps", "1",
+                                 *SHORT], "runs/demo/midtrain_math/final", 2),
+    ("demo/midtrain_control.yaml", ["--fork_from", "runs/demo/pretrain/step-00000001",
+                                    "--train.max_additional_steps", "1", *SHORT], "runs/demo/midtrain_control/final", 2),
+    ("demo/moe_tiny.yaml", ["--train.max_iters", "1", *SHORT], "runs/moe_tiny/final", 1),
+    ("pretrain/tiny_cpu.yaml", ["--train.max_iters", "2", *SHORT], "out/demo/pretrain/final", 2),
+    ("sft/demo_math.yaml", ["--train.epochs", "1", "--train.global_batch_size", "16", "--eval.max_iters", "1"],
+     "runs/sft/midtrain_math/final/math/lr-3e-4_seed-1/final", None),
+    ("reproduce/pretrain_cpu.yaml", ["--train.max_iters", "2", *SHORT], "runs/reproduce/runs/base_seed42/final", 2),
+    ("reproduce/sft_cpu.yaml", ["--eval.max_iters", "1"], "runs/reproduce/sft/math/base_seed42/lr1e-3_seed1/final", None),
+    ("reproduce/cpu.yaml", ["--out_dir", "runs/reproduce_small", "--total_steps", "4", "--pretrain_seeds", "[42]",
+                            "--arms", json.dumps([{"name": "math_mid", "domain": "math", "start": 2, "weight": 0.25,
+                                                   "role": "mid", "tasks": ["math"]}]),
+                            "--base_tasks", "[math]", "--sft_lrs", "[1.0e-3]", "--sft_seeds", "[1, 2]",
+                            "--similarity_docs", "10", "--sft_task_args", json.dumps({"math_examples": 60})],
+     "runs/reproduce_small/runs/math_mid_seed42/final", 4),
+]
+
+
+def test_every_config_is_classified():
+    found = sorted(str(p.relative_to(CONFIG_DIR)) for p in CONFIG_DIR.rglob("*.y*ml"))
+    assert found == sorted(KIND), "classify new configs in KIND (and RUNS if they run on the demo data)"
+    assert {c for c, *_ in RUNS} == {k for k in KIND if k not in CLUSTER}, "every demo/CPU config runs"
+
+
+@functools.lru_cache(maxsize=None)
+def parser_for(command: str):
+    """The jsonargparse parser `litgpt-ext <command>` builds from the command's function signature."""
+    from jsonargparse import ArgumentParser
+
+    from litgpt_ext.cli import COMMANDS, _load
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_function_arguments(_load(COMMANDS[command][0]), as_positional=False)
+    return parser
+
+
+def _get(cfg: dict, dotted: str):
+    for k in dotted.split("."):
+        if not isinstance(cfg, dict) or k not in cfg:
+            return None
+        cfg = cfg[k]
+    return cfg
+
+
+@pytest.mark.parametrize("name", sorted(KIND))
+def test_config_parses_with_its_commands_parser(name):
+    path = CONFIG_DIR / name
+    kind = KIND[name]
+    if kind == "pretrain":
+        cfg = parser_for("pretrain").parse_path(str(path))
+        assert cfg.data.class_path == "litgpt_ext.data.ShardedMixedDataset" and cfg.data.init_args.data_path
+        assert cfg.model_name or cfg.model_config
+    elif kind == "sft":
+        from litgpt_ext.sft.config import SFTConfig
+
+        cfg = SFTConfig.from_yaml(path)
+        assert cfg.checkpoint_dir and cfg.out_dir
+        parser_for("sft").parse_path(str(path))
+    elif kind == "sweep":
+        from litgpt_ext.study.spec import load_spec
+
+        spec = load_spec(path)
+        assert (ROOT / spec.base_config).is_file() and spec.arms
+    else:
+        from litgpt_ext.study.reproduce import arms_of, load_config
+
+        cwd = os.getcwd()
+        os.chdir(ROOT)  # its pretrain_config / sft_config are relative to the repository
+        try:
+            assert arms_of(load_config(path))
+        finally:
+            os.chdir(cwd)
+
+
+@pytest.mark.parametrize("name", CLUSTER)
+def test_cluster_templates_name_their_data(name):
+    raw = yaml.safe_load((CONFIG_DIR / name).read_text())
+    kind = KIND[name]
+    if kind == "pretrain":
+        keys = ["out_dir", "tokenizer_dir", "data.init_args.data_path", "data.init_args.val_data_path"]
+        if name.startswith("midtrain/"):
+            keys.append("fork_from" if "fork_from" in raw else "initial_checkpoint_dir")
+    elif kind == "sft":
+        keys = ["checkpoint_dir", "out_dir", "data.init_args.train_path", "eval.val_data_path"]
+    else:
+        keys = ["base_config", "sft.config", "sft.tasks"]
+        for task, overrides in raw["sft"]["tasks"].items():
+            assert overrides.get("data.init_args.train_path"), f"{name}: sft task {task} names no train_path"
+        assert (ROOT / raw["sft"]["config"]).is_file()
+    for key in keys:
+        value = _get(raw, key)
+        assert value, f"{name}: {key} is missing or empty"
+        if isinstance(value, dict):
+            assert all(value.values()), f"{name}: {key} has an empty entry: {value}"
+
+
+@pytest.fixture(scope="session")
+def demo_runs(tmp_path_factory):
+    """Build a small demo corpus once, then run every demo/CPU config on it; {config: error or None}."""
+    import torch
+
+    from litgpt_ext.demo.corpus import build_demo
+
+    root = tmp_path_factory.mktemp("shipped")
+    build_demo(root / "data" / "demo", main_tokens=30_000, code_tokens=12_000, math_tokens=12_000, heldout_docs=40,
+               tokenizer_sample_chars=150_000, chunk_tokens=4096, val_fraction=0.1, seed=5)  # vocab 4096, as the configs
+    (root / "midtrain_configs").symlink_to(CONFIG_DIR, target_is_directory=True)
+    cwd, threads = os.getcwd(), torch.get_num_threads()
+    os.chdir(root)
+    torch.set_num_threads(1)
+    errors: dict[str, str | None] = {}
+    try:
+        cli_main(["build-sft-tasks", "--demo_dir", "data/demo", "--math_examples", "60"])
+        for name, flags, _, _ in RUNS:
+            command = KIND[name]
+            t0 = time.perf_counter()
+            try:
+                cli_main([command, "--config", f"midtrain_configs/{name}", *flags])
+                errors[name] = None
+            except (SystemExit, Exception) as e:  # noqa: B014  (a failed command exits)
+                errors[name] = f"{type(e).__name__}: {e}"
+            print(f"shipped config {name}: {time.perf_counter() - t0:.1f} s", flush=True)
+    finally:
+        os.chdir(cwd)
+        torch.set_num_threads(threads)
+    return root, errors
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, checkpoint, step", [(c, ck, s) for c, _, ck, s in RUNS], ids=[c for c, *_ in RUNS])
+def test_demo_and_cpu_configs_run_on_demo_data(demo_runs, name, checkpoint, step):
+    root, errors = demo_runs
+    assert errors[name] is None, f"{name}: {errors[name]}"
+    manifest = json.loads((root / checkpoint / "manifest.json").read_text())
+    if step is not None:
+        assert manifest["step"] == step
+    if KIND[name] == "sft":
+        metrics = json.loads((root / Path(checkpoint).parent / "sft_metrics.json").read_text())
+        assert metrics["sft_val_loss"] > 0
