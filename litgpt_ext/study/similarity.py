@@ -16,10 +16,20 @@ Proximity advantage PA(set, sft) = sim(set, sft) - sim(general, sft). Given the 
 improvements after SFT (`improvements`: a CSV with `set,sft,rel_improvement`), PA is regressed
 against them (Pearson r and a least-squares line per measure), as the paper's F3.
 
-Not implemented, on purpose: sentence-embedding cosine (needs a pretrained encoder, which cannot be
-downloaded here and whose choice changes the number), mixed-effects models with a random intercept
+Embedding-based similarity (optional, new keys beside the above; `embedding_checkpoint` or
+`sentence_model`): each document is embedded (a checkpoint of ours: its last-layer hidden states,
+mean-pooled over tokens, the offline default; or a local sentence-transformers model when its folder
+is given and the package is installed) and each set is its documents' mean embedding (a blend's: its
+shards' means at the mix weights). `embedding_cosine` is the cosine of two sets' mean embeddings,
+`embedding_mmd_linear` the linear-kernel MMD², ||μ_a − μ_b||² (a distance: its PA is
+mmd(general, sft) − mmd(set, sft), so positive still means closer). Mean hidden states of a language
+model tend to share a large common direction, so the cosine can sit near 1 for every pair; then its
+differences (and the PA) carry the signal.
+
+Not implemented, on purpose: mixed-effects models with a random intercept
 per SFT set (statsmodels would be a heavy dependency for a handful of points; we report per-SFT-set
-correlations instead), and CKA / weight distances (model analyses, not dataset ones).
+correlations instead). CKA and weight distances are model analyses, not dataset ones: `litgpt-ext cka`
+(litgpt_ext/study/cka.py).
 
 Sampling: each shard's chunks are visited in a seeded order and split at EOS; only documents that
 lie wholly inside one chunk are kept (a document that spans a chunk boundary is skipped, which
@@ -218,6 +228,9 @@ def similarity(
     improvements: Optional[Path] = None,
     out_dir: Path = Path("runs/similarity"),
     extra_shard_types: Optional[dict[str, str]] = None,
+    embedding_checkpoint: Optional[Path] = None,
+    sentence_model: Optional[Path] = None,
+    embedding_max_tokens: int = 256,
 ) -> dict:
     """Dataset similarity between mixed token-shard sets and SFT sets, proximity advantage, and its
     correlation with the relative improvement after SFT.
@@ -237,6 +250,12 @@ def similarity(
         out_dir: Where similarity.json, similarity.csv, similarity_heatmap.png (and
             pa_vs_improvement.png) are written.
         extra_shard_types: Extra shard types {name: prefix}, as in the data config.
+        embedding_checkpoint: A checkpoint (or run folder) whose mean-pooled last-layer hidden states
+            embed each document: adds the `embedding` key (cosine of mean embeddings, linear MMD²)
+            to the outputs and `similarity_embedding.csv`; the other outputs stay as they are.
+        sentence_model: A local sentence-transformers model folder instead (needs the
+            sentence-transformers package).
+        embedding_max_tokens: Tokens per document that the checkpoint embeds.
     """
     import torch
     from litgpt import Tokenizer
@@ -253,6 +272,11 @@ def similarity(
     tokenizer = Tokenizer(tokenizer_dir)
     if tokenizer.eos_id is None:
         raise ValueError(f"tokenizer in {str(tokenizer_dir)!r} has no EOS token; shard documents are split at EOS")
+    embedder = None
+    if embedding_checkpoint is not None or sentence_model is not None:  # before sampling: fail fast
+        from litgpt_ext.study.representations import TextEmbedder, embedding_similarity, write_embedding_outputs
+
+        embedder = TextEmbedder(embedding_checkpoint, sentence_model, tokenizer_dir, embedding_max_tokens)
     registry = build_registry(extra_shard_types)
     shards = {s.id: s for s in discover_shards(data_path, registry)}
 
@@ -263,12 +287,14 @@ def similarity(
         weights[name] = resolve_weights(spec, list(shards.values()), registry)
 
     shard_stats: dict[str, TextStats] = {}
+    texts_of: dict[tuple[str, str], list[str]] = {}  # ("shard"|"sft", name) -> texts, for the embeddings
     for sid in sorted({sid for w in weights.values() for sid in w}):
         docs = sample_shard_docs(shards[sid].path, tokenizer.eos_id, num_docs, seed)
         if not docs:
             raise ValueError(f"shard {sid} ({shards[sid].path}) yielded no whole documents between EOS tokens")
         texts = [tokenizer.decode(torch.as_tensor(d)) for d in docs]
         shard_stats[sid] = TextStats.of(texts, docs, ngram_max)
+        texts_of["shard", sid] = texts
         print(f"similarity: shard {sid}: {len(docs)} documents sampled")
     set_stats = {n: TextStats.mixture([(w, shard_stats[sid]) for sid, w in ws.items()]) for n, ws in weights.items()}
 
@@ -280,6 +306,7 @@ def similarity(
             texts = [texts[i] for i in sorted(rng.choice(len(texts), size=num_docs, replace=False))]
         ids = [tokenizer.encode(t, bos=False, eos=False).tolist() for t in texts]
         sft_stats[name] = TextStats.of(texts, ids, ngram_max)
+        texts_of["sft", name] = texts
         print(f"similarity: SFT set {name}: {len(texts)} records")
 
     sim = {m: {s: {} for s in sets} for m in MEASURES}
@@ -292,10 +319,14 @@ def similarity(
     if improvements is not None:
         report.points, report.correlation = correlate(pa, read_improvements(Path(improvements)))
 
+    extra = {}
+    if embedder is not None:
+        extra["embedding"] = embedding_similarity(embedder, texts_of, weights, list(sft), general, improvements)
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "similarity.json").write_text(json.dumps(
-        {**asdict(report), "mixes": dict(sets), "sft_paths": {k: str(v) for k, v in sft.items()}, "weights": weights,
+        {**asdict(report), **extra, "mixes": dict(sets), "sft_paths": {k: str(v) for k, v in sft.items()}, "weights": weights,
          "num_docs": num_docs, "ngram_max": ngram_max, "seed": seed}, indent=1))
     with open(out_dir / "similarity.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -305,13 +336,16 @@ def similarity(
                 w.writerow([s, t, *(f"{sim[m][s][t]:.6f}" for m in MEASURES),
                             *(f"{pa[m][s][t]:.6f}" if s != general else "" for m in MEASURES)])
     plot_heatmap(sim, list(sets), list(sft), out_dir / "similarity_heatmap.png")
+    if extra:
+        write_embedding_outputs(extra["embedding"], list(sets), list(sft), general, out_dir)
     if report.points:
         plot_pa_scatter(report.points, report.correlation, out_dir / "pa_vs_improvement.png")
     print(format_table(sim, pa, list(sets), list(sft), general))
     for m, c in report.correlation.items():
         print(f"PA ({m}) vs relative improvement: r = {c['r']:.3f}, slope = {c['slope']:.3f} over {c['n']} points")
-    print(f"similarity: wrote {out_dir}/similarity.json, similarity.csv, similarity_heatmap.png")
-    return asdict(report)
+    print(f"similarity: wrote {out_dir}/similarity.json, similarity.csv, similarity_heatmap.png"
+          + (", similarity_embedding.csv, similarity_embedding_heatmap.png" if extra else ""))
+    return {**asdict(report), **extra}
 
 
 def saved_similarity(out_dir: Path, sets: dict[str, str], sft: Mapping[str, Path], num_docs: int) -> Optional[dict]:
@@ -357,14 +391,14 @@ def format_table(sim, pa, sets, sft, general) -> str:
     return "\n".join(lines)
 
 
-def plot_heatmap(sim, sets, sft, path: Path) -> None:
+def plot_heatmap(sim, sets, sft, path: Path, measures: Sequence[str] = MEASURES) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(MEASURES), figsize=(3.2 * len(MEASURES) + 1, 0.5 * len(sets) + 2), squeeze=False)
-    for ax, m in zip(axes[0], MEASURES):
+    fig, axes = plt.subplots(1, len(measures), figsize=(3.2 * len(measures) + 1, 0.5 * len(sets) + 2), squeeze=False)
+    for ax, m in zip(axes[0], measures):
         mat = np.array([[sim[m][s][t] for t in sft] for s in sets])
         im = ax.imshow(mat, cmap="viridis", aspect="auto")
         ax.set_xticks(range(len(sft)), sft, rotation=30, ha="right")
