@@ -16,20 +16,14 @@ import math
 import platform
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-from litgpt_ext.study.spec import mix_string
+from litgpt_ext.study.spec import Arm, mix_string
 
+if TYPE_CHECKING:
+    from litgpt_ext.sft.metrics import SFTMetrics
 
-@dataclass
-class Arm:
-    name: str
-    domain: str
-    start: int
-    weight: float
-    seeds: Optional[list[int]] = None  # pretraining seeds this arm runs under (default: the first)
-    tasks: Optional[list[str]] = None  # SFT tasks (reproduce's default: its domain's task and prose)
-    role: str = "mid"  # mid | cpt | cross | ablation (which findings the arm feeds; ablation: the table only)
+__all__ = ["Arm", "Analysis", "Cell", "cells_of", "compare", "findings", "cross_grid", "write_report"]
 
 
 @dataclass
@@ -63,9 +57,10 @@ class Cell:
         return sum(self.general) / len(self.general)
 
 
-def cells_of(best: dict[tuple[str, str], list[dict]]) -> dict[tuple[str, str], Cell]:
-    return {k: Cell(k[0], k[1], len(v), [m["sft_val_loss"] for m in v], [m["val_losses"]["general"] for m in v],
-                    sorted({m["lr"] for m in v})) for k, v in best.items()}
+def cells_of(best: dict[tuple[str, str], list["SFTMetrics"]]) -> dict[tuple[str, str], Cell]:
+    """{(arm family, task): the SFT runs at the chosen LR (`SFTMetrics`, all seeds)} -> their `Cell`s."""
+    return {k: Cell(k[0], k[1], len(v), [m.sft_val_loss for m in v], [m.val_losses["general"] for m in v],
+                    sorted({m.lr for m in v})) for k, v in best.items()}
 
 
 def _ms(xs: list[float]) -> str:
@@ -109,6 +104,22 @@ def _sig(ps: list[Optional[float]]) -> str:
         return "no test could be run (scipy missing or < 2 runs per cell)"
     k = sum(p < ALPHA for p in known)
     return f"{k} of {len(known)} test{'s' if len(known) > 1 else ''} behind it significant at p < {ALPHA}"
+
+
+def cross_grid(cells: dict, arms: list[Arm], analysis: Analysis) -> Optional[tuple[str, list[Arm], dict[tuple[int, float], float]]]:
+    """F4's grid: (domain, its cross arms, {(start, weight): relative SFT-loss improvement over base}) for
+    the domain most cross arms train on; None without cross arms. The figure and the finding share it."""
+    cross = [a for a in arms if a.role == "cross" and a.domain in analysis.task_of]
+    if not cross:
+        return None
+    domain = max(sorted({a.domain for a in cross}), key=lambda d: sum(a.domain == d for a in cross))
+    cross = [a for a in cross if a.domain == domain]
+    table = {}
+    for a in cross:
+        c = compare(cells, a.name, analysis.task_of[domain])
+        if c:
+            table[(a.start, a.weight)] = c["sft"]["rel_improvement"]
+    return domain, cross, table
 
 
 def findings(cells: dict, arms: list[Arm], analysis: Analysis) -> list[dict]:
@@ -174,17 +185,11 @@ def findings(cells: dict, arms: list[Arm], analysis: Analysis) -> list[dict]:
                     "summary": summary[0].upper() + summary[1:], "numbers": rows, "holds": holds})
 
     # F4: timing x weight, on the cross arms of one domain (the one most of them train on)
-    cross = [a for a in arms if a.role == "cross" and a.domain in task_of]
-    if cross:
-        domain = max(sorted({a.domain for a in cross}), key=lambda d: sum(a.domain == d for a in cross))
-        cross = [a for a in cross if a.domain == domain]
-        table = {}
+    grid = cross_grid(cells, arms, analysis)
+    if grid is not None:
+        domain, cross, table = grid
         starts = sorted({a.start for a in cross})
         weights = sorted({a.weight for a in cross})
-        for a in cross:
-            c = compare(cells, a.name, task_of[domain])
-            if c:
-                table[(a.start, a.weight)] = c["sft"]["rel_improvement"]
         if len(starts) >= 2 and len(weights) >= 2 and all((s, w) in table for s in starts for w in weights):
             early, late, lo, hi = starts[0], starts[-1], weights[0], weights[-1]
             d_early = table[(early, hi)] - table[(early, lo)]  # what a high weight buys (or costs) early
@@ -309,13 +314,8 @@ def write_report(out: Path, *, title: str, intro: str, setup: list[str], arms: l
     """<out>/REPORT.md (setup, results table, findings, figures, versions) and <out>/results.json."""
     out.mkdir(parents=True, exist_ok=True)
     f = findings(cells, arms, analysis)
-    cross = next((x["numbers"]["table"] for x in f if x["id"] == "F4"), None)
-    cross_table = None
-    if cross:
-        cross_table = {}
-        for k, v in cross.items():
-            s, w = k.replace("start ", "").split(" / weight ")
-            cross_table[(int(s), float(w))] = v
+    grid = cross_grid(cells, arms, analysis) if any(x["id"] == "F4" for x in f) else None
+    cross_table = grid[2] if grid else None
     figs = _plots(cells, arms, out, cross_table) if cells else []
     f3, f3_missing, f3_figs = f3_finding(cells, sim, out)
     if f3 is not None:

@@ -11,7 +11,9 @@ Stages (each skipped when its output exists, so an interrupted run continues whe
 4. the bridge: dataset similarity of each arm's mix to each SFT set (`litgpt_ext.study.similarity`);
 5. `REPORT.md` with tables, PNG figures, the four findings as measured, seeds, sizes and versions.
 
-Everything runs in this process (no interpreter start-up per run). The same grid at Pythia scale is
+Everything runs in this process (no interpreter start-up per run), through the one study executor
+(`litgpt_ext.study.executor`: its "finished" rule, its interrupt handling: a preempted job exits 99
+with the command to continue). The same grid at Pythia scale is
 `midtrain_configs/sweeps/paper_pythia160m.yaml` for `litgpt-ext sweep` (a SLURM plan).
 """
 
@@ -28,10 +30,12 @@ from typing import Any, Optional
 import yaml
 
 from litgpt_ext.sft.grid import best_lr
+from litgpt_ext.sft.metrics import FILE_NAME, SFTMetrics, read_sft_metrics
 from litgpt_ext.study import report
+from litgpt_ext.study.executor import Executor, Job
 from litgpt_ext.study.report import Analysis, Arm, Cell, cells_of, compare, findings  # noqa: F401  (the API)
-from litgpt_ext.study.spec import ROLES, SweepSpec, mix_string, read_yaml_for, split_run_name
-from litgpt_ext.study.sweep import Job, plan_sweep
+from litgpt_ext.study.spec import SweepSpec, arm_of, mix_string, read_yaml_for, split_run_name
+from litgpt_ext.study.sweep import plan_sweep
 
 DOMAIN_TASK = {"code": "code", "math": "math"}  # the SFT task of each midtraining domain
 ANALYSIS = Analysis(task_of=DOMAIN_TASK, near_task="prose")
@@ -79,15 +83,12 @@ def validate_config(cfg: ReproduceConfig) -> None:
 
 def arms_of(cfg: ReproduceConfig) -> list[Arm]:
     arms = []
-    for a in cfg.arms:
-        bad = sorted(set(a) - set(Arm.__dataclass_fields__))
-        if bad:
-            raise ValueError(f"reproduce arm {a}: unknown keys {bad}; known: {sorted(Arm.__dataclass_fields__)}")
-        arm = Arm(**a)
+    for raw in cfg.arms:
+        arm = arm_of(raw, "reproduce arm")
+        if arm.match_tokens_of is not None:
+            raise ValueError(f"reproduce arm {arm.name}: match_tokens_of is a sweep feature; give its start")
         if arm.domain not in DOMAIN_TASK:
             raise ValueError(f"reproduce arm {arm.name}: domain {arm.domain!r} has no SFT task; known: {sorted(DOMAIN_TASK)}")
-        if arm.role not in ROLES:
-            raise ValueError(f"reproduce arm {arm.name}: role must be one of {', '.join(ROLES)}, got {arm.role!r}")
         arm.seeds = arm.seeds or cfg.pretrain_seeds[:1]
         unknown = sorted(set(arm.seeds) - set(cfg.pretrain_seeds))
         if unknown:
@@ -98,20 +99,6 @@ def arms_of(cfg: ReproduceConfig) -> list[Arm]:
 
 
 # --------------------------------------------------------------------------------------------- stages
-
-
-class _Progress:
-    """Periodic lines with rate and ETA (the study runs for many minutes, usually piped to a log)."""
-
-    def __init__(self, total: int):
-        self.total, self.done, self.t0 = total, 0, time.perf_counter()
-
-    def step(self, what: str) -> None:
-        el = time.perf_counter() - self.t0
-        eta = el / self.done * (self.total - self.done) if self.done else float("nan")
-        print(f"[reproduce {self.done + 1}/{self.total}] {what} | elapsed {el / 60:.1f} min"
-              + (f" | ETA {eta / 60:.1f} min" if self.done else ""), flush=True)
-        self.done += 1
 
 
 TIMINGS = "timings.jsonl"
@@ -139,18 +126,23 @@ def stage_minutes(out_dir: Path) -> dict[str, float]:
 
 
 def _cli(args: list[str], log: Path, out_dir: Optional[Path] = None) -> None:
-    """One litgpt-ext command in this process, its output to a log file (the console gets progress);
-    its wall time goes to <out_dir>/timings.jsonl."""
+    """A data-building litgpt-ext command (no config, no checkpoints) in this process, its output to a
+    log file; its wall time goes to <out_dir>/timings.jsonl. A failure is one line naming the log."""
     from litgpt_ext.cli import main as cli_main
 
     log.parent.mkdir(parents=True, exist_ok=True)
     timed = _timed(out_dir, args[0], " ".join(args[1:])) if out_dir is not None else contextlib.nullcontext()
+    code = None
     with timed, open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
         try:
             cli_main(args)
         except SystemExit as e:
-            if e.code not in (0, None):
-                raise RuntimeError(f"`litgpt-ext {' '.join(args)}` failed ({e.code}); log: {log}") from None
+            code = e.code
+            if isinstance(code, str):
+                print(code)
+    if code not in (0, None):
+        raise SystemExit(f"litgpt-ext reproduce: `litgpt-ext {' '.join(args)}` failed ({code if isinstance(code, int) else 1});"
+                         f" its log: {log}; fix it, then run the same reproduce command again")
 
 
 def _demo_paths(demo: Path) -> dict[str, Any]:
@@ -179,9 +171,13 @@ class SFTRun:
     seed: int
     out_dir: Path
 
-    def metrics(self) -> Optional[dict]:
-        p = self.out_dir / "sft_metrics.json"
-        return json.loads(p.read_text()) if p.is_file() else None
+    @property
+    def name(self) -> str:
+        return f"{self.source}_{self.task}_lr{self.lr:g}_s{self.seed}"
+
+    def metrics(self) -> Optional[SFTMetrics]:
+        p = self.out_dir / FILE_NAME
+        return read_sft_metrics(p) if p.is_file() else None
 
 
 def sft_config(cfg: ReproduceConfig, base: dict, run: SFTRun, ckpt_dir: Path) -> dict:
@@ -199,21 +195,15 @@ def sft_config(cfg: ReproduceConfig, base: dict, run: SFTRun, ckpt_dir: Path) ->
     return c
 
 
-def run_sft_grid(cfg: ReproduceConfig, sources: list[tuple[str, str, int, Path, list[str]]], progress: _Progress) -> list[SFTRun]:
+def run_sft_grid(cfg: ReproduceConfig, sources: list[tuple[str, str, int, Path, list[str]]], ex: Executor) -> list[SFTRun]:
     """LR sweep with the first seed, then the other seeds at the best LR, per (source, task)."""
     base = yaml.safe_load(cfg.sft_config.read_text()) or {}
     done: list[SFTRun] = []
-    cfg_dir = cfg.out_dir / "configs" / "sft"
-    cfg_dir.mkdir(parents=True, exist_ok=True)
 
     def run(r: SFTRun, ckpt_dir: Path) -> None:
-        if r.metrics() is None:
-            progress.step(f"sft {r.task} from {r.source} lr {r.lr:g} seed {r.seed}")
-            path = cfg_dir / f"{r.source}_{r.task}_lr{r.lr:g}_s{r.seed}.yaml"
-            path.write_text(yaml.safe_dump(sft_config(cfg, base, r, ckpt_dir), sort_keys=False))
-            _cli(["sft", "--config", str(path)], r.out_dir / "sft.log", cfg.out_dir)
-        else:
-            progress.done += 1
+        job = Job(r.name, "sft", "sft", sft_config(cfg, base, r, ckpt_dir), r.out_dir, info={"what": f"sft {r.task} from"
+                  f" {r.source} lr {r.lr:g} seed {r.seed}"})
+        ex.run([job], log_name="sft.log", config_dir=cfg.out_dir / "configs" / "sft")
         done.append(r)
 
     for source, family, pseed, ckpt_dir, tasks in sources:
@@ -222,7 +212,7 @@ def run_sft_grid(cfg: ReproduceConfig, sources: list[tuple[str, str, int, Path, 
                             cfg.out_dir / "sft" / task / source / f"lr{lr:g}_seed{cfg.sft_seeds[0]}") for lr in cfg.sft_lrs]
             for r in first:
                 run(r, ckpt_dir)
-            best = best_lr({r.lr: [r.metrics()["sft_val_loss"]] for r in first})  # the LR sweep uses the first seed
+            best = best_lr({r.lr: [r.metrics().sft_val_loss] for r in first})  # the LR sweep uses the first seed
             for s in cfg.sft_seeds[1:]:
                 run(SFTRun(source, family, pseed, task, best, s, cfg.out_dir / "sft" / task / source / f"lr{best:g}_seed{s}"),
                     ckpt_dir)
@@ -232,18 +222,18 @@ def run_sft_grid(cfg: ReproduceConfig, sources: list[tuple[str, str, int, Path, 
 # --------------------------------------------------------------------------------------------- analysis
 
 
-def best_lr_runs(runs: list[SFTRun]) -> dict[tuple[str, str], list[dict]]:
+def best_lr_runs(runs: list[SFTRun]) -> dict[tuple[str, str], list[SFTMetrics]]:
     """{(family, task): metrics of the runs at each source's chosen LR, all seeds, all pretraining seeds}."""
     by_src: dict[tuple[str, str], list[SFTRun]] = {}
     for r in runs:
         by_src.setdefault((r.source, r.task), []).append(r)
-    out: dict[tuple[str, str], list[dict]] = {}
+    out: dict[tuple[str, str], list[SFTMetrics]] = {}
     for (_source, task), rs in by_src.items():
         first_seed = min(r.seed for r in rs)
-        best = best_lr({r.lr: [r.metrics()["sft_val_loss"]] for r in rs if r.seed == first_seed})
+        best = best_lr({r.lr: [r.metrics().sft_val_loss] for r in rs if r.seed == first_seed})
         for r in rs:
             if r.lr == best:
-                out.setdefault((r.family, task), []).append({**r.metrics(), "pretrain_seed": r.pretrain_seed})
+                out.setdefault((r.family, task), []).append(r.metrics())
     return out
 
 
@@ -331,19 +321,10 @@ def reproduce(
 
     jobs = pretrain_jobs(cfg, arms)
     n_sft = sum(len(cfg.base_tasks) for _ in cfg.pretrain_seeds) + sum(len(a.tasks) * len(a.seeds) for a in arms)
-    progress = _Progress(len(jobs) + n_sft * (len(cfg.sft_lrs) + len(cfg.sft_seeds) - 1))
-    cfg_dir = cfg.out_dir / "configs" / "pretrain"
-    cfg_dir.mkdir(parents=True, exist_ok=True)
-    for j in jobs:
-        if j.done():
-            progress.done += 1
-            continue
-        what = (f" (fork @{j.info['start']}, {j.info['mix']})" if j.stage == "midtrain"
-                else f" (until step {j.info['pause']})" if j.info.get("pause") is not None else "")
-        progress.step(f"{j.stage} {j.name}{what}")
-        path = cfg_dir / f"{j.name}.yaml"
-        path.write_text(yaml.safe_dump(j.config, sort_keys=False))
-        _cli(["pretrain", "--config", str(path)], j.out_dir / "reproduce.log", cfg.out_dir)
+    ex = Executor(label="reproduce", resume_command=f"the same `litgpt-ext reproduce` (out_dir {cfg.out_dir})",
+                  config_dir=cfg.out_dir / "configs" / "pretrain", mode="inprocess", log_name="reproduce.log",
+                  timings=cfg.out_dir / TIMINGS, total=len(jobs) + n_sft * (len(cfg.sft_lrs) + len(cfg.sft_seeds) - 1))
+    ex.run(jobs)
 
     fam = {a.name: a for a in arms}
     sources = []
@@ -353,7 +334,7 @@ def reproduce(
         family = "base" if j.stage == "base" else split_run_name(j.name)[0]
         tasks = cfg.base_tasks if family == "base" else fam[family].tasks
         sources.append((j.name, family, j.info["seed"], j.out_dir / "final", tasks))
-    runs = run_sft_grid(cfg, sources, progress)
+    runs = run_sft_grid(cfg, sources, ex)
 
     sim = None
     try:
