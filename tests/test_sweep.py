@@ -210,14 +210,18 @@ def test_report_from_the_finished_sft_runs(tmp_path, config_file, capsys):  # no
 
 
 def test_one_best_lr_rule_and_one_run_name_parser():
-    from litgpt_ext.sft.grid import best_lr
-    from litgpt_ext.study.spec import arm_name, split_run_name
+    from litgpt_ext.sft.grid import best_lr, lr_edge_step
+    from litgpt_ext.study.spec import arm_name, arm_of, split_run_name
 
     assert best_lr({3e-3: [1.0, 1.4], 1e-3: [1.3, 1.3]}) == 3e-3  # the lowest mean over seeds (1.2 < 1.3)
     assert best_lr({3e-3: [1.0], 1e-3: [1.0]}) == 1e-3  # a tie: the smaller LR
     with pytest.raises(ValueError, match="every LR needs at least one"):
         best_lr({1e-3: []})
-    a = {"name": "math_mid_seed_fix", "domain": "math", "start": 3, "weight": 0.2}
+    a = arm_of({"name": "math_mid_seed_fix", "domain": "math", "start": 3, "weight": 0.2})
+    assert (a.role, arm_of({"domain": "math", "start": 3, "weight": 1.0}).name) == ("mid", "math_w1_at3")
+    assert arm_of({"domain": "math", "start": 3, "weight": 1.0}).role == "cpt"  # the default at weight 1.0
+    assert lr_edge_step([1e-3, 3e-3], 3e-3) == pytest.approx(3) and lr_edge_step([1e-3, 3e-3], 1e-3) == pytest.approx(1 / 3)
+    assert lr_edge_step([1e-4, 1e-3, 3e-3], 1e-3) is None and lr_edge_step([1e-3], 1e-3) is None
     assert split_run_name(arm_name(a, 42)) == ("math_mid_seed_fix", 42)
     with pytest.raises(ValueError, match=r"'base' does not end in _seed<N>"):
         split_run_name("base")

@@ -29,7 +29,7 @@ from typing import Any, Optional
 
 import yaml
 
-from litgpt_ext.sft.grid import best_lr
+from litgpt_ext.sft.grid import best_lr, lr_edge_step
 from litgpt_ext.sft.metrics import FILE_NAME, SFTMetrics, read_sft_metrics
 from litgpt_ext.study import report
 from litgpt_ext.study.executor import Executor, Job
@@ -58,6 +58,11 @@ class ReproduceConfig:
     sft_task_args: dict[str, Any] = field(default_factory=dict)
     """Flags of `build-sft-tasks` (e.g. math_examples: fewer problems for a faster study)"""
     threads: Optional[int] = None
+    bootstrap: int = 1000
+    """Hierarchical-bootstrap replicates behind every finding's 95% interval (0: no intervals)"""
+    sft_lr_extend: int = 0
+    """When the chosen SFT LR is at an edge of sft_lrs, try up to this many more LRs beyond that edge
+    (one grid step each: the ratio of the two nearest grid LRs) until the optimum is interior"""
 
 
 def load_config(path: Path) -> ReproduceConfig:
@@ -69,6 +74,8 @@ def load_config(path: Path) -> ReproduceConfig:
 
 
 def validate_config(cfg: ReproduceConfig) -> None:
+    if cfg.bootstrap < 0 or cfg.sft_lr_extend < 0:
+        raise ValueError(f"bootstrap and sft_lr_extend must be >= 0, got {cfg.bootstrap} and {cfg.sft_lr_extend}")
     if len(cfg.sft_seeds) < 2:
         raise ValueError(f"sft_seeds needs >= 2 seeds for std and t-tests, got {cfg.sft_seeds}")
     if not cfg.sft_lrs or any(lr <= 0 for lr in cfg.sft_lrs):
@@ -208,11 +215,26 @@ def run_sft_grid(cfg: ReproduceConfig, sources: list[tuple[str, str, int, Path, 
 
     for source, family, pseed, ckpt_dir, tasks in sources:
         for task in tasks:
-            first = [SFTRun(source, family, pseed, task, lr, cfg.sft_seeds[0],
-                            cfg.out_dir / "sft" / task / source / f"lr{lr:g}_seed{cfg.sft_seeds[0]}") for lr in cfg.sft_lrs]
+            def first_seed(lr: float, source=source, family=family, pseed=pseed, task=task) -> SFTRun:
+                return SFTRun(source, family, pseed, task, lr, cfg.sft_seeds[0],
+                              cfg.out_dir / "sft" / task / source / f"lr{lr:g}_seed{cfg.sft_seeds[0]}")
+
+            first = [first_seed(lr) for lr in cfg.sft_lrs]
             for r in first:
                 run(r, ckpt_dir)
             best = best_lr({r.lr: [r.metrics().sft_val_loss] for r in first})  # the LR sweep uses the first seed
+            for _ in range(cfg.sft_lr_extend):  # an optimum at the grid's edge: one more step beyond it
+                step = lr_edge_step(sorted(r.lr for r in first), best)
+                if step is None:
+                    break
+                first.append(first_seed(best * step))
+                run(first[-1], ckpt_dir)
+                best = best_lr({r.lr: [r.metrics().sft_val_loss] for r in first})
+            edge = lr_edge_step(sorted(r.lr for r in first), best)
+            if edge is not None:
+                print(f"[reproduce] warning: the chosen SFT LR {best:g} for {task} from {source} is at the "
+                      f"{'lower' if edge < 1 else 'upper'} edge of the grid {sorted(r.lr for r in first)}: the best LR may lie"
+                      f" outside it (sft_lr_extend: N tries N more LRs beyond the edge)", flush=True)
             for s in cfg.sft_seeds[1:]:
                 run(SFTRun(source, family, pseed, task, best, s, cfg.out_dir / "sft" / task / source / f"lr{best:g}_seed{s}"),
                     ckpt_dir)
@@ -239,6 +261,21 @@ def best_lr_runs(runs: list[SFTRun]) -> dict[tuple[str, str], list[SFTMetrics]]:
 
 
 
+def lr_edges(runs: list[SFTRun]) -> list[str]:
+    """`source/task: lr of [grid]` for each (source, task) whose chosen LR is the smallest or largest tried."""
+    out = []
+    by_src: dict[tuple[str, str], dict[float, float]] = {}
+    first = min((r.seed for r in runs), default=0)
+    for r in runs:
+        if r.seed == first:
+            by_src.setdefault((r.source, r.task), {})[r.lr] = r.metrics().sft_val_loss
+    for (src, task), losses in sorted(by_src.items()):
+        best = best_lr({lr: [v] for lr, v in losses.items()})
+        if lr_edge_step(sorted(losses), best) is not None:
+            out.append(f"{src}/{task}: {best:g} of {sorted(losses)}")
+    return out
+
+
 def write_report(cfg: ReproduceConfig, arms: list[Arm], runs: list[SFTRun], sim: Optional[dict], seconds: float) -> Path:
     cost = stage_minutes(cfg.out_dir)
     spent = (f"The study's stages took {sum(cost.values()):.1f} min of wall time as they ran ("
@@ -249,11 +286,16 @@ def write_report(cfg: ReproduceConfig, arms: list[Arm], runs: list[SFTRun], sim:
              "arms fork the base run of their seed and train to the same total with the base run's schedule (no re-warmup)",
              f"- SFT: `{cfg.sft_config}`; LR sweep {cfg.sft_lrs} with seed {cfg.sft_seeds[0]}, the best LR per (checkpoint, task) "
              f"by SFT validation loss, then seeds {cfg.sft_seeds[1:]} at that LR"]
+    edges = lr_edges(runs)
+    setup.append(f"- **warning:** the chosen LR is at an edge of the LR grid for {len(edges)} (checkpoint, task) cell(s) "
+                 f"({'; '.join(edges[:6])}{' …' if len(edges) > 6 else ''}): the best LR may lie outside it "
+                 "(`sft_lr_extend: N` tries N more LRs beyond the edge)" if edges else
+                 "- the chosen LR is inside the LR grid for every (checkpoint, task) cell")
     return report.write_report(
         cfg.out_dir, title="Reproduction at CPU scale: Midtraining Bridges Pretraining and Posttraining Distributions",
         intro=f"Generated by `litgpt-ext reproduce`. {spent} Everything below is measured; nothing was tuned until a finding held.",
         setup=setup, arms=arms, base_seeds=cfg.pretrain_seeds, base_tasks=cfg.base_tasks, replay="main",
-        cells=cells_of(best_lr_runs(runs)), sim=sim, analysis=ANALYSIS,
+        cells=cells_of(best_lr_runs(runs)), sim=sim, analysis=ANALYSIS, n_boot=cfg.bootstrap,
         footer=["Scale caveat: a ~2M-parameter model on ~4M tokens; the paper's Pythia runs are 10^4-10^5 times larger. "
                 "The same grid at Pythia scale: `litgpt-ext sweep --spec midtrain_configs/sweeps/paper_pythia160m.yaml` "
                 "(and `--action report` once its runs are done).", ""])
@@ -276,6 +318,8 @@ def reproduce(
     similarity_docs: int = 300,
     sft_task_args: Optional[dict[str, Any]] = None,
     threads: Optional[int] = None,
+    bootstrap: int = 1000,
+    sft_lr_extend: int = 0,
 ) -> dict:
     """Run the paper's study at CPU scale and write <out_dir>/REPORT.md (stages with outputs are skipped).
 
@@ -295,6 +339,8 @@ def reproduce(
         similarity_docs: Documents per shard and SFT set for the similarity measures.
         sft_task_args: Flags of `build-sft-tasks` (e.g. {math_examples: 500}).
         threads: torch threads (default: torch's).
+        bootstrap: Hierarchical-bootstrap replicates behind each finding's 95% interval (0: none).
+        sft_lr_extend: Up to this many more SFT LRs beyond the grid's edge when the chosen LR is at it.
     """
     import torch
 
@@ -302,7 +348,8 @@ def reproduce(
                           sft_config=Path(sft_config), total_steps=total_steps, pretrain_seeds=list(pretrain_seeds),
                           arms=list(arms or []), base_tasks=list(base_tasks), sft_lrs=list(sft_lrs),
                           sft_seeds=list(sft_seeds), similarity_docs=similarity_docs,
-                          sft_task_args=dict(sft_task_args or {}), threads=threads)
+                          sft_task_args=dict(sft_task_args or {}), threads=threads, bootstrap=bootstrap,
+                          sft_lr_extend=sft_lr_extend)
     validate_config(cfg)
     arms = arms_of(cfg)
     if cfg.threads:

@@ -61,6 +61,8 @@ class ReportSpec:
     """Token shards for the bridge (default: the base config's data.init_args.data_path)"""
     tokenizer_dir: Optional[Path] = None
     """Tokenizer for the bridge (default: the base config's tokenizer_dir)"""
+    bootstrap: int = 1000
+    """Hierarchical-bootstrap replicates behind every finding's 95% interval (0: no intervals)"""
 
 
 @dataclass
