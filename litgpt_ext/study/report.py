@@ -408,7 +408,10 @@ def write_report(out: Path, *, title: str, intro: str, setup: list[str], arms: l
     path = out / "REPORT.md"
     path.write_text("\n".join(L))
     (out / "results.json").write_text(json.dumps({"cells": {f"{k[0]}|{k[1]}": vars(v) for k, v in cells.items()},
-                                                    "findings": f}, indent=1, default=str))
+                                                    "findings": f,
+                                                    "arms": [{**vars(a), "mix": mix_string(replay, a.domain, a.weight)}
+                                                             for a in arms], "replay": replay,
+                                                    "base_seeds": base_seeds}, indent=1, default=str))
     return path
 
 
