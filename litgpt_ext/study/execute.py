@@ -61,7 +61,12 @@ def sweep(spec: Path, action: Literal["plan", "write", "local", "report"] = "pla
         ran = run_local(jobs, cdir, resume_command=again)
         print(f"\nsweep: ran {len(ran)} job(s); {len(jobs) - len(ran)} had finished before")
     elif action == "report":
-        from litgpt_ext.study.sweep_report import sweep_report
+        if s.report is not None and s.report.kind == "methods":
+            from litgpt_ext.study.methods_report import methods_report
 
-        print(f"\nwrote {sweep_report(s, jobs, root / 'report')}")
+            print(f"\nwrote {methods_report(s, jobs, root / 'report')}")
+        else:
+            from litgpt_ext.study.sweep_report import sweep_report
+
+            print(f"\nwrote {sweep_report(s, jobs, root / 'report')}")
     return [{"name": j.name, "stage": j.stage, "out_dir": str(j.out_dir), "depends": j.depends, **j.info} for j in jobs]

@@ -367,7 +367,7 @@ def write_report(out: Path, *, title: str, intro: str, setup: list[str], arms: l
     L += ["", "| arm | role | domain | start | weight | mix | pretraining seeds | SFT tasks |",
           "|---|---|---|---|---|---|---|---|", f"| base | base | - | - | - | {replay}:1.0 | {base_seeds} | {base_tasks} |"]
     for a in arms:
-        L.append(f"| {a.name} | {a.role} | {a.domain} | {a.start} | {a.weight:g} | {mix_string(replay, a.domain, a.weight)} "
+        L.append(f"| {a.name} | {a.role} | {a.domain} | {a.start} | {a.weight:g} | {a.mix or mix_string(replay, a.domain, a.weight)} "
                  f"| {a.seeds} | {a.tasks} |")
     L += ["", "## Results after SFT", "", "Mean ± std over all SFT runs at the chosen LR (SFT seeds x pretraining seeds). "
           "Relative improvement = (L_base − L_arm) / L_base; p from Welch's t-test against base (the paper's test). "
@@ -409,7 +409,7 @@ def write_report(out: Path, *, title: str, intro: str, setup: list[str], arms: l
     path.write_text("\n".join(L))
     (out / "results.json").write_text(json.dumps({"cells": {f"{k[0]}|{k[1]}": vars(v) for k, v in cells.items()},
                                                     "findings": f,
-                                                    "arms": [{**vars(a), "mix": mix_string(replay, a.domain, a.weight)}
+                                                    "arms": [{**vars(a), "mix": a.mix or mix_string(replay, a.domain, a.weight)}
                                                              for a in arms], "replay": replay,
                                                     "base_seeds": base_seeds}, indent=1, default=str))
     return path

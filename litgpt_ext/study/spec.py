@@ -63,6 +63,12 @@ class ReportSpec:
     """Tokenizer for the bridge (default: the base config's tokenizer_dir)"""
     bootstrap: int = 1000
     """Hierarchical-bootstrap replicates behind every finding's 95% interval (0: no intervals)"""
+    kind: str = "findings"
+    """findings: the paper's F1-F4 (`litgpt_ext.study.report`); methods: a ranking of the arms as ways to
+    gain a domain without forgetting (gain, forgetting, post-SFT loss, the Pareto front:
+    `litgpt_ext.study.methods_report`)"""
+    general_set: str = "general"
+    """methods: the validation set whose rise is forgetting"""
 
 
 @dataclass
@@ -138,6 +144,8 @@ def load_spec(path: Path) -> SweepSpec:
     if missing:
         raise ValueError(f"sweep spec {str(path)!r} lacks {missing}")
     sft, rep = _section(raw, "sft", SFTGrid), _section(raw, "report", ReportSpec)
+    if rep is not None and rep.kind not in ("findings", "methods"):
+        raise ValueError(f"sweep spec report.kind must be findings or methods, got {rep.kind!r}")
     spec = SweepSpec(**raw, sft=sft, report=rep)
     spec.base_config = Path(spec.base_config)
     check_seeds(spec.seeds, "seeds (pretraining)")
@@ -199,6 +207,12 @@ class Arm:
     """mid | cpt | cross | ablation: which findings the arm feeds (ablation: the results table only)"""
     match_tokens_of: Optional[str] = None
     """The arm whose domain tokens this one matches (`start` is derived: a token-matched CPT control)"""
+    mix: Optional[str] = None
+    """An explicit mix (`main:0.5,synth:0.3,math:0.2`) instead of replay:(1-weight),domain:weight; `weight`
+    is then the domain's share of it"""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Dotted-key overrides of this arm's runs only (after arm_overrides), e.g. a method's knobs:
+    {regularizer.type: ewc, optimizer.layer_lr_decay: 0.8}"""
 
 
 ARM_KEYS = tuple(Arm.__dataclass_fields__)
@@ -212,6 +226,17 @@ def arm_of(raw: dict, what: str = "sweep arm") -> Arm:
     bad = sorted(set(raw) - set(ARM_KEYS))
     if bad:
         raise ValueError(f"{what} {raw}: unknown keys {bad}; known: {sorted(ARM_KEYS)}")
+    raw = dict(raw)
+    if raw.get("mix") is not None and raw.get("weight") is None:  # the domain's share of the explicit mix
+        from litgpt_ext.data.mix_spec import parse_weights_str
+
+        w = parse_weights_str(str(raw["mix"]), f"{what} mix")
+        if raw.get("domain") not in w:
+            raise ValueError(f"{what} {raw}: its mix {raw['mix']!r} has no {raw.get('domain')!r} (the arm's domain); "
+                             f"types in it: {sorted(w)}")
+        raw["weight"] = w[raw["domain"]] / sum(w.values())
+    if not isinstance(raw.get("overrides", {}), dict):
+        raise ValueError(f"{what} {raw}: overrides must be a mapping of dotted config keys to values")
     need = ("domain", "weight") + (() if raw.get("match_tokens_of") is not None else ("start",))
     missing = [k for k in need if raw.get(k) is None]
     if missing:
@@ -233,7 +258,8 @@ def arm_of(raw: dict, what: str = "sweep arm") -> Arm:
     arm = Arm(name=str(raw.get("name") or ""), domain=str(raw["domain"]), start=start, weight=weight,
               seeds=None if seeds is None else list(seeds),
               tasks=None if raw.get("tasks") is None else list(raw["tasks"]), role=role,
-              match_tokens_of=None if raw.get("match_tokens_of") is None else str(raw["match_tokens_of"]))
+              match_tokens_of=None if raw.get("match_tokens_of") is None else str(raw["match_tokens_of"]),
+              mix=None if raw.get("mix") is None else str(raw["mix"]), overrides=dict(raw.get("overrides") or {}))
     if not arm.name and arm.start is not None:
         arm.name = f"{arm.domain}_w{arm.weight:g}_at{arm.start}"
     return arm

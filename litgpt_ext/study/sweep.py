@@ -110,7 +110,7 @@ def plan_sweep(spec: SweepSpec) -> list[Job]:
         cfg = copy.deepcopy(base_cfg)
         name = arm_name(a, seed) + (f"_data{dseed}" if dseed is not None else "")
         out = root / name
-        mix = mix_string(spec.replay, a.domain, float(a.weight))
+        mix = a.mix or mix_string(spec.replay, a.domain, float(a.weight))
         _set(cfg, "out_dir", str(out))
         _set(cfg, "fork_from", str(root / f"base_seed{seed}" / f"step-{int(a.start):08d}"))
         _set(cfg, "resume", "auto")
@@ -121,7 +121,7 @@ def plan_sweep(spec: SweepSpec) -> list[Job]:
                   "train.max_additional_steps", "train.max_tokens", "train.pause_at_step"):
             _set(cfg, k, None)
         _set(cfg, "train.max_iters", spec.total_steps)
-        for k, v in spec.arm_overrides.items():
+        for k, v in {**spec.arm_overrides, **a.overrides}.items():
             _set(cfg, k, v)
         base_job = f"base_seed{seed}_to{int(a.start)}" if spec.split_base else f"base_seed{seed}"
         jobs.append(Job(name, "midtrain", "pretrain", cfg, out, depends=[base_job],

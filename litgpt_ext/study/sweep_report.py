@@ -82,7 +82,7 @@ def sweep_report(spec, jobs: list, out: Path) -> Path:
         sft_cfg = yaml.safe_load(Path(spec.sft.config).read_text()) or {}
         sft_sets = {t: _sft_train_file(Path((o or {}).get("data.init_args.train_path") or _get(sft_cfg, "data.init_args.train_path", "")))
                     for t, o in spec.sft.tasks.items()}
-        sets = {"base": f"{spec.replay}:1.0", **{a.name: mix_string(spec.replay, a.domain, a.weight) for a in arms}}
+        sets = {"base": f"{spec.replay}:1.0", **{a.name: a.mix or mix_string(spec.replay, a.domain, a.weight) for a in arms}}
         absent = [str(p) for p in (data_path, tok, *sft_sets.values()) if not str(p) or not p.exists()]
         if absent:
             sim = {"error": f"missing {absent}; set report.data_path / report.tokenizer_dir or prepare the SFT sets"}
