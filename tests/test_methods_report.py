@@ -19,7 +19,7 @@ from tests.test_train_cli import config_file  # noqa: F401  (the tiny real-shard
 ARMS = [{"name": "no_replay", "domain": "code", "start": 2, "weight": 1.0, "role": "ablation"},
         {"name": "replay50", "domain": "code", "start": 2, "weight": 0.5, "role": "ablation"},
         {"name": "l2", "domain": "code", "start": 2, "weight": 1.0, "role": "ablation",
-         "overrides": {"train.min_lr": 0.0, "optimizer.init_args.weight_decay": 0.0}},
+         "overrides": {"train.min_lr": 0.0, "optimizer.init_args.weight_decay": 0.0, "log.group": "${fork_from}"}},
         {"name": "explicit", "domain": "code", "start": 2, "mix": "main:0.6,code:0.4", "role": "ablation"}]
 
 
@@ -36,6 +36,7 @@ def test_an_arm_carries_its_own_mix_and_overrides(tmp_path, config_file):  # noq
     assert jobs["explicit_seed1"].config["data"]["init_args"]["mix_weights_str"] == "main:0.6,code:0.4"
     assert jobs["explicit_seed1"].info["weight"] == pytest.approx(0.4)
     assert jobs["l2_seed1"].config["optimizer"]["init_args"]["weight_decay"] == 0.0
+    assert jobs["l2_seed2"].config["log"]["group"] == str(tmp_path / "runs" / "base_seed2" / "step-00000002")
     assert jobs["replay50_seed1"].config["optimizer"]["init_args"]["weight_decay"] == 0.1  # not the other arm's
 
 

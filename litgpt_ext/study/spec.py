@@ -212,7 +212,8 @@ class Arm:
     is then the domain's share of it"""
     overrides: dict[str, Any] = field(default_factory=dict)
     """Dotted-key overrides of this arm's runs only (after arm_overrides), e.g. a method's knobs:
-    {regularizer.type: ewc, optimizer.layer_lr_decay: 0.8}"""
+    {regularizer.type: ewc, optimizer.layer_lr_decay: 0.8}; in a string value `${fork_from}` is the run's
+    fork checkpoint (its pretraining seed's base run at `start`: EWC's reference)"""
 
 
 ARM_KEYS = tuple(Arm.__dataclass_fields__)

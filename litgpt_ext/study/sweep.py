@@ -121,8 +121,9 @@ def plan_sweep(spec: SweepSpec) -> list[Job]:
                   "train.max_additional_steps", "train.max_tokens", "train.pause_at_step"):
             _set(cfg, k, None)
         _set(cfg, "train.max_iters", spec.total_steps)
-        for k, v in {**spec.arm_overrides, **a.overrides}.items():
-            _set(cfg, k, v)
+        fork = str(root / f"base_seed{seed}" / f"step-{int(a.start):08d}")
+        for k, v in {**spec.arm_overrides, **a.overrides}.items():  # "${fork_from}": this run's fork checkpoint
+            _set(cfg, k, v.replace("${fork_from}", fork) if isinstance(v, str) else v)
         base_job = f"base_seed{seed}_to{int(a.start)}" if spec.split_base else f"base_seed{seed}"
         jobs.append(Job(name, "midtrain", "pretrain", cfg, out, depends=[base_job],
                         info={"seed": seed, "mix": mix, "start": int(a.start), "domain": a.domain,
