@@ -40,6 +40,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build-own-tasks": ("litgpt_ext.eval.own_tasks:build_own_tasks", "lm-eval tasks from your own files: perplexity, multiple choice, SFT generation"),
     "consolidate": ("litgpt_ext.checkpoint.dcp:consolidate", "turn a sharded (DCP) checkpoint into litgpt's lit_model.pth"),
     "convert-to-hf": ("litgpt_ext.eval.convert:convert_to_hf", "export a dense checkpoint to Hugging Face format"),
+    "anneal": ("litgpt_ext.study.anneal:anneal", "microanneal: branch a checkpoint into a short LR decay on a mix and on the control"),
     "sweep": ("litgpt_ext.study.execute:sweep", "expand a grid of midtraining/SFT runs: plan table, SLURM arrays, or run locally"),
     "reproduce": ("litgpt_ext.study.reproduce:reproduce", "the paper's study at CPU scale: pretrain, midtrain, SFT, bridge, REPORT.md"),
     "similarity": ("litgpt_ext.study.similarity:similarity", "dataset similarity, proximity advantage and its correlation (the bridge)"),

@@ -151,6 +151,7 @@ def test_report_from_the_finished_sft_runs(tmp_path, config_file, capsys):  # no
     import json
 
     from litgpt_ext.cli import main as cli
+    from litgpt_ext.sft.metrics import SFTMetrics, write_sft_metrics
 
     sft_cfg = tmp_path / "sft.yaml"
     sft_cfg.write_text(yaml.safe_dump({"data": {"init_args": {"train_path": str(tmp_path / "none")}}}))
@@ -173,9 +174,14 @@ def test_report_from_the_finished_sft_runs(tmp_path, config_file, capsys):  # no
             continue
         fam = j.info["source"].rsplit("_seed", 1)[0]
         loss = sft[(fam, j.info["task"])] + (0.1 if j.info["lr"] == 1e-4 else 0.0) + 0.01 * j.info["seed"]
-        j.out_dir.mkdir(parents=True)
-        (j.out_dir / "sft_metrics.json").write_text(json.dumps(
-            {"sft_val_loss": loss, "lr": j.info["lr"], "val_losses": {"general": general.get(fam, 4.0) + 0.01 * j.info["seed"]}}))
+        write_sft_metrics(j.out_dir, SFTMetrics(
+            sft_set=j.info["task"], sft_val_loss=loss, sft_val_tokens=100, lr=j.info["lr"], seed=j.info["seed"],
+            source_checkpoint=str(j.config["checkpoint_dir"]), source_run=j.info["source"], source_checkpoint_name="final",
+            source_step=6, step=10, epochs=1.0, val_losses={"general": general.get(fam, 4.0) + 0.01 * j.info["seed"]}))
+        final = j.out_dir / "final"  # the one "finished" rule: sft_metrics.json and a complete final/
+        final.mkdir()
+        for f in ckpt.REQUIRED_FILES:
+            (final / f).write_bytes(b"x")
     cli(["sweep", "--spec", str(spec_path), "--action", "report"])
     out = tmp_path / "runs" / "report"
     report, res = (out / "REPORT.md").read_text(), json.loads((out / "results.json").read_text())
@@ -204,14 +210,18 @@ def test_report_from_the_finished_sft_runs(tmp_path, config_file, capsys):  # no
 
 
 def test_one_best_lr_rule_and_one_run_name_parser():
-    from litgpt_ext.sft.grid import best_lr
-    from litgpt_ext.study.spec import arm_name, split_run_name
+    from litgpt_ext.sft.grid import best_lr, lr_edge_step
+    from litgpt_ext.study.spec import arm_name, arm_of, split_run_name
 
     assert best_lr({3e-3: [1.0, 1.4], 1e-3: [1.3, 1.3]}) == 3e-3  # the lowest mean over seeds (1.2 < 1.3)
     assert best_lr({3e-3: [1.0], 1e-3: [1.0]}) == 1e-3  # a tie: the smaller LR
     with pytest.raises(ValueError, match="every LR needs at least one"):
         best_lr({1e-3: []})
-    a = {"name": "math_mid_seed_fix", "domain": "math", "start": 3, "weight": 0.2}
+    a = arm_of({"name": "math_mid_seed_fix", "domain": "math", "start": 3, "weight": 0.2})
+    assert (a.role, arm_of({"domain": "math", "start": 3, "weight": 1.0}).name) == ("mid", "math_w1_at3")
+    assert arm_of({"domain": "math", "start": 3, "weight": 1.0}).role == "cpt"  # the default at weight 1.0
+    assert lr_edge_step([1e-3, 3e-3], 3e-3) == pytest.approx(3) and lr_edge_step([1e-3, 3e-3], 1e-3) == pytest.approx(1 / 3)
+    assert lr_edge_step([1e-4, 1e-3, 3e-3], 1e-3) is None and lr_edge_step([1e-3], 1e-3) is None
     assert split_run_name(arm_name(a, 42)) == ("math_mid_seed_fix", 42)
     with pytest.raises(ValueError, match=r"'base' does not end in _seed<N>"):
         split_run_name("base")

@@ -78,6 +78,18 @@ def best_lr(losses: dict[float, list[float]]) -> float:
     return min(means, key=lambda lr: (means[lr], lr))
 
 
+def lr_edge_step(lrs: list[float], best: float) -> Optional[float]:
+    """The factor one grid step beyond `best` when it is the grid's smallest or largest LR (the ratio
+    of the two nearest LRs there), else None (the optimum is interior, or the grid has one LR)."""
+    if len(lrs) < 2:
+        return None
+    if best == lrs[0]:
+        return lrs[0] / lrs[1]
+    if best == lrs[-1]:
+        return lrs[-1] / lrs[-2]
+    return None
+
+
 def pick_lr(metrics: list[SFTMetrics]) -> list[BestLR]:
     """Per source checkpoint and SFT set: the LR whose mean SFT validation loss over seeds is lowest
     (ties: the smaller LR), with mean/std over seeds of every loss at that LR."""

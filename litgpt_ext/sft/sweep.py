@@ -4,10 +4,11 @@
         --seeds '[1, 2, 3]' --checkpoints '[runs/demo/midtrain_math/final, runs/demo/pretrain/final]' \\
         --out_root runs/sft/math
 
-Each cell is one `litgpt-ext sft` run into `<out_root>/<source run>/<checkpoint>/lr-<lr>_seed-<seed>`,
-run in this process one after another (torch, lightning and litgpt are imported once); a cell whose
-out_dir already holds sft_metrics.json and final/ is skipped, an interrupted one resumes (so the grid
-itself can be requeued). Then, per source checkpoint, the LR with the lowest mean SFT validation loss
+Each cell is one `litgpt-ext sft --config <out_root>/configs/<cell>.yaml` run into
+`<out_root>/<source run>/<checkpoint>/lr-<lr>_seed-<seed>` (its output in `sft.log` there), run in this
+process one after another by the study executor (`litgpt_ext.study.executor`: torch, lightning and
+litgpt are imported once); a finished cell (sft_metrics.json and final/) is skipped, an interrupted
+one resumes (so the grid itself can be requeued); a preempted cell exits 99 with the command to continue. Then, per source checkpoint, the LR with the lowest mean SFT validation loss
 over seeds is picked (`litgpt_ext.sft.grid.pick_lr`) and the table is written as Markdown and CSV
 (`<out_root>/sft_grid.md`, `sft_grid.csv`). `util_scripts/collect_results.py --sft <out_root>` joins
 the same results to the pretraining tables.
@@ -79,7 +80,8 @@ def sft_grid(
 
     from litgpt_ext.sft.config import SFTConfig
     from litgpt_ext.sft.metrics import find_sft_metrics, read_sft_metrics
-    from litgpt_ext.sft.run import finished, optimizer_spec, sft
+    from litgpt_ext.sft.run import optimizer_spec
+    from litgpt_ext.study.executor import Executor, Job
 
     config = Path(sft_config)
     if not config.is_file():
@@ -92,24 +94,20 @@ def sft_grid(
     cells = [(s, lr, seed) for s in srcs for lr in lrs for seed in seeds]
     print(f"sft-grid: {len(srcs)} checkpoint(s) x {len(lrs)} LR(s) x {len(seeds)} seed(s) = {len(cells)} runs"
           f" -> {out_root}")
-    ran = skipped = 0
-    for k, (src, lr, seed) in enumerate(cells, 1):
+    jobs = []
+    for src, lr, seed in cells:  # each cell is `litgpt-ext sft --config <cell>.yaml`, run by the study executor
         out_dir = cell_dir(out_root, src, lr, seed)
-        if finished(out_dir):
-            skipped += 1
-            continue
-        print(f"sft-grid [{k}/{len(cells)}]: {src} lr={lr:g} seed={seed} -> {out_dir}")
-        cfg = SFTConfig.from_yaml(config, checkpoint_dir=src, out_dir=out_dir, seed=seed)
-        opt = optimizer_spec(cfg.optimizer)
+        opt = optimizer_spec(base.get("optimizer", "AdamW"))
         if not isinstance(opt, dict):
             opt = {"class_path": f"torch.optim.{opt}", "init_args": {}}
-        opt = {**opt, "init_args": {**opt["init_args"], "lr": float(lr)}}
-        sft(checkpoint_dir=cfg.checkpoint_dir, out_dir=cfg.out_dir, data=cfg.build_data(), train=cfg.train,
-            eval=cfg.eval, optimizer=opt, resume=cfg.resume, precision=cfg.precision,
-            devices=cfg.devices if cfg.devices is not None else "auto", num_nodes=cfg.num_nodes,
-            logger_name=cfg.logger_name, seed=seed)
-        ran += 1
-    print(f"sft-grid: ran {ran}, skipped {skipped} finished run(s)")
+        cfg = {**base, "checkpoint_dir": str(src), "out_dir": str(out_dir), "seed": seed,
+               "optimizer": {**opt, "init_args": {**opt.get("init_args", {}), "lr": float(lr)}}}
+        name = f"{out_dir.parent.parent.name}_{out_dir.parent.name}_{out_dir.name}"
+        jobs.append(Job(name, "sft", "sft", cfg, out_dir, info={"source": str(src), "lr": float(lr), "seed": seed}))
+    ex = Executor(label="sft-grid", resume_command=f"the same `litgpt-ext sft-grid` (out_root {out_root})",
+                  config_dir=Path(out_root) / "configs", mode="inprocess", log_name="sft.log")
+    ran = ex.run(jobs)
+    print(f"sft-grid: ran {len(ran)}, skipped {len(jobs) - len(ran)} finished run(s)")
     mine = {cell_dir(out_root, s, lr, seed) for s, lr, seed in cells}
     metrics = [read_sft_metrics(f) for f in find_sft_metrics([out_root]) if f.parent in mine]
     return write_tables(metrics, Path(table_dir or out_root))

@@ -1,51 +1,39 @@
-"""Running a sweep: `litgpt-ext sweep` (plan, write, local, report) and the local runner.
+"""Running a sweep: `litgpt-ext sweep` (plan, write, local, report).
 
-The plan itself is `litgpt_ext.study.sweep`; the spec is `litgpt_ext.study.spec`.
+The plan is `litgpt_ext.study.sweep`, the spec `litgpt_ext.study.spec`, the checks a plan passes
+before anything runs `litgpt_ext.study.plan_checks`, and the runner the one study executor
+(`litgpt_ext.study.executor`, here with each job as a subprocess).
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
+import shlex
 import sys
-import time
 from pathlib import Path
 from typing import Literal, Optional
 
+from litgpt_ext.study.executor import Executor, Job
 from litgpt_ext.study.spec import load_spec
-from litgpt_ext.study.sweep import Job, plan_sweep, plan_table, write_plan
+from litgpt_ext.study.sweep import plan_sweep, plan_table, write_plan
 
 
-def run_local(jobs: list[Job], config_dir: Path, python: str = sys.executable) -> list[str]:
-    """Run the plan here, one job at a time in dependency order; finished runs are skipped."""
+def run_local(jobs: list[Job], config_dir: Path, python: str = sys.executable,
+              resume_command: Optional[str] = None) -> list[str]:
+    """Run the plan here, one job at a time (a subprocess each) in dependency order; finished runs are
+    skipped. Returns the names of the jobs that ran."""
     write_plan(jobs, config_dir)
-    done_names, ran = set(), []
-    todo = [j for j in jobs if not j.done()]
-    done_names |= {j.name for j in jobs if j.done()}
-    t0 = time.perf_counter()
-    for k, j in enumerate(todo, 1):
-        missing = [d for d in j.depends if d not in done_names]
-        if missing:
-            raise RuntimeError(f"sweep: {j.name} depends on {missing}, which did not finish")
-        elapsed = time.perf_counter() - t0
-        eta = elapsed / (k - 1) * (len(todo) - k + 1) if k > 1 else float("nan")
-        print(f"[sweep {k}/{len(todo)}] {j.stage} {j.name} (elapsed {elapsed / 60:.1f} min"
-              + (f", ETA {eta / 60:.1f} min)" if k > 1 else ")"), flush=True)
-        j.out_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [python, "-m", "litgpt_ext", j.command, "--config", str(config_dir / f"{j.name}.yaml")]
-        with open(j.out_dir / "sweep.log", "a") as log:
-            rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        if rc != 0:
-            raise RuntimeError(f"sweep: {j.name} failed (exit {rc}); log: {j.out_dir / 'sweep.log'}")
-        done_names.add(j.name)
-        ran.append(j.name)
-    return ran
+    ex = Executor(label="sweep", resume_command=resume_command or "the same `litgpt-ext sweep ... --action local`",
+                  config_dir=config_dir, mode="subprocess", log_name="sweep.log", python=python)
+    return ex.run(jobs)
 
 
 def sweep(spec: Path, action: Literal["plan", "write", "local", "report"] = "plan",
           config_dir: Optional[Path] = None) -> list[dict]:
     """Expand a sweep spec into runs: print the plan, write configs + SLURM submit script, run locally,
     or report the finished runs (REPORT.md: results after SFT and the findings, as `reproduce` writes it).
+
+    Before plan, write and local, the plan is checked against the data and the commands' parsers
+    (an unknown domain, a domain without shards, a bad override is refused now, not when its job starts).
 
     Args:
         spec: The sweep YAML (see `litgpt_ext.study.spec`).
@@ -59,14 +47,26 @@ def sweep(spec: Path, action: Literal["plan", "write", "local", "report"] = "pla
     jobs = plan_sweep(s)
     root = Path(s.out_root or Path("runs/sweeps") / s.name)
     cdir = Path(config_dir or root / "configs")
+    if action != "report":
+        from litgpt_ext.study.plan_checks import check_plan
+
+        check_plan(jobs)
     print(plan_table(jobs))
     if action == "write":
         submit = write_plan(jobs, cdir)
         print(f"\nwrote {len(jobs)} configs, CONFIG_LISTs and {submit}; submit with: bash {submit}")
     elif action == "local":
-        run_local(jobs, cdir)
+        again = f"litgpt-ext sweep --spec {shlex.quote(str(spec))} --action local" + (
+            f" --config_dir {shlex.quote(str(config_dir))}" if config_dir else "")
+        ran = run_local(jobs, cdir, resume_command=again)
+        print(f"\nsweep: ran {len(ran)} job(s); {len(jobs) - len(ran)} had finished before")
     elif action == "report":
-        from litgpt_ext.study.sweep_report import sweep_report
+        if s.report is not None and s.report.kind == "methods":
+            from litgpt_ext.study.methods_report import methods_report
 
-        print(f"\nwrote {sweep_report(s, jobs, root / 'report')}")
+            print(f"\nwrote {methods_report(s, jobs, root / 'report')}")
+        else:
+            from litgpt_ext.study.sweep_report import sweep_report
+
+            print(f"\nwrote {sweep_report(s, jobs, root / 'report')}")
     return [{"name": j.name, "stage": j.stage, "out_dir": str(j.out_dir), "depends": j.depends, **j.info} for j in jobs]

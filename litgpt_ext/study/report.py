@@ -16,20 +16,17 @@ import math
 import platform
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-from litgpt_ext.study.spec import mix_string
+from litgpt_ext.study import evidence
+from litgpt_ext.study.evidence import Cell
+from litgpt_ext.study.figures import study_figures
+from litgpt_ext.study.spec import Arm, mix_string, split_run_name
 
+if TYPE_CHECKING:
+    from litgpt_ext.sft.metrics import SFTMetrics
 
-@dataclass
-class Arm:
-    name: str
-    domain: str
-    start: int
-    weight: float
-    seeds: Optional[list[int]] = None  # pretraining seeds this arm runs under (default: the first)
-    tasks: Optional[list[str]] = None  # SFT tasks (reproduce's default: its domain's task and prose)
-    role: str = "mid"  # mid | cpt | cross | ablation (which findings the arm feeds; ablation: the table only)
+__all__ = ["Arm", "Analysis", "Cell", "cells_of", "compare", "findings", "cross_grid", "write_report"]
 
 
 @dataclass
@@ -45,27 +42,21 @@ class Analysis:
     give F1 near points on their own task (the paper: FLAN, KnowledgeQA)"""
 
 
-@dataclass
-class Cell:
-    family: str
-    task: str
-    n: int
-    sft: list[float]
-    general: list[float]
-    lrs: list[float]
+def cells_of(best: dict[tuple[str, str], list["SFTMetrics"]]) -> dict[tuple[str, str], Cell]:
+    """{(arm family, task): the SFT runs at the chosen LR (`SFTMetrics`, all seeds)} -> their `Cell`s, each
+    run's pretraining seed read from its source run's name (`<family>_seed<N>`)."""
+    def pseed(m) -> int:
+        try:
+            return split_run_name(m.source_run)[1]
+        except ValueError:  # a source that is not a study run (a converted model): one seed
+            return 0
 
-    @property
-    def sft_mean(self) -> float:
-        return sum(self.sft) / len(self.sft)
+    def before(v) -> Optional[list[float]]:
+        xs = [((m.initial or {}).get("val_losses") or {}).get("general") for m in v]
+        return None if any(x is None for x in xs) else xs
 
-    @property
-    def general_mean(self) -> float:
-        return sum(self.general) / len(self.general)
-
-
-def cells_of(best: dict[tuple[str, str], list[dict]]) -> dict[tuple[str, str], Cell]:
-    return {k: Cell(k[0], k[1], len(v), [m["sft_val_loss"] for m in v], [m["val_losses"]["general"] for m in v],
-                    sorted({m["lr"] for m in v})) for k, v in best.items()}
+    return {k: Cell(k[0], k[1], len(v), [m.sft_val_loss for m in v], [m.val_losses["general"] for m in v],
+                    sorted({m.lr for m in v}), [pseed(m) for m in v], before(v)) for k, v in best.items()}
 
 
 def _ms(xs: list[float]) -> str:
@@ -109,6 +100,22 @@ def _sig(ps: list[Optional[float]]) -> str:
         return "no test could be run (scipy missing or < 2 runs per cell)"
     k = sum(p < ALPHA for p in known)
     return f"{k} of {len(known)} test{'s' if len(known) > 1 else ''} behind it significant at p < {ALPHA}"
+
+
+def cross_grid(cells: dict, arms: list[Arm], analysis: Analysis) -> Optional[tuple[str, list[Arm], dict[tuple[int, float], float]]]:
+    """F4's grid: (domain, its cross arms, {(start, weight): relative SFT-loss improvement over base}) for
+    the domain most cross arms train on; None without cross arms. The figure and the finding share it."""
+    cross = [a for a in arms if a.role == "cross" and a.domain in analysis.task_of]
+    if not cross:
+        return None
+    domain = max(sorted({a.domain for a in cross}), key=lambda d: sum(a.domain == d for a in cross))
+    cross = [a for a in cross if a.domain == domain]
+    table = {}
+    for a in cross:
+        c = compare(cells, a.name, analysis.task_of[domain])
+        if c:
+            table[(a.start, a.weight)] = c["sft"]["rel_improvement"]
+    return domain, cross, table
 
 
 def findings(cells: dict, arms: list[Arm], analysis: Analysis) -> list[dict]:
@@ -174,17 +181,11 @@ def findings(cells: dict, arms: list[Arm], analysis: Analysis) -> list[dict]:
                     "summary": summary[0].upper() + summary[1:], "numbers": rows, "holds": holds})
 
     # F4: timing x weight, on the cross arms of one domain (the one most of them train on)
-    cross = [a for a in arms if a.role == "cross" and a.domain in task_of]
-    if cross:
-        domain = max(sorted({a.domain for a in cross}), key=lambda d: sum(a.domain == d for a in cross))
-        cross = [a for a in cross if a.domain == domain]
-        table = {}
+    grid = cross_grid(cells, arms, analysis)
+    if grid is not None:
+        domain, cross, table = grid
         starts = sorted({a.start for a in cross})
         weights = sorted({a.weight for a in cross})
-        for a in cross:
-            c = compare(cells, a.name, task_of[domain])
-            if c:
-                table[(a.start, a.weight)] = c["sft"]["rel_improvement"]
         if len(starts) >= 2 and len(weights) >= 2 and all((s, w) in table for s in starts for w in weights):
             early, late, lo, hi = starts[0], starts[-1], weights[0], weights[-1]
             d_early = table[(early, hi)] - table[(early, lo)]  # what a high weight buys (or costs) early
@@ -204,51 +205,6 @@ def findings(cells: dict, arms: list[Arm], analysis: Analysis) -> list[dict]:
                                     "high_minus_low_early": d_early, "high_minus_low_late": d_late},
                         "holds": d_early > d_late and d_late < 0})
     return out
-
-
-def _plots(cells: dict, arms: list[Arm], out: Path, cross_table: Optional[dict]) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    files = []
-    tasks = sorted({t for _, t in cells})
-    fams = ["base"] + [a.name for a in arms]
-    fig, axes = plt.subplots(2, len(tasks), figsize=(4.2 * len(tasks), 7), squeeze=False)
-    for j, task in enumerate(tasks):
-        for i, (what, label) in enumerate((("sft", "SFT val loss"), ("general", "general loss after SFT"))):
-            ax = axes[i][j]
-            names = [f for f in fams if (f, task) in cells]
-            vals = [getattr(cells[(f, task)], what) for f in names]
-            ax.bar(range(len(names)), [np.mean(v) for v in vals], yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for v in vals],
-                   color=["#777" if n == "base" else "#1f77b4" for n in names], capsize=3)
-            ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
-            lo = min(min(v) for v in vals)
-            hi = max(max(v) for v in vals)
-            ax.set_ylim(lo - 0.1 * (hi - lo + 1e-6), hi + 0.1 * (hi - lo + 1e-6))
-            ax.set_title(f"{task}: {label}", fontsize=9)
-    fig.suptitle("after SFT (mean ± std over seeds; lower is better)")
-    fig.tight_layout()
-    fig.savefig(out / "sft_losses.png", dpi=110)
-    plt.close(fig)
-    files.append("sft_losses.png")
-    if cross_table:
-        fig, ax = plt.subplots(figsize=(4.5, 3.5))
-        starts = sorted({s for s, _ in cross_table})
-        for w in sorted({w for _, w in cross_table}):
-            ax.plot(starts, [cross_table.get((s, w), np.nan) for s in starts], "o-", label=f"weight {w:g}")
-        ax.axhline(0, color="k", lw=0.5)
-        ax.set_xlabel("midtraining start step")
-        ax.set_ylabel("relative SFT-loss improvement")
-        ax.legend()
-        ax.set_title("F4: timing x weight")
-        fig.tight_layout()
-        fig.savefig(out / "timing_weight.png", dpi=110)
-        plt.close(fig)
-        files.append("timing_weight.png")
-    return files
 
 
 def _cell(cmp: Optional[dict], what: str, key: str) -> str:
@@ -303,49 +259,142 @@ def f3_finding(cells: dict, sim: Optional[dict], out: Path) -> tuple[Optional[di
     return f3, "", ["pa_vs_improvement.png", "similarity/similarity_heatmap.png"]
 
 
+EFFECT_SIGN = {"F4: late, high − low weight": -1}
+"""The claimed sign of each effect (+1 unless listed): F4 claims a high weight hurts a late start."""
+
+
+def finding_effects(cells: dict, arms: list[Arm], analysis: Analysis, pa: Optional[dict] = None) -> dict[str, Optional[float]]:
+    """Each finding's effect(s), by the code that states the finding (`findings`), from these cells:
+    F1 far − near relative gain; F2 cpt − mid loss per domain (SFT and general); F4 the early − late
+    difference of (high − low weight) and the late one; F3 Pearson r of PA vs gain (with `pa`)."""
+    f = {x["id"]: x for x in findings(cells, arms, analysis)}
+    out: dict[str, Optional[float]] = {}
+    if "F1" in f:
+        out["F1: far − near relative gain"] = f["F1"]["numbers"]["far_mean"] - f["F1"]["numbers"]["near_mean"]
+    for r in f["F2"]["numbers"] if "F2" in f else []:
+        out[f"F2: {r['domain']} SFT loss, cpt − mid"] = r["sft_cpt"] - r["sft_mid"]
+        out[f"F2: {r['domain']} general loss after SFT, cpt − mid"] = r["general_cpt"] - r["general_mid"]
+    if "F4" in f:
+        n = f["F4"]["numbers"]
+        out["F4: (high − low weight), early − late"] = n["high_minus_low_early"] - n["high_minus_low_late"]
+        out["F4: late, high − low weight"] = n["high_minus_low_late"]
+    if pa is not None:
+        from litgpt_ext.study.similarity import MEASURES, correlate
+
+        _, corr = correlate(pa, _f3_points(cells))
+        r = corr[MEASURES[0]]["r"]
+        out["F3: Pearson r, PA vs gain"] = None if r is None or math.isnan(r) else r
+    return out
+
+
+def _f3_points(cells: dict) -> list[dict]:
+    out = []
+    for fam, task in sorted(cells):
+        cmp = compare(cells, fam, task) if fam != "base" else None
+        if cmp:
+            out.append({"set": fam, "sft": task, "rel_improvement": cmp["sft"]["rel_improvement"]})
+    return out
+
+
+def attach_evidence(f: list[dict], cells: dict, arms: list[Arm], analysis: Analysis, sim: Optional[dict],
+                    n_boot: int) -> None:
+    """Give every finding its effects with hierarchical-bootstrap 95% intervals, the verdict word
+    (`evidence.verdict`; `holds` is true only for "holds"), and its mixed-effects models."""
+    pa = sim.get("pa") if sim and "error" not in sim else None
+    boot = evidence.bootstrap(cells, lambda c: finding_effects(c, arms, analysis, pa), n=n_boot) if n_boot > 0 else {}
+    task_of = analysis.task_of
+    for x in f:
+        effects = {k: {**v, "sign": EFFECT_SIGN.get(k, 1),
+                       "verdict": evidence.verdict(v["point"], v["lo"], v["hi"], EFFECT_SIGN.get(k, 1))}
+                   for k, v in boot.items() if k.startswith(x["id"] + ":")}
+        x["effects"] = effects
+        x["verdict"] = evidence.combine([e["verdict"] for e in effects.values()])
+        x["holds"] = x["verdict"] == "holds"
+        mixed = {}
+        if x["id"] == "F1":
+            for name, task, *_ in x["numbers"]["far"] + x["numbers"]["near"]:
+                mixed[f"{name} vs base on {task}, SFT loss"] = evidence.mixed_effect(cells, name, task)
+        elif x["id"] == "F2":
+            for r in x["numbers"]:
+                for what in ("sft", "general"):
+                    mixed[f"{r['mid']} vs {r['cpt']} on {r['task']}, {what} loss"] = evidence.mixed_effect(
+                        cells, r["mid"], r["task"], ref=r["cpt"], what=what)
+        elif x["id"] == "F4":
+            for a in arms:
+                if a.role == "cross" and a.domain in task_of and (a.name, task_of[a.domain]) in cells:
+                    mixed[f"{a.name} vs base on {task_of[a.domain]}, SFT loss"] = evidence.mixed_effect(
+                        cells, a.name, task_of[a.domain])
+        elif x["id"] == "F3" and pa is not None:
+            from litgpt_ext.study.similarity import MEASURES, correlate
+
+            pts, _ = correlate(pa, _f3_points(cells))
+            mixed[f"relative gain ~ PA ({MEASURES[0]}) + (1 | SFT set)"] = evidence.mixed_pa(pts, MEASURES[0])
+        x["mixed"] = mixed
+
+
+def _evidence_lines(x: dict) -> list[str]:
+    pct = x["id"] in ("F1",)
+    L = [f"**Verdict: {x['verdict']}.** Effects with 95% intervals (hierarchical bootstrap: pretraining seeds, then "
+         "SFT seeds within them): " + ("; ".join(f"{k.split(': ', 1)[1]} {evidence.fmt_interval(e, pct)} → {e['verdict']}"
+                                                for k, e in x.get("effects", {}).items()) or "none (bootstrap off)") + "."]
+    if x.get("mixed"):
+        label = "random intercept per SFT set" if x["id"] == "F3" else "random intercept per pretraining seed"
+        L += ["", f"Mixed-effects models ({label}; β is the arm's effect on the loss, lower is better"
+              + ("" if x["id"] != "F3" else "; here β is the slope of the gain on PA") + "): "
+              + "; ".join(f"{k}: {evidence.fmt_mixed(m)}" for k, m in x["mixed"].items()) + "."]
+    L += ["", "The paper's test, for comparison: " + x.get("summary", "")
+          + " (Welch's t over the pooled SFT runs, which treats SFT seeds as independent evidence.)"]
+    return L
+
+
 def write_report(out: Path, *, title: str, intro: str, setup: list[str], arms: list[Arm], base_seeds: list[int],
                  base_tasks: list[str], replay: str, cells: dict, sim: Optional[dict], analysis: Analysis,
-                 footer: list[str]) -> Path:
+                 footer: list[str], n_boot: int = 1000) -> Path:
     """<out>/REPORT.md (setup, results table, findings, figures, versions) and <out>/results.json."""
     out.mkdir(parents=True, exist_ok=True)
     f = findings(cells, arms, analysis)
-    cross = next((x["numbers"]["table"] for x in f if x["id"] == "F4"), None)
-    cross_table = None
-    if cross:
-        cross_table = {}
-        for k, v in cross.items():
-            s, w = k.replace("start ", "").split(" / weight ")
-            cross_table[(int(s), float(w))] = v
-    figs = _plots(cells, arms, out, cross_table) if cells else []
+    grid = cross_grid(cells, arms, analysis) if any(x["id"] == "F4" for x in f) else None
+    cross_table = grid[2] if grid else None
+    figs = study_figures(cells, arms, out, cross_table) if cells else []
     f3, f3_missing, f3_figs = f3_finding(cells, sim, out)
     if f3 is not None:
         f.append(f3)
         figs += f3_figs
     f.sort(key=lambda x: x["id"])
+    attach_evidence(f, cells, arms, analysis, sim, n_boot)
 
     L = [f"# {title}", "", intro, "", "## Setup", ""] + setup
     L += ["", "| arm | role | domain | start | weight | mix | pretraining seeds | SFT tasks |",
           "|---|---|---|---|---|---|---|---|", f"| base | base | - | - | - | {replay}:1.0 | {base_seeds} | {base_tasks} |"]
     for a in arms:
-        L.append(f"| {a.name} | {a.role} | {a.domain} | {a.start} | {a.weight:g} | {mix_string(replay, a.domain, a.weight)} "
+        L.append(f"| {a.name} | {a.role} | {a.domain} | {a.start} | {a.weight:g} | {a.mix or mix_string(replay, a.domain, a.weight)} "
                  f"| {a.seeds} | {a.tasks} |")
     L += ["", "## Results after SFT", "", "Mean ± std over all SFT runs at the chosen LR (SFT seeds x pretraining seeds). "
-          "Relative improvement = (L_base − L_arm) / L_base; p from Welch's t-test against base.", "",
-          "| arm | task | n | chosen LR(s) | SFT val loss | rel. impr. | p | general loss after SFT | rel. impr. | p |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
+          "Relative improvement = (L_base − L_arm) / L_base; p from Welch's t-test against base (the paper's test). "
+          "General loss before SFT is the source checkpoint's (forgetting from midtraining alone); after SFT it adds "
+          "the forgetting from SFT.", "",
+          "| arm | task | n (pretraining seeds) | chosen LR(s) | SFT val loss | rel. impr. | p | general loss before SFT "
+          "| general loss after SFT | rel. impr. | p |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (fam, task), c in sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][0] != "base", kv[0][0])):
         cmp = compare(cells, fam, task) if fam != "base" else None
-        L.append(f"| {fam} | {task} | {c.n} | {', '.join(f'{x:g}' for x in c.lrs)} | {_ms(c.sft)} | {_cell(cmp, 'sft', 'rel_improvement')} | "
-                 f"{_cell(cmp, 'sft', 'p')} | {_ms(c.general)} | {_cell(cmp, 'general', 'rel_improvement')} | {_cell(cmp, 'general', 'p')} |")
+        L.append(f"| {fam} | {task} | {c.n} ({len(set(c.pseeds or [0]))}) | {', '.join(f'{x:g}' for x in c.lrs)} | "
+                 f"{_ms(c.sft)} | {_cell(cmp, 'sft', 'rel_improvement')} | {_cell(cmp, 'sft', 'p')} | "
+                 f"{_ms(c.general_before) if c.general_before else 'n/a'} | {_ms(c.general)} | "
+                 f"{_cell(cmp, 'general', 'rel_improvement')} | {_cell(cmp, 'general', 'p')} |")
     L += ["", "## Findings, as measured", ""]
-    L += [f"Each verdict follows the direction of the means as the claim states it; the sentence under it says how "
-          f"many of the tests behind it are significant at p < {ALPHA}. The numbers are in `results.json`.", "",
-          "| finding | at this scale |", "|---|---|"]
-    L += [f"| {x['id']}: {x['claim']} | {'holds' if x['holds'] else 'does not hold'} |" for x in f]
+    L += ["Verdict words: **holds** (the 95% interval of the effect excludes zero in the claimed direction), "
+          "**direction only** (right sign, the interval includes zero: not significant), **does not hold** (the "
+          "estimate or the whole interval is on the wrong side), **not measured**. Intervals come from a hierarchical "
+          "bootstrap with the pretraining seed as the unit of replication (`litgpt_ext/study/evidence.py`); a finding "
+          "with one pretraining seed per arm has intervals that reflect SFT noise only. The numbers are in "
+          "`results.json`.", "", "| finding | verdict | effects [95% interval] |", "|---|---|---|"]
+    L += [f"| {x['id']}: {x['claim']} | {x['verdict']} | "
+          + "; ".join(f"{k.split(': ', 1)[1]} {evidence.fmt_interval(e, x['id'] == 'F1')}" for k, e in x["effects"].items())
+          + " |" for x in f]
     L.append("")
     for x in f:
-        L += [f"### {x['id']}: {x['claim']}", "", f"**{'Holds' if x['holds'] else 'Does not hold'} at this scale.** "
-              + x.get("summary", ""), "", f"Measure: {x.get('measure', 'see numbers')}.", "",
+        L += [f"### {x['id']}: {x['claim']}", ""] + _evidence_lines(x) + ["", f"Measure: {x.get('measure', 'see numbers')}.", "",
               "<details><summary>numbers</summary>", "", "```", json.dumps(x["numbers"], indent=1, default=str), "```",
               "", "</details>", ""]
     missing = {"F1", "F2", "F3", "F4"} - {x["id"] for x in f}
@@ -359,7 +408,10 @@ def write_report(out: Path, *, title: str, intro: str, setup: list[str], arms: l
     path = out / "REPORT.md"
     path.write_text("\n".join(L))
     (out / "results.json").write_text(json.dumps({"cells": {f"{k[0]}|{k[1]}": vars(v) for k, v in cells.items()},
-                                                    "findings": f}, indent=1, default=str))
+                                                    "findings": f,
+                                                    "arms": [{**vars(a), "mix": a.mix or mix_string(replay, a.domain, a.weight)}
+                                                             for a in arms], "replay": replay,
+                                                    "base_seeds": base_seeds}, indent=1, default=str))
     return path
 
 

@@ -11,7 +11,9 @@ Stages (each skipped when its output exists, so an interrupted run continues whe
 4. the bridge: dataset similarity of each arm's mix to each SFT set (`litgpt_ext.study.similarity`);
 5. `REPORT.md` with tables, PNG figures, the four findings as measured, seeds, sizes and versions.
 
-Everything runs in this process (no interpreter start-up per run). The same grid at Pythia scale is
+Everything runs in this process (no interpreter start-up per run), through the one study executor
+(`litgpt_ext.study.executor`: its "finished" rule, its interrupt handling: a preempted job exits 99
+with the command to continue). The same grid at Pythia scale is
 `midtrain_configs/sweeps/paper_pythia160m.yaml` for `litgpt-ext sweep` (a SLURM plan).
 """
 
@@ -19,19 +21,22 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 
-from litgpt_ext.sft.grid import best_lr
+from litgpt_ext.sft.grid import best_lr, lr_edge_step
+from litgpt_ext.sft.metrics import FILE_NAME, SFTMetrics, read_sft_metrics
 from litgpt_ext.study import report
+from litgpt_ext.study.executor import Executor, Job
 from litgpt_ext.study.report import Analysis, Arm, Cell, cells_of, compare, findings  # noqa: F401  (the API)
-from litgpt_ext.study.spec import ROLES, SweepSpec, mix_string, read_yaml_for, split_run_name
-from litgpt_ext.study.sweep import Job, plan_sweep
+from litgpt_ext.study.spec import SweepSpec, arm_of, mix_string, read_yaml_for, split_run_name
+from litgpt_ext.study.sweep import plan_sweep
 
 DOMAIN_TASK = {"code": "code", "math": "math"}  # the SFT task of each midtraining domain
 ANALYSIS = Analysis(task_of=DOMAIN_TASK, near_task="prose")
@@ -54,6 +59,14 @@ class ReproduceConfig:
     sft_task_args: dict[str, Any] = field(default_factory=dict)
     """Flags of `build-sft-tasks` (e.g. math_examples: fewer problems for a faster study)"""
     threads: Optional[int] = None
+    bootstrap: int = 1000
+    """Hierarchical-bootstrap replicates behind every finding's 95% interval (0: no intervals)"""
+    sft_lr_extend: int = 0
+    """When the chosen SFT LR is at an edge of sft_lrs, try up to this many more LRs beyond that edge
+    (one grid step each: the ratio of the two nearest grid LRs) until the optimum is interior"""
+    replicates: Union[int, list[list[int]]] = 1
+    """Disjoint pretraining-seed sets, each a whole study (`litgpt_ext.study.replicates`): a count N, or
+    the sets themselves; > 1 set writes STABILITY.md (each finding's verdict per set, holds in k of N)"""
 
 
 def load_config(path: Path) -> ReproduceConfig:
@@ -65,6 +78,11 @@ def load_config(path: Path) -> ReproduceConfig:
 
 
 def validate_config(cfg: ReproduceConfig) -> None:
+    from litgpt_ext.study.replicates import seed_sets
+
+    seed_sets(cfg.pretrain_seeds, cfg.replicates)  # checked before anything runs
+    if cfg.bootstrap < 0 or cfg.sft_lr_extend < 0:
+        raise ValueError(f"bootstrap and sft_lr_extend must be >= 0, got {cfg.bootstrap} and {cfg.sft_lr_extend}")
     if len(cfg.sft_seeds) < 2:
         raise ValueError(f"sft_seeds needs >= 2 seeds for std and t-tests, got {cfg.sft_seeds}")
     if not cfg.sft_lrs or any(lr <= 0 for lr in cfg.sft_lrs):
@@ -79,15 +97,12 @@ def validate_config(cfg: ReproduceConfig) -> None:
 
 def arms_of(cfg: ReproduceConfig) -> list[Arm]:
     arms = []
-    for a in cfg.arms:
-        bad = sorted(set(a) - set(Arm.__dataclass_fields__))
-        if bad:
-            raise ValueError(f"reproduce arm {a}: unknown keys {bad}; known: {sorted(Arm.__dataclass_fields__)}")
-        arm = Arm(**a)
+    for raw in cfg.arms:
+        arm = arm_of(raw, "reproduce arm")
+        if arm.match_tokens_of is not None:
+            raise ValueError(f"reproduce arm {arm.name}: match_tokens_of is a sweep feature; give its start")
         if arm.domain not in DOMAIN_TASK:
             raise ValueError(f"reproduce arm {arm.name}: domain {arm.domain!r} has no SFT task; known: {sorted(DOMAIN_TASK)}")
-        if arm.role not in ROLES:
-            raise ValueError(f"reproduce arm {arm.name}: role must be one of {', '.join(ROLES)}, got {arm.role!r}")
         arm.seeds = arm.seeds or cfg.pretrain_seeds[:1]
         unknown = sorted(set(arm.seeds) - set(cfg.pretrain_seeds))
         if unknown:
@@ -98,20 +113,6 @@ def arms_of(cfg: ReproduceConfig) -> list[Arm]:
 
 
 # --------------------------------------------------------------------------------------------- stages
-
-
-class _Progress:
-    """Periodic lines with rate and ETA (the study runs for many minutes, usually piped to a log)."""
-
-    def __init__(self, total: int):
-        self.total, self.done, self.t0 = total, 0, time.perf_counter()
-
-    def step(self, what: str) -> None:
-        el = time.perf_counter() - self.t0
-        eta = el / self.done * (self.total - self.done) if self.done else float("nan")
-        print(f"[reproduce {self.done + 1}/{self.total}] {what} | elapsed {el / 60:.1f} min"
-              + (f" | ETA {eta / 60:.1f} min" if self.done else ""), flush=True)
-        self.done += 1
 
 
 TIMINGS = "timings.jsonl"
@@ -139,18 +140,23 @@ def stage_minutes(out_dir: Path) -> dict[str, float]:
 
 
 def _cli(args: list[str], log: Path, out_dir: Optional[Path] = None) -> None:
-    """One litgpt-ext command in this process, its output to a log file (the console gets progress);
-    its wall time goes to <out_dir>/timings.jsonl."""
+    """A data-building litgpt-ext command (no config, no checkpoints) in this process, its output to a
+    log file; its wall time goes to <out_dir>/timings.jsonl. A failure is one line naming the log."""
     from litgpt_ext.cli import main as cli_main
 
     log.parent.mkdir(parents=True, exist_ok=True)
     timed = _timed(out_dir, args[0], " ".join(args[1:])) if out_dir is not None else contextlib.nullcontext()
+    code = None
     with timed, open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
         try:
             cli_main(args)
         except SystemExit as e:
-            if e.code not in (0, None):
-                raise RuntimeError(f"`litgpt-ext {' '.join(args)}` failed ({e.code}); log: {log}") from None
+            code = e.code
+            if isinstance(code, str):
+                print(code)
+    if code not in (0, None):
+        raise SystemExit(f"litgpt-ext reproduce: `litgpt-ext {' '.join(args)}` failed ({code if isinstance(code, int) else 1});"
+                         f" its log: {log}; fix it, then run the same reproduce command again")
 
 
 def _demo_paths(demo: Path) -> dict[str, Any]:
@@ -179,9 +185,13 @@ class SFTRun:
     seed: int
     out_dir: Path
 
-    def metrics(self) -> Optional[dict]:
-        p = self.out_dir / "sft_metrics.json"
-        return json.loads(p.read_text()) if p.is_file() else None
+    @property
+    def name(self) -> str:
+        return f"{self.source}_{self.task}_lr{self.lr:g}_s{self.seed}"
+
+    def metrics(self) -> Optional[SFTMetrics]:
+        p = self.out_dir / FILE_NAME
+        return read_sft_metrics(p) if p.is_file() else None
 
 
 def sft_config(cfg: ReproduceConfig, base: dict, run: SFTRun, ckpt_dir: Path) -> dict:
@@ -199,30 +209,39 @@ def sft_config(cfg: ReproduceConfig, base: dict, run: SFTRun, ckpt_dir: Path) ->
     return c
 
 
-def run_sft_grid(cfg: ReproduceConfig, sources: list[tuple[str, str, int, Path, list[str]]], progress: _Progress) -> list[SFTRun]:
+def run_sft_grid(cfg: ReproduceConfig, sources: list[tuple[str, str, int, Path, list[str]]], ex: Executor) -> list[SFTRun]:
     """LR sweep with the first seed, then the other seeds at the best LR, per (source, task)."""
     base = yaml.safe_load(cfg.sft_config.read_text()) or {}
     done: list[SFTRun] = []
-    cfg_dir = cfg.out_dir / "configs" / "sft"
-    cfg_dir.mkdir(parents=True, exist_ok=True)
 
     def run(r: SFTRun, ckpt_dir: Path) -> None:
-        if r.metrics() is None:
-            progress.step(f"sft {r.task} from {r.source} lr {r.lr:g} seed {r.seed}")
-            path = cfg_dir / f"{r.source}_{r.task}_lr{r.lr:g}_s{r.seed}.yaml"
-            path.write_text(yaml.safe_dump(sft_config(cfg, base, r, ckpt_dir), sort_keys=False))
-            _cli(["sft", "--config", str(path)], r.out_dir / "sft.log", cfg.out_dir)
-        else:
-            progress.done += 1
+        job = Job(r.name, "sft", "sft", sft_config(cfg, base, r, ckpt_dir), r.out_dir, info={"what": f"sft {r.task} from"
+                  f" {r.source} lr {r.lr:g} seed {r.seed}"})
+        ex.run([job], log_name="sft.log", config_dir=cfg.out_dir / "configs" / "sft")
         done.append(r)
 
     for source, family, pseed, ckpt_dir, tasks in sources:
         for task in tasks:
-            first = [SFTRun(source, family, pseed, task, lr, cfg.sft_seeds[0],
-                            cfg.out_dir / "sft" / task / source / f"lr{lr:g}_seed{cfg.sft_seeds[0]}") for lr in cfg.sft_lrs]
+            def first_seed(lr: float, source=source, family=family, pseed=pseed, task=task) -> SFTRun:
+                return SFTRun(source, family, pseed, task, lr, cfg.sft_seeds[0],
+                              cfg.out_dir / "sft" / task / source / f"lr{lr:g}_seed{cfg.sft_seeds[0]}")
+
+            first = [first_seed(lr) for lr in cfg.sft_lrs]
             for r in first:
                 run(r, ckpt_dir)
-            best = best_lr({r.lr: [r.metrics()["sft_val_loss"]] for r in first})  # the LR sweep uses the first seed
+            best = best_lr({r.lr: [r.metrics().sft_val_loss] for r in first})  # the LR sweep uses the first seed
+            for _ in range(cfg.sft_lr_extend):  # an optimum at the grid's edge: one more step beyond it
+                step = lr_edge_step(sorted(r.lr for r in first), best)
+                if step is None:
+                    break
+                first.append(first_seed(best * step))
+                run(first[-1], ckpt_dir)
+                best = best_lr({r.lr: [r.metrics().sft_val_loss] for r in first})
+            edge = lr_edge_step(sorted(r.lr for r in first), best)
+            if edge is not None:
+                print(f"[reproduce] warning: the chosen SFT LR {best:g} for {task} from {source} is at the "
+                      f"{'lower' if edge < 1 else 'upper'} edge of the grid {sorted(r.lr for r in first)}: the best LR may lie"
+                      f" outside it (sft_lr_extend: N tries N more LRs beyond the edge)", flush=True)
             for s in cfg.sft_seeds[1:]:
                 run(SFTRun(source, family, pseed, task, best, s, cfg.out_dir / "sft" / task / source / f"lr{best:g}_seed{s}"),
                     ckpt_dir)
@@ -232,24 +251,40 @@ def run_sft_grid(cfg: ReproduceConfig, sources: list[tuple[str, str, int, Path, 
 # --------------------------------------------------------------------------------------------- analysis
 
 
-def best_lr_runs(runs: list[SFTRun]) -> dict[tuple[str, str], list[dict]]:
+def best_lr_runs(runs: list[SFTRun]) -> dict[tuple[str, str], list[SFTMetrics]]:
     """{(family, task): metrics of the runs at each source's chosen LR, all seeds, all pretraining seeds}."""
     by_src: dict[tuple[str, str], list[SFTRun]] = {}
     for r in runs:
         by_src.setdefault((r.source, r.task), []).append(r)
-    out: dict[tuple[str, str], list[dict]] = {}
+    out: dict[tuple[str, str], list[SFTMetrics]] = {}
     for (_source, task), rs in by_src.items():
         first_seed = min(r.seed for r in rs)
-        best = best_lr({r.lr: [r.metrics()["sft_val_loss"]] for r in rs if r.seed == first_seed})
+        best = best_lr({r.lr: [r.metrics().sft_val_loss] for r in rs if r.seed == first_seed})
         for r in rs:
             if r.lr == best:
-                out.setdefault((r.family, task), []).append({**r.metrics(), "pretrain_seed": r.pretrain_seed})
+                out.setdefault((r.family, task), []).append(r.metrics())
     return out
 
 
 
 
-def write_report(cfg: ReproduceConfig, arms: list[Arm], runs: list[SFTRun], sim: Optional[dict], seconds: float) -> Path:
+def lr_edges(runs: list[SFTRun]) -> list[str]:
+    """`source/task: lr of [grid]` for each (source, task) whose chosen LR is the smallest or largest tried."""
+    out = []
+    by_src: dict[tuple[str, str], dict[float, float]] = {}
+    first = min((r.seed for r in runs), default=0)
+    for r in runs:
+        if r.seed == first:
+            by_src.setdefault((r.source, r.task), {})[r.lr] = r.metrics().sft_val_loss
+    for (src, task), losses in sorted(by_src.items()):
+        best = best_lr({lr: [v] for lr, v in losses.items()})
+        if lr_edge_step(sorted(losses), best) is not None:
+            out.append(f"{src}/{task}: {best:g} of {sorted(losses)}")
+    return out
+
+
+def write_report(cfg: ReproduceConfig, arms: list[Arm], runs: list[SFTRun], sim: Optional[dict], seconds: float,
+                 out: Optional[Path] = None) -> Path:
     cost = stage_minutes(cfg.out_dir)
     spent = (f"The study's stages took {sum(cost.values()):.1f} min of wall time as they ran ("
              + ", ".join(f"{k} {v:.1f}" for k, v in cost.items()) + "; summed over every invocation, from "
@@ -259,14 +294,52 @@ def write_report(cfg: ReproduceConfig, arms: list[Arm], runs: list[SFTRun], sim:
              "arms fork the base run of their seed and train to the same total with the base run's schedule (no re-warmup)",
              f"- SFT: `{cfg.sft_config}`; LR sweep {cfg.sft_lrs} with seed {cfg.sft_seeds[0]}, the best LR per (checkpoint, task) "
              f"by SFT validation loss, then seeds {cfg.sft_seeds[1:]} at that LR"]
+    edges = lr_edges(runs)
+    setup.append(f"- **warning:** the chosen LR is at an edge of the LR grid for {len(edges)} (checkpoint, task) cell(s) "
+                 f"({'; '.join(edges[:6])}{' …' if len(edges) > 6 else ''}): the best LR may lie outside it "
+                 "(`sft_lr_extend: N` tries N more LRs beyond the edge)" if edges else
+                 "- the chosen LR is inside the LR grid for every (checkpoint, task) cell")
     return report.write_report(
-        cfg.out_dir, title="Reproduction at CPU scale: Midtraining Bridges Pretraining and Posttraining Distributions",
+        out or cfg.out_dir, title="Reproduction at CPU scale: Midtraining Bridges Pretraining and Posttraining Distributions",
         intro=f"Generated by `litgpt-ext reproduce`. {spent} Everything below is measured; nothing was tuned until a finding held.",
         setup=setup, arms=arms, base_seeds=cfg.pretrain_seeds, base_tasks=cfg.base_tasks, replay="main",
-        cells=cells_of(best_lr_runs(runs)), sim=sim, analysis=ANALYSIS,
+        cells=cells_of(best_lr_runs(runs)), sim=sim, analysis=ANALYSIS, n_boot=cfg.bootstrap,
         footer=["Scale caveat: a ~2M-parameter model on ~4M tokens; the paper's Pythia runs are 10^4-10^5 times larger. "
                 "The same grid at Pythia scale: `litgpt-ext sweep --spec midtrain_configs/sweeps/paper_pythia160m.yaml` "
                 "(and `--action report` once its runs are done).", ""])
+
+
+def sft_sources(cfg: ReproduceConfig, arms: list[Arm], jobs: list[Job]) -> list[tuple[str, str, int, Path, list[str]]]:
+    """(job, family, pretraining seed, final checkpoint, SFT tasks) of every run SFT starts from."""
+    fam = {a.name: a for a in arms}
+    sources = []
+    for j in jobs:
+        if j.info.get("pause") is not None:
+            continue  # a base run's segment up to a fork step: its run's last job is the SFT source
+        family = "base" if j.stage == "base" else split_run_name(j.name)[0]
+        tasks = cfg.base_tasks if family == "base" else fam[family].tasks
+        sources.append((j.name, family, j.info["seed"], j.out_dir / "final", tasks))
+    return sources
+
+
+def similarity_stage(cfg: ReproduceConfig, arms: list[Arm], logs: Path) -> dict:
+    """The bridge: similarity of every mix to every SFT set (saved; reused when its inputs match)."""
+    try:
+        print("[reproduce] similarity of the mixes to the SFT sets", flush=True)
+        sets = {"base": "main:1.0", **{a.name: mix_string("main", a.domain, a.weight) for a in arms}}
+        sft_sets = {t: cfg.demo_dir / "sft_tasks" / t / "train.json" for t in sorted({t for a in arms for t in a.tasks} | set(cfg.base_tasks))}
+        from litgpt_ext.study.similarity import saved_similarity, similarity
+
+        sim = saved_similarity(cfg.out_dir / "similarity", sets, sft_sets, cfg.similarity_docs)
+        if sim is None:
+            with _timed(cfg.out_dir, "similarity", ""), open(logs / "similarity.log", "w") as fh, \
+                    contextlib.redirect_stdout(fh):
+                sim = similarity(cfg.demo_dir, cfg.demo_dir / "tokenizer", sets, sft_sets, general="base",
+                                 num_docs=cfg.similarity_docs, out_dir=cfg.out_dir / "similarity")
+        return sim
+    except (ValueError, FileNotFoundError) as e:
+        print(f"[reproduce] similarity failed, F3 not measured: {e}")
+        return {"error": str(e)}
 
 
 # --------------------------------------------------------------------------------------------- command
@@ -286,6 +359,9 @@ def reproduce(
     similarity_docs: int = 300,
     sft_task_args: Optional[dict[str, Any]] = None,
     threads: Optional[int] = None,
+    bootstrap: int = 1000,
+    sft_lr_extend: int = 0,
+    replicates: Union[int, list[list[int]]] = 1,
 ) -> dict:
     """Run the paper's study at CPU scale and write <out_dir>/REPORT.md (stages with outputs are skipped).
 
@@ -305,6 +381,10 @@ def reproduce(
         similarity_docs: Documents per shard and SFT set for the similarity measures.
         sft_task_args: Flags of `build-sft-tasks` (e.g. {math_examples: 500}).
         threads: torch threads (default: torch's).
+        bootstrap: Hierarchical-bootstrap replicates behind each finding's 95% interval (0: none).
+        sft_lr_extend: Up to this many more SFT LRs beyond the grid's edge when the chosen LR is at it.
+        replicates: Disjoint pretraining-seed sets (a count, or the sets), each a whole study; > 1 writes
+            STABILITY.md (`litgpt_ext.study.replicates`).
     """
     import torch
 
@@ -312,7 +392,8 @@ def reproduce(
                           sft_config=Path(sft_config), total_steps=total_steps, pretrain_seeds=list(pretrain_seeds),
                           arms=list(arms or []), base_tasks=list(base_tasks), sft_lrs=list(sft_lrs),
                           sft_seeds=list(sft_seeds), similarity_docs=similarity_docs,
-                          sft_task_args=dict(sft_task_args or {}), threads=threads)
+                          sft_task_args=dict(sft_task_args or {}), threads=threads, bootstrap=bootstrap,
+                          sft_lr_extend=sft_lr_extend, replicates=replicates)
     validate_config(cfg)
     arms = arms_of(cfg)
     if cfg.threads:
@@ -329,49 +410,30 @@ def reproduce(
         extra = [x for k, v in cfg.sft_task_args.items() for x in (f"--{k}", str(v))]
         _cli(["build-sft-tasks", "--demo_dir", str(cfg.demo_dir), *extra], logs / "build-sft-tasks.log", cfg.out_dir)
 
-    jobs = pretrain_jobs(cfg, arms)
-    n_sft = sum(len(cfg.base_tasks) for _ in cfg.pretrain_seeds) + sum(len(a.tasks) * len(a.seeds) for a in arms)
-    progress = _Progress(len(jobs) + n_sft * (len(cfg.sft_lrs) + len(cfg.sft_seeds) - 1))
-    cfg_dir = cfg.out_dir / "configs" / "pretrain"
-    cfg_dir.mkdir(parents=True, exist_ok=True)
-    for j in jobs:
-        if j.done():
-            progress.done += 1
-            continue
-        what = (f" (fork @{j.info['start']}, {j.info['mix']})" if j.stage == "midtrain"
-                else f" (until step {j.info['pause']})" if j.info.get("pause") is not None else "")
-        progress.step(f"{j.stage} {j.name}{what}")
-        path = cfg_dir / f"{j.name}.yaml"
-        path.write_text(yaml.safe_dump(j.config, sort_keys=False))
-        _cli(["pretrain", "--config", str(path)], j.out_dir / "reproduce.log", cfg.out_dir)
+    from litgpt_ext.study.replicates import remap_arms, seed_sets, write_stability
 
-    fam = {a.name: a for a in arms}
-    sources = []
-    for j in jobs:
-        if j.info.get("pause") is not None:
-            continue  # a base run's segment up to a fork step: its run's last job is the SFT source
-        family = "base" if j.stage == "base" else split_run_name(j.name)[0]
-        tasks = cfg.base_tasks if family == "base" else fam[family].tasks
-        sources.append((j.name, family, j.info["seed"], j.out_dir / "final", tasks))
-    runs = run_sft_grid(cfg, sources, progress)
-
-    sim = None
-    try:
-        print("[reproduce] similarity of the mixes to the SFT sets", flush=True)
-        sets = {"base": "main:1.0", **{a.name: mix_string("main", a.domain, a.weight) for a in arms}}
-        sft_sets = {t: cfg.demo_dir / "sft_tasks" / t / "train.json" for t in sorted({t for a in arms for t in a.tasks} | set(cfg.base_tasks))}
-        from litgpt_ext.study.similarity import saved_similarity, similarity
-
-        sim = saved_similarity(cfg.out_dir / "similarity", sets, sft_sets, cfg.similarity_docs)
-        if sim is None:
-            with _timed(cfg.out_dir, "similarity", ""), open(logs / "similarity.log", "w") as fh, \
-                    contextlib.redirect_stdout(fh):
-                sim = similarity(cfg.demo_dir, cfg.demo_dir / "tokenizer", sets, sft_sets, general="base",
-                                 num_docs=cfg.similarity_docs, out_dir=cfg.out_dir / "similarity")
-    except (ValueError, FileNotFoundError) as e:
-        print(f"[reproduce] similarity failed, F3 not measured: {e}")
-        sim = {"error": str(e)}
-    report = write_report(cfg, arms, runs, sim, time.perf_counter() - t0)
+    sets = seed_sets(cfg.pretrain_seeds, cfg.replicates)
+    studies = [(dataclasses.replace(cfg, pretrain_seeds=seeds), remap_arms(arms, cfg.pretrain_seeds, seeds))
+               for seeds in sets]
+    plans = [pretrain_jobs(c, a) for c, a in studies]
+    n_sft = sum(sum(len(c.base_tasks) for _ in c.pretrain_seeds) + sum(len(x.tasks) * len(x.seeds) for x in a)
+                for c, a in studies)
+    ex = Executor(label="reproduce", resume_command=f"the same `litgpt-ext reproduce` (out_dir {cfg.out_dir})",
+                  config_dir=cfg.out_dir / "configs" / "pretrain", mode="inprocess", log_name="reproduce.log",
+                  timings=cfg.out_dir / TIMINGS,
+                  total=sum(map(len, plans)) + n_sft * (len(cfg.sft_lrs) + len(cfg.sft_seeds) - 1))
+    sim, reports = None, []
+    for k, ((scfg, sarms), jobs) in enumerate(zip(studies, plans)):
+        if len(sets) > 1:
+            print(f"[reproduce] seed set {k + 1}/{len(sets)}: pretraining seeds {scfg.pretrain_seeds}", flush=True)
+        ex.run(jobs)
+        runs = run_sft_grid(scfg, sft_sources(scfg, sarms, jobs), ex)
+        if sim is None:  # the mixes and SFT sets do not depend on the seeds: one similarity stage
+            sim = similarity_stage(cfg, arms, logs)
+        out = cfg.out_dir if len(sets) == 1 else cfg.out_dir / "replicates" / f"set{k}"
+        reports.append(write_report(scfg, sarms, runs, sim, time.perf_counter() - t0, out=out))
+    report = reports[0] if len(sets) == 1 else write_stability(cfg.out_dir, sets, [r.parent / "results.json" for r in reports])
     print(f"[reproduce] done in {(time.perf_counter() - t0) / 60:.1f} min: {report}")
-    print(report.read_text().split("## Findings, as measured")[1].split("## Figures")[0])
+    text = report.read_text()
+    print(text.split("## Findings, as measured")[1].split("## Figures")[0] if "## Findings, as measured" in text else text)
     return {"report": str(report), "minutes": (time.perf_counter() - t0) / 60}

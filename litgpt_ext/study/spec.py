@@ -61,6 +61,14 @@ class ReportSpec:
     """Token shards for the bridge (default: the base config's data.init_args.data_path)"""
     tokenizer_dir: Optional[Path] = None
     """Tokenizer for the bridge (default: the base config's tokenizer_dir)"""
+    bootstrap: int = 1000
+    """Hierarchical-bootstrap replicates behind every finding's 95% interval (0: no intervals)"""
+    kind: str = "findings"
+    """findings: the paper's F1-F4 (`litgpt_ext.study.report`); methods: a ranking of the arms as ways to
+    gain a domain without forgetting (gain, forgetting, post-SFT loss, the Pareto front:
+    `litgpt_ext.study.methods_report`)"""
+    general_set: str = "general"
+    """methods: the validation set whose rise is forgetting"""
 
 
 @dataclass
@@ -136,9 +144,24 @@ def load_spec(path: Path) -> SweepSpec:
     if missing:
         raise ValueError(f"sweep spec {str(path)!r} lacks {missing}")
     sft, rep = _section(raw, "sft", SFTGrid), _section(raw, "report", ReportSpec)
+    if rep is not None and rep.kind not in ("findings", "methods"):
+        raise ValueError(f"sweep spec report.kind must be findings or methods, got {rep.kind!r}")
     spec = SweepSpec(**raw, sft=sft, report=rep)
     spec.base_config = Path(spec.base_config)
+    check_seeds(spec.seeds, "seeds (pretraining)")
+    if spec.sft is not None:
+        check_seeds(spec.sft.seeds, "sft.seeds")
     return spec
+
+
+def check_seeds(seeds: Any, what: str) -> None:
+    """A list of distinct integer seeds: a repeated seed would plan two jobs into one output folder."""
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
+        raise ValueError(f"sweep spec {what}: expected a non-empty list of integers, got {seeds!r}")
+    dup = sorted({x for x in seeds if seeds.count(x) > 1})
+    if dup:
+        raise ValueError(f"sweep spec {what}: seed {', '.join(map(str, dup))} is given more than once in {seeds}; "
+                         "each seed is one run (one output folder)")
 
 
 def _set(cfg: dict, dotted: str, value: Any) -> None:
@@ -166,12 +189,89 @@ def mix_string(replay: str, domain: str, weight: float) -> str:
     return f"{replay}:{1 - weight:g},{domain}:{weight:g}"
 
 
-def arm_family(a: dict) -> str:
+@dataclass
+class Arm:
+    """One midtraining arm of a study (a sweep's `grid`/`arms`, reproduce's `arms`): fork the base run
+    of each of its pretraining seeds at `start` and train on `replay:(1-weight),domain:weight`."""
+
+    name: str
+    """The arm's family name (its runs are `<name>_seed<pretraining seed>`); default `<domain>_w<weight>_at<start>`"""
+    domain: str
+    start: int
+    weight: float
+    seeds: Optional[list[int]] = None
+    """Pretraining seeds this arm runs under (None: the study's default: every seed for a sweep, the first for reproduce)"""
+    tasks: Optional[list[str]] = None
+    """SFT tasks of this arm (reproduce; a sweep fine-tunes every arm on every task)"""
+    role: str = "mid"
+    """mid | cpt | cross | ablation: which findings the arm feeds (ablation: the results table only)"""
+    match_tokens_of: Optional[str] = None
+    """The arm whose domain tokens this one matches (`start` is derived: a token-matched CPT control)"""
+    mix: Optional[str] = None
+    """An explicit mix (`main:0.5,synth:0.3,math:0.2`) instead of replay:(1-weight),domain:weight; `weight`
+    is then the domain's share of it"""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Dotted-key overrides of this arm's runs only (after arm_overrides), e.g. a method's knobs:
+    {regularizer.type: ewc, optimizer.layer_lr_decay: 0.8}; in a string value `${fork_from}` is the run's
+    fork checkpoint (its pretraining seed's base run at `start`: EWC's reference)"""
+
+
+ARM_KEYS = tuple(Arm.__dataclass_fields__)
+
+
+def arm_of(raw: dict, what: str = "sweep arm") -> Arm:
+    """An arm from its YAML mapping: unknown and missing keys named; the default name and role
+    (cpt at weight 1.0, else mid) filled; `start` may wait for `match_tokens_of`."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{what} {raw!r} is not a mapping; an arm is {{domain, start, weight[, name, seeds, role, tasks]}}")
+    bad = sorted(set(raw) - set(ARM_KEYS))
+    if bad:
+        raise ValueError(f"{what} {raw}: unknown keys {bad}; known: {sorted(ARM_KEYS)}")
+    raw = dict(raw)
+    if raw.get("mix") is not None and raw.get("weight") is None:  # the domain's share of the explicit mix
+        from litgpt_ext.data.mix_spec import parse_weights_str
+
+        w = parse_weights_str(str(raw["mix"]), f"{what} mix")
+        if raw.get("domain") not in w:
+            raise ValueError(f"{what} {raw}: its mix {raw['mix']!r} has no {raw.get('domain')!r} (the arm's domain); "
+                             f"types in it: {sorted(w)}")
+        raw["weight"] = w[raw["domain"]] / sum(w.values())
+    if not isinstance(raw.get("overrides", {}), dict):
+        raise ValueError(f"{what} {raw}: overrides must be a mapping of dotted config keys to values")
+    need = ("domain", "weight") + (() if raw.get("match_tokens_of") is not None else ("start",))
+    missing = [k for k in need if raw.get(k) is None]
+    if missing:
+        raise ValueError(f"{what} {raw} lacks {missing}")
+    try:
+        weight = float(raw["weight"])
+        start = None if raw.get("start") is None else int(raw["start"])
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} {raw}: weight must be a number and start an integer step") from None
+    if not (0 < weight <= 1):
+        raise ValueError(f"{what} {raw}: weight must be in (0, 1], got {raw['weight']}")
+    role = raw.get("role") or ("cpt" if weight == 1.0 else "mid")
+    if role not in ROLES:
+        raise ValueError(f"{what} {raw}: role must be one of {', '.join(ROLES)} (what the report's findings use it"
+                         f" for), got {role!r}")
+    seeds = raw.get("seeds")
+    if seeds is not None and (not isinstance(seeds, list) or not all(isinstance(x, int) for x in seeds)):
+        raise ValueError(f"{what} {raw}: seeds must be a list of pretraining seeds (integers), got {seeds!r}")
+    arm = Arm(name=str(raw.get("name") or ""), domain=str(raw["domain"]), start=start, weight=weight,
+              seeds=None if seeds is None else list(seeds),
+              tasks=None if raw.get("tasks") is None else list(raw["tasks"]), role=role,
+              match_tokens_of=None if raw.get("match_tokens_of") is None else str(raw["match_tokens_of"]),
+              mix=None if raw.get("mix") is None else str(raw["mix"]), overrides=dict(raw.get("overrides") or {}))
+    if not arm.name and arm.start is not None:
+        arm.name = f"{arm.domain}_w{arm.weight:g}_at{arm.start}"
+    return arm
+
+
+def arm_family(a: Arm) -> str:
     """An arm's name without the pretraining seed (its seeds' runs are one family: a soup's ingredients)."""
-    return a.get("name") or f"{a['domain']}_w{a['weight']:g}_at{a['start']}"
+    return a.name
 
 
-def arm_name(a: dict, seed: int) -> str:
+def arm_name(a: Arm, seed: int) -> str:
     return f"{arm_family(a)}_seed{seed}"
 
 
@@ -183,30 +283,31 @@ def split_run_name(name: str) -> tuple[str, int]:
     return family, int(seed)
 
 
-def domain_steps(a: dict, total_steps: int) -> float:
+def domain_steps(a: Arm, total_steps: int) -> float:
     """Optimizer steps' worth of the arm's domain data: weight x (total - start)."""
-    return float(a["weight"]) * (total_steps - int(a["start"]))
+    return float(a.weight) * (total_steps - int(a.start))
 
 
-def matched_start(a: dict, arms: dict[str, dict], total_steps: int) -> int:
+def matched_start(a: Arm, arms: dict[str, Arm], total_steps: int) -> int:
     """The start at which `a` sees as much of its domain as the arm it names in `match_tokens_of`
     (a token-matched continued-pretraining control: weight 1.0 from total - w_ref x (total - start_ref))."""
-    ref = arms.get(str(a["match_tokens_of"]))
+    ref = arms.get(str(a.match_tokens_of))
     if ref is None:
-        raise ValueError(f"sweep arm {a}: match_tokens_of={a['match_tokens_of']!r} names no arm with a start;"
-                         f" arms: {sorted(arms)}")
-    if ref["domain"] != a["domain"]:
-        raise ValueError(f"sweep arm {a}: match_tokens_of={a['match_tokens_of']!r} trains on {ref['domain']!r},"
-                         f" not {a['domain']!r}; token matching compares one domain's tokens")
-    start = total_steps - round(domain_steps(ref, total_steps) / float(a["weight"]))
+        raise ValueError(f"sweep arm {a.name or a.domain!r}: match_tokens_of={a.match_tokens_of!r} names no arm with"
+                         f" a start; arms: {sorted(arms)}")
+    if ref.domain != a.domain:
+        raise ValueError(f"sweep arm {a.name or a.domain!r}: match_tokens_of={a.match_tokens_of!r} trains on"
+                         f" {ref.domain!r}, not {a.domain!r}; token matching compares one domain's tokens")
+    start = total_steps - round(domain_steps(ref, total_steps) / float(a.weight))
     if not 0 < start < total_steps:
-        raise ValueError(f"sweep arm {a}: matching {domain_steps(ref, total_steps):.0f} steps of {a['domain']} at"
-                         f" weight {a['weight']} needs a start of {start}, outside (0, total_steps={total_steps})")
+        raise ValueError(f"sweep arm {a.name or a.domain!r}: matching {domain_steps(ref, total_steps):.0f} steps of"
+                         f" {a.domain} at weight {a.weight} needs a start of {start}, outside (0, total_steps={total_steps})")
     return start
 
 
-def _arms(spec: SweepSpec) -> list[dict]:
-    arms = []
+def plan_arms(spec: SweepSpec) -> list[Arm]:
+    """Every arm of a sweep (its grid's product, then its explicit arms), each checked and named."""
+    raws: list[dict] = []
     if spec.grid:
         bad = sorted(set(spec.grid) - {"domain", "start", "weight"})
         if bad:
@@ -215,31 +316,23 @@ def _arms(spec: SweepSpec) -> list[dict]:
         if missing:
             raise ValueError(f"sweep grid lacks values for {missing}")
         for d, s, w in itertools.product(spec.grid["domain"], spec.grid["start"], spec.grid["weight"]):
-            arms.append({"domain": d, "start": s, "weight": w})
-    known = {"name", "domain", "start", "weight", "seeds", "match_tokens_of", "role"}
-    for a in spec.arms:
-        bad = sorted(set(a) - known)
-        if bad:
-            raise ValueError(f"sweep arm {a}: unknown keys {bad}; known: {sorted(known)}")
-        need = ("domain", "weight") + (() if "match_tokens_of" in a else ("start",))
-        missing = [k for k in need if k not in a]
-        if missing:
-            raise ValueError(f"sweep arm {a} lacks {missing}")
-        arms.append(dict(a))
-    by_name = {arm_family(a): a for a in arms if "match_tokens_of" not in a}
+            raws.append({"domain": d, "start": s, "weight": w})
+    raws += [dict(a) if isinstance(a, dict) else a for a in spec.arms]
+    arms = [arm_of(r) for r in raws]
+    by_name = {a.name: a for a in arms if a.match_tokens_of is None}
     for a in arms:
-        if "match_tokens_of" in a:
-            a["start"] = matched_start(a, by_name, spec.total_steps)
+        if a.match_tokens_of is not None:
+            a.start = matched_start(a, by_name, spec.total_steps)
+            a.name = a.name or f"{a.domain}_w{a.weight:g}_at{a.start}"
     for a in arms:
-        if not (0 < float(a["weight"]) <= 1):
-            raise ValueError(f"sweep arm {a}: weight must be in (0, 1], got {a['weight']}")
-        if a.get("role", "mid") not in ROLES:
-            raise ValueError(f"sweep arm {a}: role must be one of {', '.join(ROLES)} (what the report's findings use it"
-                             f" for), got {a['role']!r}")
-        if not (0 < int(a["start"]) < spec.total_steps):
-            raise ValueError(f"sweep arm {a}: start must be in (0, total_steps={spec.total_steps}), got {a['start']}")
-    names = [arm_name(a, 0) for a in arms]
+        if not (0 < int(a.start) < spec.total_steps):
+            raise ValueError(f"sweep arm {a.name}: start must be in (0, total_steps={spec.total_steps}), got {a.start}")
+        unknown = sorted(set(a.seeds or []) - set(spec.seeds))
+        if unknown:
+            raise ValueError(f"sweep arm {a.name}: seeds {unknown} are not pretraining seeds of the sweep {list(spec.seeds)}")
+    names = [a.name for a in arms]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise ValueError(f"sweep: duplicate arms {dup}")
+        raise ValueError(f"sweep: duplicate arms {dup} (two arms with one name would write one output folder);"
+                         " give each a distinct name")
     return arms

@@ -22,53 +22,27 @@ import copy
 import itertools
 import math
 import shlex
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import yaml
 
+from litgpt_ext.study.executor import Job
 from litgpt_ext.study.spec import (
     STAGES,
+    Arm,
     SweepSpec,
-    _arms,
     _get,
     _set,
     arm_family,
     arm_name,
     domain_steps,
     mix_string,
+    plan_arms,
     split_run_name,
 )
 
-
-@dataclass
-class Job:
-    name: str
-    stage: str
-    command: str  # litgpt-ext command
-    config: dict
-    out_dir: Path
-    depends: list[str] = field(default_factory=list)
-    info: dict = field(default_factory=dict)
-
-    def done(self) -> bool:
-        if self.command == "sft":
-            return (self.out_dir / "sft_metrics.json").is_file()
-        if self.command == "soup":
-            return (self.out_dir / "soup.json").is_file()
-        from litgpt_ext.checkpoint import is_complete, list_checkpoints
-
-        pause = self.info.get("pause")
-        if pause is not None:  # a base segment: done once a checkpoint at or past its pause step exists
-            return any(step >= pause for step, _ in list_checkpoints(self.out_dir, final=True))
-        return is_complete(self.out_dir / "final")
-
-
-# ------------------------------------------------------------------------------------------- spec
-
-
-# ------------------------------------------------------------------------------------------- plan
+__all__ = ["Job", "plan_sweep", "plan_table", "job_groups", "write_plan"]
 
 
 def plan_sweep(spec: SweepSpec) -> list[Job]:
@@ -79,16 +53,16 @@ def plan_sweep(spec: SweepSpec) -> list[Job]:
         raise ValueError(f"total_steps must be >= 2, got {spec.total_steps}")
     base_cfg = yaml.safe_load(spec.base_config.read_text()) or {}
     root = Path(spec.out_root or Path("runs/sweeps") / spec.name)
-    arms = _arms(spec)
+    arms = plan_arms(spec)
     jobs: list[Job] = []
     finals: list[tuple[str, Path, Optional[int]]] = []  # (job name, checkpoint SFT starts from, pretraining seed)
     families: dict[str, list[tuple[str, Path]]] = {}  # arm name without the seed -> its runs (for soups)
 
-    def under(a: dict, seed: int) -> bool:
-        return a.get("seeds") is None or seed in a["seeds"]
+    def under(a: Arm, seed: int) -> bool:
+        return a.seeds is None or seed in a.seeds
 
     for seed in spec.seeds:
-        starts = sorted({int(a["start"]) for a in arms if under(a, seed)})
+        starts = sorted({int(a.start) for a in arms if under(a, seed)})
         cfg = copy.deepcopy(base_cfg)
         name = f"base_seed{seed}"
         out = root / name
@@ -136,9 +110,9 @@ def plan_sweep(spec: SweepSpec) -> list[Job]:
         cfg = copy.deepcopy(base_cfg)
         name = arm_name(a, seed) + (f"_data{dseed}" if dseed is not None else "")
         out = root / name
-        mix = mix_string(spec.replay, a["domain"], float(a["weight"]))
+        mix = a.mix or mix_string(spec.replay, a.domain, float(a.weight))
         _set(cfg, "out_dir", str(out))
-        _set(cfg, "fork_from", str(root / f"base_seed{seed}" / f"step-{int(a['start']):08d}"))
+        _set(cfg, "fork_from", str(root / f"base_seed{seed}" / f"step-{int(a.start):08d}"))
         _set(cfg, "resume", "auto")
         _set(cfg, "seed", seed)
         _set(cfg, "data.init_args.seed", seed if dseed is None else dseed)
@@ -147,12 +121,13 @@ def plan_sweep(spec: SweepSpec) -> list[Job]:
                   "train.max_additional_steps", "train.max_tokens", "train.pause_at_step"):
             _set(cfg, k, None)
         _set(cfg, "train.max_iters", spec.total_steps)
-        for k, v in spec.arm_overrides.items():
-            _set(cfg, k, v)
-        base_job = f"base_seed{seed}_to{int(a['start'])}" if spec.split_base else f"base_seed{seed}"
+        fork = str(root / f"base_seed{seed}" / f"step-{int(a.start):08d}")
+        for k, v in {**spec.arm_overrides, **a.overrides}.items():  # "${fork_from}": this run's fork checkpoint
+            _set(cfg, k, v.replace("${fork_from}", fork) if isinstance(v, str) else v)
+        base_job = f"base_seed{seed}_to{int(a.start)}" if spec.split_base else f"base_seed{seed}"
         jobs.append(Job(name, "midtrain", "pretrain", cfg, out, depends=[base_job],
-                        info={"seed": seed, "mix": mix, "start": int(a["start"]), "domain": a["domain"],
-                              "weight": float(a["weight"]),
+                        info={"seed": seed, "mix": mix, "start": int(a.start), "domain": a.domain,
+                              "weight": float(a.weight), "arm": arm_family(a),
                               "domain_steps": domain_steps(a, spec.total_steps), "data_seed": dseed}))
         finals.append((name, out / "final", seed))
         families.setdefault(f"{arm_family(a)}_seed{seed}", []).append((name, out / "final"))

@@ -1,0 +1,221 @@
+"""The one study executor: a plan of `Job`s, one "finished" rule, run here in-process or as subprocesses.
+
+`litgpt-ext sweep --action local` (subprocesses), `litgpt-ext reproduce` and `litgpt-ext sft-grid`
+(in-process: torch and lightning are imported once) all run their jobs through `Executor.run`; the
+same jobs become SLURM arrays through `litgpt_ext.study.sweep.write_plan`. A job is a litgpt-ext
+command with one YAML config; it is skipped when `finished(job)` holds, so a plan can be run again
+after any interruption and continues where it stopped.
+
+Interrupts: a subprocess runs in its own process group (a terminal's Ctrl-C reaches the executor
+only), and the executor forwards SIGINT/SIGTERM/SIGUSR1 to it as a preemption: the job saves a
+checkpoint and exits 99, the executor waits for it, prints one line (what was saved, the command to
+continue) and exits 99; a second Ctrl-C is forwarded too (the job stops without saving) and the
+executor exits 130. In-process jobs get the signal directly (the CLI installs the same handlers).
+A failed job gives one line (the job, its exit status, its log) and exit 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+
+PREEMPTED = 99  # litgpt_ext.preempt.PREEMPT_EXIT_CODE (not imported: this module stays light)
+INTERRUPTED = 130  # a second Ctrl-C: stopped without saving
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+@dataclass
+class Job:
+    name: str
+    stage: str
+    command: str  # litgpt-ext command
+    config: dict
+    out_dir: Path
+    depends: list[str] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+
+    def done(self) -> bool:
+        return finished(self)
+
+
+def finished(job: Job) -> bool:
+    """The one "finished" rule of every study: an SFT run has sft_metrics.json and a complete final/
+    (`litgpt_ext.sft.run.finished`); a soup has soup.json; a base segment (`info.pause`) has a
+    checkpoint at or past its pause step; any other training run has a complete final/."""
+    from litgpt_ext import checkpoint as ckpt
+
+    if job.command == "sft":
+        from litgpt_ext.sft.metrics import FILE_NAME
+
+        return (job.out_dir / FILE_NAME).is_file() and ckpt.is_complete(job.out_dir / "final")
+    if job.command == "soup":
+        return (job.out_dir / "soup.json").is_file()
+    pause = job.info.get("pause")
+    if pause is not None:
+        return any(step >= pause for step, _ in ckpt.list_checkpoints(job.out_dir, final=True))
+    return ckpt.is_complete(job.out_dir / "final")
+
+
+class StudyStopped(SystemExit):
+    """The executor's one-line exit (99 preempted, 130 interrupted, 1 a job failed): SystemExit, so
+    the CLI prints no traceback; `code` is the exit status, `message` the line already printed."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(code)
+        self.message = message
+
+
+@dataclass
+class Executor:
+    """Run jobs in dependency order, skipping finished ones; `mode` picks in-process or subprocesses."""
+
+    label: str
+    """The command the user ran (progress lines and the "continue with" hint say it)"""
+    resume_command: str
+    """What to run to continue after an interrupt (e.g. `litgpt-ext sweep --spec s.yaml --action local`)"""
+    config_dir: Path
+    """Where each job's YAML goes (`<config_dir>/<job>.yaml`)"""
+    mode: Literal["inprocess", "subprocess"] = "subprocess"
+    log_name: str = "sweep.log"
+    """Each job's output goes to `<out_dir>/<log_name>` (appended: a resumed job's log continues)"""
+    timings: Optional[Path] = None
+    """A JSONL file that gets each job's wall time ({stage, what, seconds})"""
+    python: str = sys.executable
+    total: Optional[int] = None
+    """Jobs in the whole study (the progress count; default: the jobs of each `run` call)"""
+    _done: int = 0
+    _ran_seconds: float = 0.0
+    _ran: int = 0
+    _t0: float = field(default_factory=time.perf_counter)
+
+    def run(self, jobs: list[Job], log_name: Optional[str] = None, config_dir: Optional[Path] = None) -> list[str]:
+        """Run every unfinished job in order (a dependency in `jobs` must have finished first); the
+        names of those that ran. `log_name` and `config_dir` override the executor's for these jobs."""
+        cdir = Path(config_dir or self.config_dir)
+        cdir.mkdir(parents=True, exist_ok=True)
+        done_names = {j.name for j in jobs if j.done()}
+        todo = [j for j in jobs if j.name not in done_names]
+        total = self.total or len(jobs)
+        self._done += len(jobs) - len(todo)
+        ran = []
+        for j in todo:
+            missing = [d for d in j.depends if d not in done_names and any(d == o.name for o in jobs)]
+            if missing:
+                self._stop(1, f"{j.name} depends on {missing}, which did not finish")
+            self._progress(j, total)
+            path = cdir / f"{j.name}.yaml"
+            path.write_text(yaml.safe_dump(j.config, sort_keys=False))
+            j.out_dir.mkdir(parents=True, exist_ok=True)
+            log = j.out_dir / (log_name or self.log_name)
+            t = time.perf_counter()
+            rc, sig = (self._subprocess if self.mode == "subprocess" else self._inprocess)(j, path, log)
+            self._ran_seconds += time.perf_counter() - t
+            self._ran += 1
+            self._timed(j, path, time.perf_counter() - t)
+            self._check(j, rc, sig, log)
+            done_names.add(j.name)
+            ran.append(j.name)
+            self._done += 1
+        return ran
+
+    # ------------------------------------------------------------------------------------ running
+
+    def _subprocess(self, job: Job, path: Path, log: Path) -> tuple[int, Optional[int]]:
+        cmd = [self.python, "-m", "litgpt_ext", job.command, "--config", str(path)]
+        got: list[int] = []
+
+        def forward(signum, frame):  # the job decides: first signal = save and exit 99, second Ctrl-C = 130
+            got.append(signum)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signum)
+
+        with open(log, "a") as fh:
+            child = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            old = {s: signal.signal(s, forward) for s in FORWARDED}
+            try:
+                while True:
+                    try:
+                        rc = child.wait()
+                        break
+                    except KeyboardInterrupt:  # a handler other than ours raised: keep waiting for the job
+                        continue
+            finally:
+                for s, h in old.items():
+                    signal.signal(s, h)
+        return rc, (got[0] if got else None)
+
+    def _inprocess(self, job: Job, path: Path, log: Path) -> tuple[int, Optional[int]]:
+        """The job's CLI installs the preemption handlers itself (a preemptible command exits 99)."""
+        from litgpt_ext.cli import main as cli_main
+
+        rc = 0
+        with open(log, "a") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
+            try:
+                cli_main([job.command, "--config", str(path)])
+            except SystemExit as e:
+                rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+                if isinstance(e.code, str):
+                    print(e.code)
+                    if "interrupted" in e.code:
+                        rc = INTERRUPTED
+            except KeyboardInterrupt:
+                rc = INTERRUPTED
+        return rc, None
+
+    # ------------------------------------------------------------------------------------ outcomes
+
+    def _check(self, job: Job, rc: int, sig: Optional[int], log: Path) -> None:
+        if rc == 0 and sig is None:
+            return
+        name = signal.Signals(sig).name if sig else None
+        cont = f"continue with: {self.resume_command}"
+        if rc == PREEMPTED or (rc == 0 and sig is not None):
+            self._stop(PREEMPTED, f"interrupted ({name or 'preempted'}): {job.name} saved a checkpoint and stopped"
+                                  f" (its log: {log}); finished jobs are kept; {cont}")
+        if sig is not None or rc == INTERRUPTED:
+            self._stop(INTERRUPTED, f"interrupted ({name or 'Ctrl-C'}): {job.name} stopped without saving (exit {rc});"
+                                    f" it continues from its last checkpoint; its log: {log}; {cont}")
+        self._stop(1, f"{job.stage} job {job.name} failed (exit {rc}); its log: {log} (it says: {_last_line(log)});"
+                      f" fix it, then {cont}")
+
+    def _stop(self, code: int, message: str) -> None:
+        line = f"litgpt-ext {self.label}: {message}"
+        print(line, file=sys.stderr, flush=True)
+        raise StudyStopped(code, line)
+
+    def _progress(self, job: Job, total: int) -> None:
+        el = time.perf_counter() - self._t0
+        eta = self._ran_seconds / self._ran * (total - self._done) if self._ran else None
+        what = (f" (fork @{job.info['start']}, {job.info['mix']})" if job.stage == "midtrain"
+                else f" (until step {job.info['pause']})" if job.info.get("pause") is not None else "")
+        print(f"[{self.label} {self._done + 1}/{total}] {job.stage} {job.name}{what} | elapsed {el / 60:.1f} min"
+              + (f" | ETA {eta / 60:.1f} min" if eta is not None else ""), flush=True)
+
+    def _timed(self, job: Job, path: Path, seconds: float) -> None:
+        if self.timings is None:
+            return
+        self.timings.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.timings, "a") as f:
+            f.write(json.dumps({"stage": job.command, "what": f"--config {path}", "seconds": round(seconds, 2)}) + "\n")
+
+
+def _last_line(log: Path) -> str:
+    try:
+        lines = [x for x in log.read_text(errors="replace").splitlines() if x.strip()]
+    except OSError:
+        return "(no log)"
+    if not lines:
+        return "(empty)"
+    errors = [x for x in lines if "error" in x.lower()]  # the cause, not a trailing hint
+    return (errors or lines)[-1].strip()[-300:]

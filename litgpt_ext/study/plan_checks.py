@@ -1,0 +1,91 @@
+"""A plan that cannot run is refused when it is planned, not hours later when its job starts.
+
+`check_plan` runs for `sweep --action plan | write | local` (not `report`, which reads finished
+runs): every midtraining mix must resolve against the shards on disk (an unknown domain, or a
+domain with no shards, is named with the arm), and the first generated config of every
+(stage, command) must parse with that command's own parser (a bad override, e.g. a misspelt
+`arm_overrides` key, is named with the job). On SLURM the difference is a refused `write` instead
+of a base run's hours followed by a failed array.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from litgpt_ext.study.executor import Job
+from litgpt_ext.study.spec import _get
+
+
+def check_plan(jobs: list[Job]) -> None:
+    check_data(jobs)
+    check_configs(jobs)
+
+
+def check_data(jobs: list[Job]) -> None:
+    """Each training job's mix against the shards under its data_path (discovered once per path)."""
+    from litgpt_ext.data.mix_spec import mix_spec, resolve_weights
+    from litgpt_ext.data.shard_types import MixError, build_registry, discover_shards
+
+    shards: dict[tuple, list] = {}
+    seen: set[tuple] = set()
+    for j in jobs:
+        if j.command != "pretrain":
+            continue
+        init = _get(j.config, "data.init_args", {}) or {}
+        path = init.get("data_path")
+        extra = init.get("extra_shard_types") or {}
+        mix = (init.get("mix_weights_str"), init.get("literal_weights_str"), init.get("mix_config_path"),
+               bool(init.get("proportional_sampling")))
+        key = (str(path), tuple(sorted(extra.items())), mix)
+        if key in seen or init.get("mix_schedule"):
+            continue  # a schedule is checked by the run's own data module (its points need the plan)
+        seen.add(key)
+        registry = build_registry(extra)
+        where = f"{j.stage} job {j.name}" + (f" (arm {j.info['arm']}, mix {j.info['mix']!r})" if j.info.get("arm") else "")
+        try:
+            if key[:2] not in shards:
+                shards[key[:2]] = discover_shards(path, registry)
+            resolve_weights(mix_spec(*mix), shards[key[:2]], registry)
+        except MixError as e:
+            raise ValueError(f"sweep: {where} cannot run on data.init_args.data_path={str(path)!r}: {e}") from None
+
+
+def check_configs(jobs: list[Job]) -> None:
+    """The first config of each (stage, command) through the command's parser, without running it."""
+    firsts: dict[tuple[str, str], Job] = {}
+    for j in jobs:
+        firsts.setdefault((j.stage, j.command), j)
+    with tempfile.TemporaryDirectory() as tmp:
+        for (stage, command), j in firsts.items():
+            path = Path(tmp) / f"{j.name}.yaml"
+            path.write_text(yaml.safe_dump(j.config, sort_keys=False))
+            try:
+                _parse(command, path)
+            except (ValueError, TypeError, FileNotFoundError) as e:
+                raise ValueError(f"sweep: the {stage} config of {j.name} (base config + overrides) does not parse:"
+                                 f" {e}") from None
+
+
+def _parse(command: str, path: Path) -> None:
+    if command == "sft":
+        from litgpt_ext.sft.config import SFTConfig
+
+        SFTConfig.from_yaml(path)
+        return
+    if command != "pretrain":
+        return  # soups: their config is the plan's own (checkpoints it made), nothing the user typed
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from litgpt_ext.cli import explain_parse_error
+    from litgpt_ext.train.loop import pretrain
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_function_arguments(pretrain, fail_untyped=False)
+    try:
+        parser.parse_args(["--config", str(path)])
+    except Exception as e:  # jsonargparse's ArgumentError and friends: the key, the value and the cause
+        raise ValueError(explain_parse_error(parser, str(e), [])) from None
