@@ -33,7 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("litgpt_ext.demo.run:demo", "the README's main job: data, pretrain, fork, midtrain, compare"),
     "evaluate": ("litgpt_ext.eval.evaluate:evaluate", "run lm-eval on a checkpoint or a run's checkpoints"),
     "sft": ("litgpt_ext.sft.run:sft", "supervised fine-tuning of a checkpoint (post-training) on the same loop"),
-    "sft-grid": ("litgpt_ext.sft.sweep:sft_grid", "SFT LRs x seeds from one or several checkpoints; best LR per checkpoint"),
+    "sft-grid": ("litgpt_ext.study.sft_grid:sft_grid", "SFT LRs x seeds from one or several checkpoints; best LR per checkpoint"),
     "prepare-sft": ("litgpt_ext.sft.prepare:prepare_sft", "the paper's SFT sets (gsm8k, sciq, lima, pycode) as litgpt JSON from the hub or local files"),
     "build-sft-tasks": ("litgpt_ext.demo.sft_tasks:build_sft_tasks", "build the demo's SFT tasks (code, math, prose) as litgpt JSON"),
     "build-eval-tasks": ("litgpt_ext.eval.build_tasks:build_tasks", "build the local lm-eval tasks from held-out demo docs"),

@@ -264,7 +264,7 @@ def test_mix_schedule_beyond_the_budget_on_data(shard_root):
 
 # ------------------------------------------------------------------ sft-grid's sources
 def test_sft_grid_sources_refuse_a_non_positive_every(tmp_path):
-    from litgpt_ext.sft.sweep import sources
+    from litgpt_ext.study.sft_grid import sources
 
     for every in (0, -1, True, 1.5):
         with pytest.raises(ValueError, match=f"every={every!r} must be a positive integer"):

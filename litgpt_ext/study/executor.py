@@ -93,6 +93,9 @@ class Executor:
     python: str = sys.executable
     total: Optional[int] = None
     """Jobs in the whole study (the progress count; default: the jobs of each `run` call)"""
+    rerun_finished: bool = False
+    """Run finished jobs too and let their command decide (`sft` says "nothing to do" for the same
+    config and refuses another one): a changed grid is refused instead of silently skipped"""
     _done: int = 0
     _ran_seconds: float = 0.0
     _ran: int = 0
@@ -104,18 +107,22 @@ class Executor:
         cdir = Path(config_dir or self.config_dir)
         cdir.mkdir(parents=True, exist_ok=True)
         done_names = {j.name for j in jobs if j.done()}
-        todo = [j for j in jobs if j.name not in done_names]
+        todo = [j for j in jobs if j.name not in done_names or self.rerun_finished]
         total = self.total or len(jobs)
         self._done += len(jobs) - len(todo)
         ran = []
         for j in todo:
             missing = [d for d in j.depends if d not in done_names and any(d == o.name for o in jobs)]
+            if j.name in done_names and not missing:  # rerun_finished: its command checks the config, fast
+                rc, sig = (self._subprocess if self.mode == "subprocess" else self._inprocess)(
+                    j, self._write(j, cdir), j.out_dir / (log_name or self.log_name))
+                self._check(j, rc, sig, j.out_dir / (log_name or self.log_name))
+                self._done += 1
+                continue
             if missing:
                 self._stop(1, f"{j.name} depends on {missing}, which did not finish")
             self._progress(j, total)
-            path = cdir / f"{j.name}.yaml"
-            path.write_text(yaml.safe_dump(j.config, sort_keys=False))
-            j.out_dir.mkdir(parents=True, exist_ok=True)
+            path = self._write(j, cdir)
             log = j.out_dir / (log_name or self.log_name)
             t = time.perf_counter()
             rc, sig = (self._subprocess if self.mode == "subprocess" else self._inprocess)(j, path, log)
@@ -129,6 +136,13 @@ class Executor:
         return ran
 
     # ------------------------------------------------------------------------------------ running
+
+    @staticmethod
+    def _write(job: Job, cdir: Path) -> Path:
+        path = cdir / f"{job.name}.yaml"
+        path.write_text(yaml.safe_dump(job.config, sort_keys=False))
+        job.out_dir.mkdir(parents=True, exist_ok=True)
+        return path
 
     def _subprocess(self, job: Job, path: Path, log: Path) -> tuple[int, Optional[int]]:
         cmd = [self.python, "-m", "litgpt_ext", job.command, "--config", str(path)]

@@ -105,9 +105,10 @@ def sft_grid(
         name = f"{out_dir.parent.parent.name}_{out_dir.parent.name}_{out_dir.name}"
         jobs.append(Job(name, "sft", "sft", cfg, out_dir, info={"source": str(src), "lr": float(lr), "seed": seed}))
     ex = Executor(label="sft-grid", resume_command=f"the same `litgpt-ext sft-grid` (out_root {out_root})",
-                  config_dir=Path(out_root) / "configs", mode="inprocess", log_name="sft.log")
+                  config_dir=Path(out_root) / "configs", mode="inprocess", log_name="sft.log", rerun_finished=True)
+    before = sum(j.done() for j in jobs)  # each still goes to `sft`, which refuses a changed config
     ran = ex.run(jobs)
-    print(f"sft-grid: ran {len(ran)}, skipped {len(jobs) - len(ran)} finished run(s)")
+    print(f"sft-grid: ran {len(ran)}, skipped {before} finished run(s) (their configs unchanged)")
     mine = {cell_dir(out_root, s, lr, seed) for s, lr, seed in cells}
     metrics = [read_sft_metrics(f) for f in find_sft_metrics([out_root]) if f.parent in mine]
     return write_tables(metrics, Path(table_dir or out_root))
