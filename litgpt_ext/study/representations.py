@@ -25,7 +25,7 @@ def read_texts_or_docs(data: Path, tokenizer, num_docs: int, seed: int = 0) -> l
     """Up to `num_docs` documents as token ids, seeded: from a token shard folder (one shard with an
     index.json, or a folder of shards such as `data/demo/val`: documents pooled over its shards), or
     from a JSON/JSONL file of texts (`text`, or litgpt SFT records `instruction`/`input`/`output`)."""
-    from litgpt_ext.study.similarity import read_sft_texts, sample_shard_docs
+    from litgpt_ext.study.bridge_io import read_sft_texts, sample_shard_docs
 
     data = Path(data)
     if num_docs < 1:
@@ -236,7 +236,7 @@ def embedding_similarity(embedder, texts_of: dict, weights: dict, sft: list[str]
                          improvements: Optional[Path]) -> dict:
     """The `embedding` key: each shard's and SFT set's mean embedding, each set's as its shards' at the
     mix weights; cosine and linear MMD² per (set, SFT set); PA (MMD's sign flipped: positive = closer)."""
-    from litgpt_ext.study.similarity import pearson, read_improvements
+    from litgpt_ext.study.bridge_io import pearson, read_improvements
 
     means = {key: embedder(texts).mean(0) for key, texts in texts_of.items()}
     set_mean = {n: sum(w / sum(ws.values()) * means["shard", sid] for sid, w in ws.items()) for n, ws in weights.items()}
@@ -261,7 +261,7 @@ def embedding_similarity(embedder, texts_of: dict, weights: dict, sft: list[str]
 def write_embedding_outputs(emb: dict, sets: list[str], sft: list[str], general: str, out_dir: Path) -> None:
     import csv
 
-    from litgpt_ext.study.similarity import plot_heatmap
+    from litgpt_ext.study.bridge_io import plot_heatmap
 
     measures = emb["measures"]
     with open(out_dir / "similarity_embedding.csv", "w", newline="") as f:
