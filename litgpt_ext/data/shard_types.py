@@ -29,6 +29,7 @@ DEFAULT_SHARD_TYPES: dict[str, str] = {
     "books": "b",
     "news": "n",
     "papers": "p",
+    "synth": "s",  # documents sampled from a frozen checkpoint (`litgpt-ext synth-replay`)
 }
 _TYPE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _PREFIX = re.compile(r"^[a-z]+$")
