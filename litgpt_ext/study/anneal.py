@@ -184,7 +184,7 @@ def anneal(source: Path, mix: str, steps: int, control: str = "main:1.0", at: Op
     if action not in ("plan", "write", "local"):
         raise ValueError(f"action must be plan, write or local, got {action!r}")
     jobs = plan_anneal(source, mix, steps, control, at, out_root, min_lr, sft_config, sft_lr, sft_seeds)
-    check_plan(jobs)
+    check_plan(jobs, here=action == "local")
     root = jobs[0].out_dir.parent
     cdir = root / "configs"
     print(plan_table(jobs))

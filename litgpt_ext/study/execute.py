@@ -50,7 +50,7 @@ def sweep(spec: Path, action: Literal["plan", "write", "local", "report"] = "pla
     if action != "report":
         from litgpt_ext.study.plan_checks import check_plan
 
-        check_plan(jobs)
+        check_plan(jobs, here=action == "local")
     print(plan_table(jobs))
     if action == "write":
         submit = write_plan(jobs, cdir)

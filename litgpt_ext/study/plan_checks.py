@@ -19,18 +19,22 @@ from litgpt_ext.study.executor import Job
 from litgpt_ext.study.spec import _get
 
 
-def check_plan(jobs: list[Job]) -> None:
-    check_data(jobs)
+def check_plan(jobs: list[Job], here: bool = True) -> None:
+    """`here`: the jobs run on this machine (`--action local`), so their data must be here too; a plan
+    or a SLURM plan written where the data is absent only says that the data was not checked."""
+    check_data(jobs, here)
     check_configs(jobs)
 
 
-def check_data(jobs: list[Job]) -> None:
-    """Each training job's mix against the shards under its data_path (discovered once per path)."""
+def check_data(jobs: list[Job], here: bool = True) -> None:
+    """Each training job's mix against the shards under its data_path (discovered once per path). A
+    data_path that does not exist is an error when the jobs run here, else one line: not checked."""
     from litgpt_ext.data.mix_spec import mix_spec, resolve_weights
     from litgpt_ext.data.shard_types import MixError, build_registry, discover_shards
 
     shards: dict[tuple, list] = {}
     seen: set[tuple] = set()
+    absent: set[str] = set()
     for j in jobs:
         if j.command != "pretrain":
             continue
@@ -44,6 +48,12 @@ def check_data(jobs: list[Job]) -> None:
             continue  # a schedule is checked by the run's own data module (its points need the plan)
         seen.add(key)
         registry = build_registry(extra)
+        if not here and path and not Path(path).is_dir():
+            if str(path) not in absent:
+                absent.add(str(path))
+                print(f"sweep: data.init_args.data_path={str(path)!r} is not on this machine: the mixes were not checked"
+                      " against its shards (they are when the plan runs: --action local, or the jobs themselves)")
+            continue
         where = f"{j.stage} job {j.name}" + (f" (arm {j.info['arm']}, mix {j.info['mix']!r})" if j.info.get("arm") else "")
         try:
             if key[:2] not in shards:
