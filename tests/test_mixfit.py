@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from litgpt_ext.study.mixfit import arms_fragment, fit_results
+from litgpt_ext.study.mixfit import arms_fragment, fit_results, validate
 from litgpt_ext.study.mixfit_model import Z95, Point, Surface, design, loao, points_of
 from litgpt_ext.study.spec import load_spec, plan_arms
 from tests.conftest import ROOT
@@ -146,6 +146,21 @@ def test_proposals_are_arms_the_sweep_planner_accepts(grid_fit, tmp_path):
     assert all(a.name == f"{a.domain}_w{a.weight:g}_at{a.start}" for a in arms)
 
 
+def test_compare_checks_earlier_proposals_against_their_runs(grid_fit, tmp_path):
+    """--compare: the proposals of an earlier fit, once run (here: drawn from the true surface), are matched by
+    position and their predicted gain and forgetting set against the measured ones."""
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({k: v for k, v in grid_fit.items() if not k.startswith("_")}))
+    ran = [(p["domain"], p["start"], p["weight"]) for p in grid_fit["proposals"][:2]]
+    fit = fit_results(synthetic(tmp_path, GRID + ran, seed=1), total_steps=T)
+    v = validate(earlier, fit)
+    assert [r["arm"] for r in v["rows"]] == [p["name"] for p in grid_fit["proposals"][:2] for _ in ("gain", "forget")]
+    assert v["not_measured"] == [grid_fit["proposals"][2]["name"]]
+    assert v["summary"]["gain"]["n"] == 2 and v["summary"]["gain"]["mae"] < 0.01
+    r = v["rows"][0]
+    assert r["error"] == pytest.approx(r["predicted"] - r["measured"]) and r["lo"] < r["predicted"] < r["hi"]
+
+
 def test_two_domains_as_a_categorical(tmp_path):
     at = [(d, s, w) for d in ("math", "code") for s in (30, 100, 170) for w in (0.2, 0.7)]
     fit = fit_results(synthetic(tmp_path, at, noise=0.001), total_steps=T)
@@ -191,6 +206,38 @@ def test_cli_writes_json_md_png(tmp_path):
     assert "## Leave one arm out" in md and "upper confidence bound (kappa = 2)" in md
     assert (out / "mixfit_math.png").read_bytes()[:4] == b"\x89PNG"
     assert yaml.safe_load((out / "mixfit_arms.yaml").read_text())["arms"][0]["name"].startswith("math_w")
+    from litgpt_ext.study.mixfit import mixfit
+
+    ran = [(p["domain"], p["start"], p["weight"]) for p in res["proposals"]]  # the proposals, run
+    after = mixfit(synthetic(tmp_path, GRID + ran, name="after.json"), out_dir=tmp_path / "after", total_steps=T,
+                   compare=out / "mixfit.json")
+    assert after["validation"]["summary"]["gain"]["n"] == 2 and not after["validation"]["not_measured"]
+    assert "## Predicted before" in (tmp_path / "after" / "mixfit.md").read_text()
     r = subprocess.run([sys.executable, "-m", "litgpt_ext", "mixfit", "--results", str(path), "--domains", "[poetry]",
                         "--total_steps", str(T), "--out_dir", str(tmp_path / "x")], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 1 and "unknown domain(s) ['poetry']" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_reads_what_write_report_writes_and_the_arms_run_configs(tmp_path):
+    """A results.json written by the report itself (`write_report`, reproduce's layout): the cells' and arms'
+    keys are read as written, and the total steps come from the arms' run configs (configs/pretrain/)."""
+    from litgpt_ext.study.report import Analysis, Cell, write_report
+    from litgpt_ext.study.spec import Arm
+
+    arms = [Arm(name=f"m{i}", domain="math", start=s, weight=w, seeds=[42, 43], tasks=["math"], role="ablation")
+            for i, (s, w) in enumerate([(20, 0.2), (20, 0.6), (100, 0.2), (100, 0.6), (160, 0.4)])]
+    cells = {("base", "math"): Cell("base", "math", 4, [2.0, 2.01, 2.1, 2.11], [3.0] * 4, [1e-3], [42, 42, 43, 43])}
+    for a in arms:
+        g = true_gain(a.start, a.weight)
+        cells[(a.name, "math")] = Cell(a.name, "math", 4, [2.0 * (1 - g), 2.01 * (1 - g), 2.1 * (1 - g), 2.11 * (1 - g)],
+                                       [3.03] * 4, [1e-3], [42, 42, 43, 43], [3.02] * 4)
+    write_report(tmp_path, title="t", intro="", setup=[], arms=arms, base_seeds=[42, 43], base_tasks=["math"],
+                 replay="main", cells=cells, sim=None, analysis=Analysis(task_of={"math": "math"}), footer=[], n_boot=0)
+    (tmp_path / "configs" / "pretrain").mkdir(parents=True)
+    (tmp_path / "configs" / "pretrain" / "m0_seed42.yaml").write_text(yaml.safe_dump({"train": {"max_iters": T}}))
+    fit = fit_results(tmp_path / "results.json")
+    assert fit["total_steps"] == T and fit["model"]["n_arms"] == 5 and fit["model"]["n_points"] == 10
+    m = {x["arms"][0]: x["measured"] for x in fit["measured"]}
+    # seed 42: SFT seeds averaged (2.0, 2.01), base of the same seed: the gain is exact; forgetting 3.03 / 3.0 - 1
+    assert m["m1"]["gain"] == pytest.approx(true_gain(20, 0.6)) and m["m1"]["forget"] == pytest.approx(0.01)

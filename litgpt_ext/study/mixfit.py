@@ -164,6 +164,32 @@ def _fit(path: Path, domains, task_of, total_steps, budget_steps, propose_n, acq
     }
 
 
+def validate(earlier: Path, fit: dict) -> dict:
+    """An earlier fit's proposals (`--propose`) vs this fit's measured arms, matched by position (domain, start,
+    weight): error, and whether the earlier 95% interval for a measurement covered the measured mean."""
+    if not earlier.is_file():
+        raise FileNotFoundError(f"--compare {str(earlier)!r} does not exist (an earlier mixfit.json)")
+    old = json.loads(earlier.read_text())
+    if not old.get("proposals"):
+        raise ValueError(f"--compare {str(earlier)!r}: no proposals (run that fit with --propose N)")
+    now = {(m["domain"], m["start"], m["weight"]): m for m in fit["measured"]}
+    rows, missing = [], []
+    for p in old["proposals"]:
+        m = now.get((p["domain"], p["start"], p["weight"]))
+        if m is None:
+            missing.append(p["name"])
+            continue
+        for t in TARGETS:
+            half = Z95 * math.sqrt(p[f"{t}_std"] ** 2 + old["model"]["noise_std"][t] ** 2 / m["n_pseeds"])
+            rows.append({"arm": p["name"], "target": t, "predicted": p[t], "lo": p[t] - half, "hi": p[t] + half,
+                         "measured": m["measured"][t], "error": p[t] - m["measured"][t],
+                         "covered": p[t] - half <= m["measured"][t] <= p[t] + half})
+    summary = {t: {"n": len(rs), "mae": float(np.mean([abs(r["error"]) for r in rs])),
+                   "coverage": float(np.mean([r["covered"] for r in rs]))}
+               for t in TARGETS if (rs := [r for r in rows if r["target"] == t])}
+    return {"predicted_by": str(earlier), "rows": rows, "summary": summary, "not_measured": missing}
+
+
 def arms_fragment(props: list[dict]) -> str:
     """The proposals as a sweep spec's `arms:` list (names as the sweep would give them)."""
     import yaml
@@ -259,6 +285,17 @@ def write_md(fit: dict, out: Path, figs: list[str], fragment: str) -> None:
               fragment.rstrip(), "```", ""]
     if fit["skipped"]:
         L += ["", "Skipped: " + "; ".join(fit["skipped"]) + "."]
+    if fit.get("validation"):
+        v = fit["validation"]
+        L += ["", f"## Predicted before (`{v['predicted_by']}`), measured now", "",
+              "Interval: the earlier fit's 95% interval for a measurement (surface variance + noise / pretraining seeds).", "",
+              "| arm | target | predicted [95%] | measured | error | covered |", "|---|---|---|---|---|---|"]
+        L += [f"| {r['arm']} | {r['target']} | {_f(r['predicted'])} [{_f(r['lo'])}, {_f(r['hi'])}] | {_f(r['measured'])} "
+              f"| {_f(r['error'])} | {'yes' if r['covered'] else 'no'} |" for r in v["rows"]]
+        L += [""] + [f"- {t}: MAE {_f(e['mae']).lstrip('+')}, coverage {_f(e['coverage'], False)} over {e['n']} arm(s)"
+                     for t, e in v["summary"].items()]
+        if v["not_measured"]:
+            L.append(f"- proposed but not in these results: {v['not_measured']}")
     L += ["", "## Surfaces", ""] + [f"![{p}]({p})" for p in figs] + [""]
     (out / "mixfit.md").write_text("\n".join(L))
 
@@ -267,7 +304,8 @@ def mixfit(results: Path, out_dir: Path = Path("runs/mixfit"), domains: Optional
            task_of: Optional[dict[str, str]] = None, total_steps: Optional[int] = None,
            budget_steps: Optional[float] = None, propose: int = 0, acquisition: Literal["ei", "ucb"] = "ei",
            xi: float = 0.001, kappa: float = 2.0, forget_weight: float = 0.0, starts: Optional[list[int]] = None,
-           weights: Optional[list[float]] = None, grid: int = 41, seed: int = 0) -> dict:
+           weights: Optional[list[float]] = None, grid: int = 41, seed: int = 0,
+           compare: Optional[Path] = None) -> dict:
     """Fit a surrogate of the post-SFT gain and forgetting over (start, weight, domain) to a study's results.
 
     Args:
@@ -286,9 +324,13 @@ def mixfit(results: Path, out_dir: Path = Path("runs/mixfit"), domains: Optional
         weights: Candidate weights, each in (0, 1] (default: 0.05 to 1.0 by 0.05).
         grid: Number of candidate starts when `starts` is not given.
         seed: Random state of the GP's optimizer restarts.
+        compare: An earlier mixfit.json whose proposals have since been run: their predicted gain and forgetting
+            vs what this results.json measured (the validation of the surrogate).
     """
     fit = fit_results(results, domains, task_of, total_steps, budget_steps, propose, acquisition, xi, kappa,
                       forget_weight, starts, weights, grid, seed)
+    if compare is not None:
+        fit["validation"] = validate(Path(compare), fit)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figs = []
