@@ -188,6 +188,13 @@ def test_bad_inputs_are_named(tmp_path):
     bad.write_text(json.dumps(raw))
     with pytest.raises(ValueError, match=r"arm 'math_w0.1_at20' has weight 1.2, outside \(0, 1\]"):
         fit_results(bad, total_steps=T)
+    with pytest.raises(ValueError, match=r"--task_of \{'math': 'gsm8k'\}: no such SFT task .*\['code', 'math'\]"):
+        fit_results(path, task_of={"math": "gsm8k"}, total_steps=T)
+    raw = json.loads(path.read_text())
+    raw["arms"][0]["domain"] = "qa"
+    bad.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=r"no SFT task measures domain 'qa'.*--task_of '\{qa: <task>\}'"):
+        fit_results(bad, total_steps=T)
     with pytest.raises(ValueError, match="pass --total_steps"):
         fit_results(path)
 

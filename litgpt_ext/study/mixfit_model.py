@@ -73,6 +73,9 @@ def points_of(results: dict, path: Path, domains: Optional[list[str]] = None,
     cells = {tuple(k.split("|", 1)): v for k, v in results["cells"].items()}
     tasks = {t for _, t in cells}
     task_of = dict(task_of or {})
+    wrong = {d: t for d, t in task_of.items() if t not in tasks}
+    if wrong:
+        raise ValueError(f"--task_of {wrong}: no such SFT task in {path}; its tasks: {sorted(tasks)}")
     points, used, skipped = [], [], []
     for a in arms:
         if domains and a["domain"] not in domains:
