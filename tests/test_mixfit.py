@@ -146,6 +146,18 @@ def test_proposals_are_arms_the_sweep_planner_accepts(grid_fit, tmp_path):
     assert all(a.name == f"{a.domain}_w{a.weight:g}_at{a.start}" for a in arms)
 
 
+def test_proposals_extend_the_cpu_study_as_they_are(grid_fit):
+    """The validation route (docs/studies.md): the fragment's arms appended to reproduce's own config are
+    arms `reproduce` accepts (its default tasks: the domain's and prose; its first pretraining seed)."""
+    from litgpt_ext.study.reproduce import ReproduceConfig, arms_of
+
+    cfg = yaml.safe_load((ROOT / "midtrain_configs/reproduce/cpu.yaml").read_text())
+    cfg["arms"] += [{**a, "role": "ablation"} for a in yaml.safe_load(arms_fragment(grid_fit["proposals"]))["arms"]]
+    arms = arms_of(ReproduceConfig(**{**cfg, "total_steps": T}))
+    assert [a.name for a in arms[-3:]] == [p["name"] for p in grid_fit["proposals"]]
+    assert all(a.tasks == ["math", "prose"] and a.seeds == [42] for a in arms[-3:])
+
+
 def test_compare_checks_earlier_proposals_against_their_runs(grid_fit, tmp_path):
     """--compare: the proposals of an earlier fit, once run (here: drawn from the true surface), are matched by
     position and their predicted gain and forgetting set against the measured ones."""
