@@ -45,6 +45,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "reproduce": ("litgpt_ext.study.reproduce:reproduce", "the paper's study at CPU scale: pretrain, midtrain, SFT, bridge, REPORT.md"),
     "similarity": ("litgpt_ext.study.similarity:similarity", "dataset similarity, proximity advantage and its correlation (the bridge)"),
     "cka": ("litgpt_ext.study.cka:cka", "linear CKA per layer and weight distance per block between checkpoints (before/after SFT)"),
+    "mixfit": ("litgpt_ext.study.mixfit:mixfit", "fit a surrogate of the post-SFT gain over (start, weight, domain) to a study's results; best arm, next arms"),
     "convert-moe-to-litgpt": ("litgpt_ext.eval.convert:convert_moe_to_litgpt", "rewrite an MoE checkpoint in litgpt's own MoE layout"),
     "lm-eval": ("litgpt_ext.eval.interop:lm_eval_main", "lm-eval's CLI with --model litgpt_ext and the demo_* tasks"),
     "litgpt": ("litgpt_ext.eval.interop:litgpt_main", "litgpt's CLI (e.g. `litgpt evaluate`) with the demo_* tasks"),
