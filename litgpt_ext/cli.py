@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 # except for the commands in POSITIONAL, which take them positionally (`evaluate <dir>`).
 POSITIONAL = {"evaluate", "convert-to-hf", "convert-moe-to-litgpt", "consolidate"}
 # commands whose leading bare arguments fill one list flag: `soup a b c --out d` == `soup --checkpoints+ a …`
-LEADING_LIST = {"soup": "--checkpoints+"}
+LEADING_LIST = {"soup": "--checkpoints+", "cka": "--checkpoints+"}
 COMMANDS: dict[str, tuple[str, str]] = {
     "clean": ("litgpt_ext.prep.clean:clean", "quality-filter and deduplicate (MinHash) raw documents before prepare"),
     "prepare": ("litgpt_ext.prep.prepare:prepare", "tokenize raw text into typed litdata token shards"),
