@@ -112,7 +112,12 @@ class MixedLoader:
         return int(round(st.get("segment_phase_pos", 0))) + self._tracker.position * st["world_size"]
 
     def stats(self) -> dict[str, Any]:
-        """Global consumption per shard and realized vs target mix, for logging.
+        """Global consumption per shard and type and realized vs target mix, for logging.
+
+        A shard's `tokens` are the tokens trained on (`samples * max_seq_length`, so all shards' sum
+        is the run's `tokens`); `tokens_read` adds the one extra token per sample that the
+        input/target shift reads (`samples * (max_seq_length + 1)`). Both follow from the cursors
+        (samples), which is all the checkpoint stores.
 
         `target_weight` and `realized_weight` cover the samples this rank drew since the previous
         `stats()` call (the loop calls it once per log interval): the schedule's average weight over
@@ -147,13 +152,16 @@ class MixedLoader:
                 "realized_weight": realized,
                 "scheduled_weight": now.get(sid, 0.0),
                 "samples": cursor,
-                "tokens": cursor * block,
+                "tokens": cursor * (block - 1),  # trained on: inputs (= targets) of max_seq_length per sample
+                "tokens_read": cursor * block,  # read from the shard: + 1 per sample for the target shift
                 "epochs": cursor / n,
                 "completed_epochs": cursor // n,
             }
         types: dict[str, dict[str, float]] = {}
         for sid, s in shards.items():
-            t = types.setdefault(self.dm.shards_by_id[sid].type, {"target": 0.0, "realized": 0.0, "scheduled": 0.0})
+            t = types.setdefault(self.dm.shards_by_id[sid].type,
+                                 {"target": 0.0, "realized": 0.0, "scheduled": 0.0, "tokens": 0})
+            t["tokens"] += s["tokens"]
             t["target"] += s["target_weight"]
             t["realized"] += s["realized_weight"]
             t["scheduled"] += s["scheduled_weight"]

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from pathlib import Path
+from typing import Literal, Optional, TypedDict
 
 from litgpt.args import EvalArgs as _LitEvalArgs
 from litgpt.args import TrainArgs as _LitTrainArgs
@@ -121,3 +122,74 @@ def _refuse_unused(args, group: str, unused: dict, hint: str) -> None:
     if bad:
         raise ValueError(f"{', '.join(bad)}: not supported by litgpt-ext pretrain (it would be ignored); remove it"
                          f" ({hint}). Unsupported in {group}: {', '.join(unused)}")
+
+
+# ----------------------------------------------------------------------------------------------- regularizer
+
+REGULARIZERS = ("ewc", "l2_anchor")
+L2_FRESH = ("regularizer.type=l2_anchor anchors to the weights the run starts from, and a fresh pretrain has none:"
+            " midtrain from a checkpoint (fork_from, resume, or initial_checkpoint_dir)")
+# the YAML section as jsonargparse parses it: a TypedDict, because its key `lambda` (the issue's name
+# for the strength) is a Python keyword that no dataclass field can carry; `RegularizerArgs.parse`
+# turns it into the typed, checked dataclass the loop uses
+RegularizerConfig = TypedDict("RegularizerConfig", {
+    "type": str, "lambda": float, "reference": Optional[str], "fisher_data": Optional[str], "fisher_batches": int,
+}, total=False)
+RegularizerConfig.__doc__ = ("Forgetting regularizer: {type: ewc, lambda: λ, reference: <checkpoint>, fisher_data:"
+                             " train | <val set name or path>, fisher_batches: N} or {type: l2_anchor, lambda: λ}")
+
+
+@dataclass(frozen=True)
+class RegularizerArgs:
+    """A checked `regularizer:` section (see `litgpt_ext.train.regularize`)."""
+
+    type: str
+    """ewc (λ/2 Σ F·(θ − θ*)², θ* and the diagonal Fisher F of `reference`) or l2_anchor
+    (L2-SP: λ/2 Σ (θ − θ0)², θ0 the weights this phase started from)"""
+    lam: float
+    """λ >= 0 (the YAML key is `lambda`)"""
+    reference: Optional[Path] = None
+    """ewc: the checkpoint θ* and the Fisher come from (a folder, full or sharded)"""
+    fisher_data: str = "train"
+    """ewc: `train` (the run's mix, from its start) or a validation set's name or path"""
+    fisher_batches: int = 8
+    """ewc: global batches (train.global_batch_size sequences each) the Fisher averages over"""
+
+    @classmethod
+    def parse(cls, cfg, fresh: bool = False) -> Optional["RegularizerArgs"]:
+        """The dataclass of a `regularizer:` mapping (None: none); a bad value is one ValueError naming it.
+        `fresh`: the run starts from no checkpoint (no resume, fork_from or initial_checkpoint_dir)."""
+        if cfg is None or isinstance(cfg, cls):
+            return cfg
+        if not isinstance(cfg, dict):
+            raise ValueError(f"regularizer must be a mapping such as {{type: ewc, lambda: 0.1, ...}}, got {cfg!r}")
+        known = ("type", "lambda", "reference", "fisher_data", "fisher_batches")
+        unknown = sorted(set(cfg) - set(known))
+        if unknown:
+            raise ValueError(f"regularizer: unknown key(s) {unknown}; valid: {', '.join(known)}")
+        kind = cfg.get("type")
+        if kind not in REGULARIZERS:
+            raise ValueError(f"regularizer.type={kind!r} is not valid; choose from: {', '.join(REGULARIZERS)}")
+        lam = cfg.get("lambda")
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)):
+            raise ValueError(f"regularizer.lambda (the penalty's strength, >= 0) is required for {kind}, got {lam!r}")
+        if not lam >= 0:  # NaN too
+            raise ValueError(f"regularizer.lambda must be >= 0, got {lam}")
+        if kind == "l2_anchor":
+            extra = sorted(k for k in ("reference", "fisher_data", "fisher_batches") if cfg.get(k) is not None)
+            if extra:
+                raise ValueError(f"regularizer.type=l2_anchor anchors to the phase's start weights; {extra} are for"
+                                 " ewc only: remove them")
+            if fresh:
+                raise ValueError(L2_FRESH)
+            return cls(kind, float(lam))
+        if cfg.get("reference") in (None, ""):
+            raise ValueError("regularizer.type=ewc needs regularizer.reference: the checkpoint whose weights θ* and"
+                             " Fisher anchor the run (e.g. the checkpoint the run forks from)")
+        n = cfg.get("fisher_batches", 8)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"regularizer.fisher_batches must be an integer >= 1, got {n!r}")
+        ref = Path(cfg["reference"])
+        if not ref.exists():
+            raise FileNotFoundError(f"regularizer.reference {str(ref)!r} does not exist")
+        return cls(kind, float(lam), ref, str(cfg.get("fisher_data") or "train"), n)

@@ -9,6 +9,7 @@ that satisfies `LoopData` and a loss; it does not write its own start-up or exit
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,17 @@ class LoopData(Protocol):
     def train_dataloader(self) -> Any: ...
 
 
+def check_data_module(data: Any) -> None:
+    """The loop shards data by rank and resumes its cursors: it needs the ShardedMixedDataset interface."""
+    params = inspect.signature(data.setup).parameters if isinstance(data, LoopData) else {}
+    if not {"rank", "world_size"} <= set(params):
+        raise ValueError(
+            f"data module {type(data).__name__} is not supported: the loop needs one whose setup(rank=, world_size=)"
+            " shards by rank and whose train loader has state_dict()/load_state_dict() for exact resume, such as"
+            " litgpt_ext.data.ShardedMixedDataset (prepare other data with `litgpt-ext prepare`)"
+        )
+
+
 def launch(
     body: Callable[[Any], RunResult],
     *,
@@ -79,6 +91,8 @@ def launch(
 
     kw = {"log_args": log_args} if log_args is not None else {}
     logger = choose_logger(logger_name, Path(out_dir), name=run_name, resume=resume, log_interval=log_interval, **kw)
+    # on a machine with SLURM installed, Lightning warns on every run not under srun (a local run is on purpose)
+    __import__("warnings").filterwarnings("ignore", message="The `srun` command is available on your system")
     fabric = L.Fabric(devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision, loggers=[logger])
     fabric.launch()
     try:

@@ -5,13 +5,13 @@
 resume state, run plan) -> `fit` (the step loop). Each concern lives in its own module:
 `state` (TrainingState, checkpoint writer), `plan` (stop step and LR schedule of a phase),
 `objective` (the loss/batch seam), `validation` (named sets, baseline, CSV, early stop),
-`metrics` (step logging). `fit` takes a `loss_fn`, so another objective (SFT) reuses the loop.
+`metrics` (step logging), `phase` (keep or begin a phase), `regularize` (EWC / L2-anchor
+penalties). `fit` takes a `loss_fn`, so another objective (SFT) reuses the loop.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -29,12 +29,15 @@ from litgpt_ext.checkpoint import dcp as tdcp
 from litgpt_ext.model import MoEArgs
 from litgpt_ext.preempt import PREEMPT_EXIT_CODE
 from litgpt_ext.preempt import PreemptFlag as _PreemptFlag
-from litgpt_ext.train.args import EvalArgs, TrainArgs
+from litgpt_ext.train import optim
+from litgpt_ext.train.args import EvalArgs, RegularizerArgs, RegularizerConfig, TrainArgs
 from litgpt_ext.train.hparams import resolved_hparams
-from litgpt_ext.train.launch import LoopData, RunResult, launch, preempt_requested, preemption
-from litgpt_ext.train.metrics import StepLogger
+from litgpt_ext.train.launch import RunResult, check_data_module, launch, preempt_requested, preemption
+from litgpt_ext.train.metrics import StepLogger, continue_log_stream
 from litgpt_ext.train.objective import LossFn, next_token_loss
-from litgpt_ext.train.plan import RunPlan, choose_plan, phases_of, record_phase, stop_warning
+from litgpt_ext.train.phase import phase_plan as _phase_plan
+from litgpt_ext.train.plan import RunPlan, record_phase
+from litgpt_ext.train.regularize import Regularizer, setup_regularizer
 from litgpt_ext.train.speed import SpeedArgs, speed_summary, throughput_of
 from litgpt_ext.train.state import CheckpointWriter, TrainingState
 from litgpt_ext.train.validate import check_pretrain_inputs, check_shards_fit_model
@@ -67,6 +70,7 @@ def pretrain(
     seed: int = 42,
     preempt_exit_code: int = PREEMPT_EXIT_CODE,
     speed: SpeedArgs = SpeedArgs(),
+    regularizer: Optional[RegularizerConfig] = None,
 ) -> RunResult:
     """Pretrain a model, or midtrain one: resume from a checkpoint with a new data blend.
 
@@ -98,6 +102,8 @@ def pretrain(
         preempt_exit_code: Exit status after a SIGUSR1/SIGTERM checkpoint (requeue me).
         speed: Speed and scale (compile, activation checkpointing, fused optimizer, meta-device init,
             sharded checkpoints, peak FLOP/s for MFU; see `litgpt_ext.train.speed.SpeedArgs`).
+        regularizer: A forgetting penalty added to the training loss: {type: ewc, lambda, reference,
+            fisher_data, fisher_batches} or {type: l2_anchor, lambda} (see `litgpt_ext.train.regularize`).
     """
     hparams = resolved_hparams(locals())  # first: the arguments exactly as given, before any local name exists
     from litgpt_ext.train.parallel import build_strategy, resolve_devices
@@ -112,7 +118,9 @@ def pretrain(
         model_config = Config.from_name(model_name)  # raises naming the valid choices
     if data is None:
         raise ValueError("no data module: set data.class_path (litgpt_ext.data.ShardedMixedDataset) and data.init_args")
-    _check_data_module(data)
+    check_data_module(data)
+    regularizer = RegularizerArgs.parse(regularizer, fresh=resume in (False, None) and fork_from is None
+                                        and initial_checkpoint_dir is None)  # bad values: one line, no work done
     if initial_checkpoint_dir is not None and resume not in (False, None):
         raise ValueError("initial_checkpoint_dir (weights only) and resume (full state) are exclusive; choose one")
     devices, num_nodes = resolve_devices(devices, num_nodes)
@@ -127,7 +135,8 @@ def pretrain(
     def body(fabric: L.Fabric) -> RunResult:
         return main(fabric, model_config=model_config, moe=moe, out_dir=out_dir, data=data, train=train, eval=eval,
                     optimizer=optimizer, initial_checkpoint_dir=initial_checkpoint_dir, resume=resume,
-                    fork_from=fork_from, tokenizer_dir=tokenizer_dir, seed=seed, hparams=hparams, speed=speed)
+                    fork_from=fork_from, tokenizer_dir=tokenizer_dir, seed=seed, hparams=hparams, speed=speed,
+                    regularizer=regularizer)
 
     _, result = launch(body, out_dir=out_dir, run_name=f"pretrain-{model_config.name}", devices=devices,
                        num_nodes=num_nodes, precision=precision, strategy=strategy, logger_name=logger_name,
@@ -158,6 +167,7 @@ def main(
     loss_fn: LossFn = next_token_loss,
     val_loaders: Callable[[Any], dict] = val_loaders_of,
     speed: Optional[SpeedArgs] = None,
+    regularizer: Optional[RegularizerArgs] = None,
 ) -> RunResult:
     """Build the model, optimizer and data, restore a checkpoint, fix the phase's plan, then `fit`.
 
@@ -167,6 +177,8 @@ def main(
     with _writer_lock(fabric, out_dir):  # one writer per out_dir: a double submit is refused clearly
         resume_dir = _resolve_resume(fabric, out_dir, resume, fork_from)
         saved = TrainingState.load(resume_dir) if resume_dir else None
+        continue_log_stream(fabric, resumed=resume not in (False, None) or fork_from is not None,
+                            step=saved.step if saved else None)  # one TensorBoard/CSV stream per run
 
         seq_len = train.max_seq_length or model_config.block_size
         if seq_len > model_config.block_size:
@@ -179,7 +191,7 @@ def main(
         model = _build_model(fabric, model_config, moe, seq_len, weights_from=weights_from, seed=seed, speed=speed)
         opt = _build_optimizer(fabric, model, optimizer, speed)
         fabric.print(speed_summary(model, opt, speed))
-        peak_lr = float(opt.param_groups[0]["lr"])
+        peak_lr = optim.peak_lr(opt)  # init_args.lr (layer_lr_decay / Muon groups hold scaled LRs)
         if saved is None and weights_from is not None and tdcp.is_sharded(weights_from):  # weights only
             tdcp.load_sharded(weights_from, model.module)  # every rank reads its shards (any world size)
         state = TrainingState()
@@ -202,6 +214,11 @@ def main(
         loader = _setup_data(fabric, data, train, seq_len, tokenizer_dir, saved, plan)
         check_shards_fit_model(data, model_config, tokenizer_dir)  # token ids < vocab, same tokenizer: before step 1
         state.mix = getattr(data, "resolved_mix", None)
+        vals = val_loaders(data)  # EWC's Fisher may read one; with its cache and the L2 anchor in out_dir
+        reg = setup_regularizer(fabric, regularizer, model, data=data, val_loaders=vals, out_dir=out_dir, plan=plan,
+                                new_phase=what != "kept", has_start_weights=weights_from is not None, accum=accum,
+                                global_batch_size=train.global_batch_size, seq_len=seq_len, model_config=model_config,
+                                loss_fn=loss_fn)
         if saved is not None:  # restored: do not hold a second copy of the optimizer state during training
             saved.optimizer = saved.rng = saved.data = None
 
@@ -213,7 +230,7 @@ def main(
         fabric.print(f"Schedule {plan.schedule}; this run: steps {state.step} -> {plan.stop_step}, {accum} micro-batches"
                      f" of {train.micro_batch_size} x {fabric.world_size} ranks per step, {tokens_per_step:,} tokens/step")
 
-        validator = Validator(fabric, val_loaders(data), eval, out_dir, baseline=state.val_start, loss_fn=loss_fn)
+        validator = Validator(fabric, vals, eval, out_dir, baseline=state.val_start, loss_fn=loss_fn)
         writer = CheckpointWriter(out_dir, model_config, hparams, tokenizer_dir, train.keep_last_k,
                                   sharded=speed.checkpoint_format == "sharded")
         throughput = throughput_of(fabric, model_config, seq_len, speed)
@@ -221,7 +238,7 @@ def main(
             record_phase(out_dir, plan, str(resume_dir) if resume_dir else None)
         with preemption() as flag:
             return fit(fabric, model, opt, loader, state, plan, train, validator=validator, writer=writer,
-                       loss_fn=loss_fn, preempt=flag, throughput=throughput)
+                       loss_fn=loss_fn, preempt=flag, throughput=throughput, regularizer=reg)
 
 
 def _resolve_resume(fabric: L.Fabric, out_dir: Path, resume: Any, fork_from: Optional[Path]) -> Optional[Path]:
@@ -262,7 +279,9 @@ def _build_model(fabric: L.Fabric, config: Config, moe: Optional[MoEArgs], seq_l
             initialize_moe_weights(model, n_layer=config.n_layer, n_embd=config.n_embd)  # litgpt's sees nn.Linear only
     model.max_seq_length = seq_len
     if weights_from is not None and not tdcp.is_sharded(weights_from):
-        model.load_state_dict(ckpt.load_model_state(weights_from), strict=True)
+        from litgpt_ext.checkpoint.loading import load_weights  # shapes that differ: one line naming the fields
+
+        load_weights(model, weights_from, config)
         model.max_seq_length = seq_len
     fabric.print(f"Model {config.name}: {num_parameters(model):,} parameters, built in {time.perf_counter() - t0:.2f}s"
                  + (" on the meta device" if sp.has_meta(model) else "")
@@ -273,23 +292,11 @@ def _build_model(fabric: L.Fabric, config: Config, moe: Optional[MoEArgs], seq_l
 
 
 def _build_optimizer(fabric: L.Fabric, model, optimizer: Union[str, dict], speed: Optional[SpeedArgs] = None):
-    from litgpt.utils import instantiate_torch_optimizer
-
     from litgpt_ext.train.speed import optimizer_kwargs
 
-    extra = optimizer_kwargs(optimizer, speed or SpeedArgs(), fabric.device) if speed is not None else {}
-    return fabric.setup_optimizers(instantiate_torch_optimizer(optimizer, model.parameters(), **extra))
-
-
-def _check_data_module(data: Any) -> None:
-    """The loop shards data by rank and resumes its cursors: it needs the ShardedMixedDataset interface."""
-    params = inspect.signature(data.setup).parameters if isinstance(data, LoopData) else {}
-    if not {"rank", "world_size"} <= set(params):
-        raise ValueError(
-            f"data module {type(data).__name__} is not supported: the loop needs one whose setup(rank=, world_size=)"
-            " shards by rank and whose train loader has state_dict()/load_state_dict() for exact resume, such as"
-            " litgpt_ext.data.ShardedMixedDataset (prepare other data with `litgpt-ext prepare`)"
-        )
+    fusable = optim.fusable_spec(optimizer)  # Muon's AdamW half (layer_lr_decay, Muon: litgpt_ext.train.optim)
+    extra = optimizer_kwargs(fusable, speed or SpeedArgs(), fabric.device) if speed is not None else {}
+    return fabric.setup_optimizers(optim.build_optimizer(optimizer, model, extra, log=fabric.print))
 
 
 def _setup_data(fabric: L.Fabric, data: Any, train: TrainArgs, seq_len: int, tokenizer_dir: Optional[Path],
@@ -314,41 +321,6 @@ def _setup_data(fabric: L.Fabric, data: Any, train: TrainArgs, seq_len: int, tok
             fabric.print(f"New blend for this run:\n  checkpoint mix: {saved.mix}\n  new mix:        {new_mix}")
         loader.load_state_dict(saved.data)
     return loader
-
-
-def _phase_plan(fabric: L.Fabric, out_dir: Path, train: TrainArgs, peak_lr: float, tokens_per_step: int,
-                state: TrainingState, saved: Optional[TrainingState]) -> tuple[RunPlan, str]:
-    """Keep the resumed phase's plan when the phase belongs to this run dir, else begin a new phase.
-
-    Rank 0 decides (it reads out_dir/phases.jsonl and draws the new phase id) and broadcasts. A new
-    phase is recorded by `main` once the whole setup has succeeded (a refused config leaves no trace).
-    """
-    decision = None
-    if fabric.global_rank == 0:
-        own = {p["phase_id"] for p in phases_of(out_dir)}
-        old = saved.plan if saved is not None else None
-        try:
-            plan, what = choose_plan(train, peak_lr, state.step, tokens_per_step,
-                                     old if (old is not None and old.phase_id in own) else None, state.lr)
-            decision = (plan.to_dict(), what, None)
-        except ValueError as e:
-            decision = (None, None, str(e))
-    plan_d, what, error = fabric.broadcast(decision, src=0)
-    if error is not None:
-        raise ValueError(error)
-    plan = RunPlan.from_dict(plan_d)
-    old = saved.plan if saved is not None else None
-    if what == "kept":
-        fabric.print(f"Continuing {plan.describe()}")
-    else:
-        fabric.print("=" * 100 + f"\nNew {plan.describe()}"
-                     + (f"\n  previous: {old.describe()}" if old is not None else "")
-                     + ("\n  (train.new_phase: the budget/schedule changed)" if what == "replaced" else "")
-                     + "\n" + "=" * 100)
-    warning = stop_warning(plan)
-    if warning:
-        fabric.print("!" * 100 + "\n" + warning + "\n" + "!" * 100)
-    return plan, what
 
 
 @contextmanager
@@ -380,6 +352,7 @@ def fit(
     loss_fn: LossFn = next_token_loss,
     preempt: Optional["_PreemptFlag"] = None,
     throughput: Optional[dict] = None,
+    regularizer: Optional[Regularizer] = None,
 ) -> RunResult:
     """Train from `state.step` to `plan.stop_step`: one optimizer step per `accum` micro-batches of
     `loss_fn`, validation every `eval.interval`, checkpoints every `save_interval`, early stop and
@@ -406,9 +379,10 @@ def fit(
                 fabric.backward((loss + aux) / accum)
             loss_sum += loss.detach()
             state.iter_num += 1
+        if regularizer is not None:  # λ/2 Σ F(θ − θ*)² of this rank's shards: its gradient goes straight into them
+            regularizer.backward()
         state.lr = plan.schedule(state.step + 1)
-        for g in optimizer.param_groups:
-            g["lr"] = state.lr
+        optim.set_lrs(optimizer, state.lr)  # x each group's lr_scale (layer_lr_decay, Muon's AdamW half)
         grad_norm = fabric.clip_gradients(model, optimizer, max_norm=train.max_norm or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -422,7 +396,9 @@ def fit(
             gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
             losses[state.step] = loss_val
             step_logger.log(model, loader, step=state.step, tokens=state.tokens, loss=loss_val, lr=state.lr,
-                            grad_norm=float(gn))
+                            grad_norm=float(gn), lrs=optim.group_lrs(optimizer))
+            if regularizer is not None:  # reg/<type> (summed over ranks) and objective = loss + penalty
+                regularizer.log(fabric, state.step, loss_val)
         if validator.due(state.step, last) and validator.run(model, state.step, state.tokens) is not None:
             stopped = "early_stop"
         state.val_start = validator.baseline

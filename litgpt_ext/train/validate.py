@@ -10,8 +10,6 @@ import json
 from pathlib import Path
 from typing import Any, Union
 
-import yaml
-
 SPEC_KEYS = ("class_path", "init_args")
 
 
@@ -23,15 +21,21 @@ def resolve_optimizer(optimizer: Union[str, dict]) -> dict:
     string value '0.1', and litgpt's `instantiate_torch_optimizer` ignores top-level keys, so the YAML's
     lr silently won. Here such keys are parsed as YAML scalars and override `init_args`.
     """
+    from litgpt_ext.train.optim import EXT_KEYS, _number, split_spec
+
+    ext: dict[str, Any] = {}
     if isinstance(optimizer, str):
         spec: dict[str, Any] = {"class_path": optimizer, "init_args": {}}
     elif isinstance(optimizer, dict):
         spec = {"class_path": optimizer.get("class_path", "AdamW"), "init_args": dict(optimizer.get("init_args") or {})}
         for key, value in optimizer.items():
-            if key not in SPEC_KEYS:
-                spec["init_args"][key] = yaml.safe_load(value) if isinstance(value, str) else value
+            if key in EXT_KEYS:  # layer_lr_decay, adamw, muon_params: litgpt_ext.train.optim
+                ext[key] = value
+            elif key not in SPEC_KEYS:
+                spec["init_args"][key] = _number(value)  # a flag's string: YAML scalar ('1e-3' too)
     else:
         raise ValueError(f"optimizer={optimizer!r}: give a torch.optim class name (AdamW) or {{class_path, init_args}}")
+    spec, ext = split_spec({**spec, **ext})  # checked: (0, 1] decay, AdamW args, Muon-only keys
     path = str(spec["class_path"])
     module_name, _, cls_name = path.rpartition(".")
     module_name = module_name or "torch.optim"
@@ -55,7 +59,7 @@ def resolve_optimizer(optimizer: Union[str, dict]) -> dict:
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
         raise ValueError(f"optimizer lr={lr!r} (optimizer.init_args.lr): the peak learning rate must be a number > 0")
     spec["class_path"] = f"{module_name}.{cls_name}"
-    return spec
+    return {**spec, **ext}
 
 
 SCAN_BYTES = 256 * 2**20
@@ -116,6 +120,9 @@ def check_shards_fit_model(data: Any, config: Any, tokenizer_dir: Path | None) -
         for name, p in named.items():
             for q in _val_paths(name, p):
                 paths[f"val:{name}:{q.name}"] = q
+    from litgpt_ext.data.vocab_record import check_shard_tokenizers
+
+    check_shard_tokenizers(paths, tokenizer_dir)  # old-vocabulary shards (extend-vocab), mixed tokenizers
     vocab = config.padded_vocab_size or config.vocab_size
     digest = _tokenizer_digest(tokenizer_dir) if tokenizer_dir is not None else None
     for sid, path in paths.items():
