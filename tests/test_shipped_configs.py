@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -31,9 +32,11 @@ KIND = {
     "pretrain/tiny_cpu.yaml": "pretrain",
     "reproduce/cpu.yaml": "reproduce", "reproduce/pretrain_cpu.yaml": "pretrain", "reproduce/sft_cpu.yaml": "sft",
     "sft/demo_math.yaml": "sft", "sft/paper_sft.yaml": "sft",
-    "sweeps/paper_pythia160m.yaml": "sweep",
+    "sweeps/paper_pythia160m.yaml": "sweep", "studies/forgetting_cpu.yaml": "sweep",
 }
 CLUSTER = sorted(k for k in KIND if "pythia" in k or "paper" in k)
+# sweep specs of CPU studies: run shrunk (fewer arms and steps) by test_cpu_study_runs_shrunk
+STUDIES = {"studies/forgetting_cpu.yaml": ["no_replay", "l2_anchor", "ewc_lo", "llrd08"]}
 SHORT = ["--eval.max_iters", "1", "--logger_name", "csv"]
 # the demo/CPU configs, in dependency order: (config, extra flags, the checkpoint it must leave, its step)
 RUNS = [
@@ -61,7 +64,7 @@ RUNS = [
 def test_every_config_is_classified():
     found = sorted(str(p.relative_to(CONFIG_DIR)) for p in CONFIG_DIR.rglob("*.y*ml"))
     assert found == sorted(KIND), "classify new configs in KIND (and RUNS if they run on the demo data)"
-    assert {c for c, *_ in RUNS} == {k for k in KIND if k not in CLUSTER}, "every demo/CPU config runs"
+    assert {c for c, *_ in RUNS} | set(STUDIES) == {k for k in KIND if k not in CLUSTER}, "every demo/CPU config runs"
 
 
 @functools.lru_cache(maxsize=None)
@@ -99,10 +102,18 @@ def test_config_parses_with_its_commands_parser(name):
         assert cfg.checkpoint_dir and cfg.out_dir
         parser_for("sft").parse_path(str(path))
     elif kind == "sweep":
+        from litgpt_ext.study.plan_checks import check_configs
         from litgpt_ext.study.spec import load_spec
+        from litgpt_ext.study.sweep import plan_sweep
 
         spec = load_spec(path)
         assert (ROOT / spec.base_config).is_file() and spec.arms
+        cwd = os.getcwd()
+        os.chdir(ROOT)
+        try:  # every arm's own config (its overrides: a method's knobs) parses with its command's parser
+            check_configs(plan_sweep(spec))
+        finally:
+            os.chdir(cwd)
     else:
         from litgpt_ext.study.reproduce import arms_of, load_config
 
@@ -179,3 +190,35 @@ def test_demo_and_cpu_configs_run_on_demo_data(demo_runs, name, checkpoint, step
     if KIND[name] == "sft":
         metrics = json.loads((root / Path(checkpoint).parent / "sft_metrics.json").read_text())
         assert metrics["sft_val_loss"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(STUDIES))
+def test_cpu_study_runs_shrunk(demo_runs, name):
+    """The study's own arms (their mixes and method overrides), shrunk to a few steps and one seed, run
+    by `sweep --action local` on the demo data and ranked by `--action report`."""
+    root, _ = demo_runs
+    raw = yaml.safe_load((CONFIG_DIR / name).read_text())
+    keep = STUDIES[name]
+    raw.update(total_steps=6, seeds=[42], arm_data_seeds=[], out_root="runs/study_small", sft=None,
+               base_overrides={**raw.get("base_overrides", {}), "eval.max_iters": 1, "logger_name": "csv"},
+               arms=[{**a, "start": 3} for a in raw["arms"] if a["name"] in keep])
+    raw["arm_overrides"] = {**raw.get("arm_overrides", {}), "eval.interval": 3, "eval.max_iters": 1}
+    for a in raw["arms"]:
+        if "regularizer" in a.get("overrides", {}) and a["overrides"]["regularizer"].get("fisher_batches"):
+            a["overrides"]["regularizer"]["fisher_batches"] = 1
+    spec = root / "study_small.yaml"
+    spec.write_text(yaml.safe_dump(raw))
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        cli_main(["sweep", "--spec", str(spec), "--action", "local"])
+        cli_main(["sweep", "--spec", str(spec), "--action", "report"])
+    finally:
+        os.chdir(cwd)
+    res = json.loads((root / "runs" / "study_small" / "report" / "results.json").read_text())
+    assert sorted(res["arms"]) == sorted(keep) and res["front"]
+    for arm in keep:
+        r = res["arms"][arm]
+        assert r["n"] == 1 and not r["missing"] and math.isfinite(r["gain"]["point"]) and math.isfinite(r["forgetting"]["point"])
+    assert (root / "runs" / "study_small" / "report" / "pareto.png").stat().st_size > 1000

@@ -3,7 +3,7 @@
 `check_plan` runs for `sweep --action plan | write | local` (not `report`, which reads finished
 runs): every midtraining mix must resolve against the shards on disk (an unknown domain, or a
 domain with no shards, is named with the arm), and the first generated config of every
-(stage, command) must parse with that command's own parser (a bad override, e.g. a misspelt
+(stage, command, arm) must parse with that command's own parser (a bad override, e.g. a misspelt
 `arm_overrides` key, is named with the job). On SLURM the difference is a refused `write` instead
 of a base run's hours followed by a failed array.
 """
@@ -64,12 +64,13 @@ def check_data(jobs: list[Job], here: bool = True) -> None:
 
 
 def check_configs(jobs: list[Job]) -> None:
-    """The first config of each (stage, command) through the command's parser, without running it."""
-    firsts: dict[tuple[str, str], Job] = {}
+    """The first config of each (stage, command, arm) through the command's parser, without running it
+    (an arm's own overrides, a method's knobs, are checked with it)."""
+    firsts: dict[tuple, Job] = {}
     for j in jobs:
-        firsts.setdefault((j.stage, j.command), j)
+        firsts.setdefault((j.stage, j.command, j.info.get("arm")), j)
     with tempfile.TemporaryDirectory() as tmp:
-        for (stage, command), j in firsts.items():
+        for (stage, command, _), j in firsts.items():
             path = Path(tmp) / f"{j.name}.yaml"
             path.write_text(yaml.safe_dump(j.config, sort_keys=False))
             try:

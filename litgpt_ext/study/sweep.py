@@ -123,7 +123,7 @@ def plan_sweep(spec: SweepSpec) -> list[Job]:
         _set(cfg, "train.max_iters", spec.total_steps)
         fork = str(root / f"base_seed{seed}" / f"step-{int(a.start):08d}")
         for k, v in {**spec.arm_overrides, **a.overrides}.items():  # "${fork_from}": this run's fork checkpoint
-            _set(cfg, k, v.replace("${fork_from}", fork) if isinstance(v, str) else v)
+            _set(cfg, k, _substitute(v, "${fork_from}", fork))
         base_job = f"base_seed{seed}_to{int(a.start)}" if spec.split_base else f"base_seed{seed}"
         jobs.append(Job(name, "midtrain", "pretrain", cfg, out, depends=[base_job],
                         info={"seed": seed, "mix": mix, "start": int(a.start), "domain": a.domain,
@@ -165,6 +165,17 @@ def plan_sweep(spec: SweepSpec) -> list[Job]:
                                     info={"task": task, "source": src, "lr": float(lr), "seed": sseed,
                                           "pretrain_seed": pseed}))
     return jobs
+
+
+def _substitute(value, token: str, by: str):
+    """`value` with `token` replaced by `by` in every string inside it (mappings and lists too)."""
+    if isinstance(value, str):
+        return value.replace(token, by)
+    if isinstance(value, dict):
+        return {k: _substitute(v, token, by) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, token, by) for v in value]
+    return value
 
 
 def plan_table(jobs: list[Job]) -> str:
