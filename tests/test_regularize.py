@@ -18,7 +18,7 @@ from litgpt.config import Config
 from litgpt.model import GPT
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_fakes import VOCAB, FakeMixedData  # noqa: E402
+from train_fakes import VOCAB, FakeMixedData, SignalAfter  # noqa: E402
 
 from litgpt_ext import checkpoint as ckpt  # noqa: E402
 from litgpt_ext.train.args import EvalArgs, RegularizerArgs, TrainArgs  # noqa: E402
@@ -206,31 +206,6 @@ def test_a_regularized_midtrain_logs_the_penalty_and_stays_closer(which, base, p
         assert len(list((tmp_path / "l2_anchor").iterdir())) == 1
 
 
-class _SignalAfter(FakeMixedData):
-    """Sends SIGUSR1 to this process after `n` batches (a SLURM preemption notice)."""
-
-    def __init__(self, n: int = 5, **kw):
-        super().__init__(**kw)
-        self.n = n
-
-    def train_dataloader(self):
-        import signal
-
-        inner, n = super().train_dataloader(), self.n
-
-        class Loader:
-            def __iter__(self):
-                for i, b in enumerate(inner):
-                    if i == n:
-                        os.kill(os.getpid(), signal.SIGUSR1)
-                    yield b
-
-            def __getattr__(self, k):
-                return getattr(inner, k)
-
-        return Loader()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("which", ["ewc", "l2_anchor"])
 def test_preempted_and_requeued_run_is_bit_identical(which, base, tmp_path, capsys):
@@ -238,7 +213,7 @@ def test_preempted_and_requeued_run_is_bit_identical(which, base, tmp_path, caps
     straight = run(tmp_path / "straight", data=FakeMixedData(**NEW), fork_from=base, train=MID, regularizer=reg)
     job = tmp_path / "requeued"
     with pytest.raises(SystemExit) as e:  # SIGUSR1 during step 7: checkpoint step-7, exit 99
-        run(job, data=_SignalAfter(n=5, **NEW), fork_from=base, train={**MID, "save_interval": 100}, regularizer=reg)
+        run(job, data=SignalAfter(n=5, **NEW), fork_from=base, train={**MID, "save_interval": 100}, regularizer=reg)
     assert e.value.code == PREEMPT_EXIT_CODE and ckpt.latest_checkpoint(job).name == "step-00000007"
     capsys.readouterr()
     again = run(job, data=FakeMixedData(**NEW), fork_from=base, train=MID, regularizer=reg)

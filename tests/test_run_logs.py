@@ -15,17 +15,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from litgpt_ext.cli import main as cli_main
 from litgpt_ext.data import ShardedMixedDataset
-from litgpt_ext.data.shard_io import write_token_shard
 from litgpt_ext.train.metrics import continue_log_stream
+from tests.test_train_cli import VOCAB, pattern_shard  # the arithmetic token shards
 
-VOCAB, SEQ, GBS = 64, 16, 4
+SEQ, GBS = 16, 4
 TOKENS_PER_STEP = GBS * SEQ
-
-
-def pattern_shard(path: Path, stride: int, n_docs: int, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    docs = [(rng.integers(VOCAB) + stride * np.arange(40)) % VOCAB for _ in range(n_docs)]
-    write_token_shard(path, docs, chunk_tokens=400)
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,6 @@
 init, early stop, preemption. Data comes from the stand-in in train_fakes.py (same interface as
 litgpt_ext.data.ShardedMixedDataset)."""
 
-import os
-import signal
 import sys
 from pathlib import Path
 
@@ -12,7 +10,7 @@ import torch
 from litgpt.config import Config
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_fakes import VOCAB, FakeMixedData  # noqa: E402
+from train_fakes import VOCAB, FakeMixedData, SignalAfter  # noqa: E402
 
 from litgpt_ext import checkpoint as ckpt  # noqa: E402
 from litgpt_ext.train.args import EvalArgs, TrainArgs  # noqa: E402
@@ -119,34 +117,11 @@ def test_early_stop_when_a_set_worsens(tmp_path):
         run(tmp_path / "x", eval={"early_stop": {"nope": 1.0}})
 
 
-class _SignalAfter(FakeMixedData):
-    """Sends SIGUSR1 to this process after `n` batches (a SLURM preemption notice)."""
-
-    def __init__(self, n: int = 5, **kw):
-        super().__init__(**kw)
-        self.n = n
-
-    def train_dataloader(self):
-        inner, n = super().train_dataloader(), self.n
-
-        class L:
-            def __iter__(self):
-                for i, b in enumerate(inner):
-                    if i == n:
-                        os.kill(os.getpid(), signal.SIGUSR1)
-                    yield b
-
-            def __getattr__(self, k):
-                return getattr(inner, k)
-
-        return L()
-
-
 @pytest.mark.slow
 def test_preemption_saves_and_exits_with_requeue_code(straight, tmp_path):
     out, r = straight
     with pytest.raises(SystemExit) as e:
-        run(tmp_path, data=_SignalAfter(n=5), train={"save_interval": 100})
+        run(tmp_path, data=SignalAfter(n=5), train={"save_interval": 100})
     assert e.value.code == PREEMPT_EXIT_CODE == 99
     assert ckpt.latest_checkpoint(tmp_path).name == "step-00000003" and not (tmp_path / "final").exists()
     again = run(tmp_path, resume="auto")
@@ -162,7 +137,7 @@ def test_requeued_phase_stops_where_it_was_planned_with_the_same_lrs(straight, t
     requeued = tmp_path / "requeued"
     for _ in range(3):  # each job trains 2 steps, then gets SIGUSR1 (the first one forks)
         with pytest.raises(SystemExit):
-            run(requeued, data=_SignalAfter(n=3), fork_from=out / "step-00000004", train=train)
+            run(requeued, data=SignalAfter(n=3), fork_from=out / "step-00000004", train=train)
     last = run(requeued, fork_from=out / "step-00000004", train=train)
     assert ref.step == last.step == 4 + 8  # not 4 + 4 * 8: the stop belongs to the phase
     assert [s for s, _ in ckpt.list_checkpoints(requeued)] == [4, 6, 8, 10]  # the fork, 3 preemptions

@@ -87,3 +87,29 @@ class FakeMixedData(DataModule):
             out[name] = [torch.stack([_sample(shard, 10_000 + b * 97 + r, self.seq_len + 1)
                                       for r in range(self.batch_size)]) for b in range(self.val_batches)]
         return out
+
+
+class SignalAfter(FakeMixedData):
+    """Sends SIGUSR1 to this process after `n` batches (a SLURM preemption notice)."""
+
+    def __init__(self, n: int = 5, **kw):
+        super().__init__(**kw)
+        self.n = n
+
+    def train_dataloader(self):
+        import os
+        import signal
+
+        inner, n = super().train_dataloader(), self.n
+
+        class Loader:
+            def __iter__(self):
+                for i, b in enumerate(inner):
+                    if i == n:
+                        os.kill(os.getpid(), signal.SIGUSR1)
+                    yield b
+
+            def __getattr__(self, k):
+                return getattr(inner, k)
+
+        return Loader()

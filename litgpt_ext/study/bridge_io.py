@@ -114,3 +114,15 @@ def plot_heatmap(sim, sets, sft, path: Path, measures: Sequence[str] = MEASURES)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def write_similarity_csv(path: Path, sim: dict, pa: dict, sets: Sequence[str], sft: Sequence[str], general: str,
+                         measures: Sequence[str] = MEASURES) -> None:
+    """One row per (set, SFT set): each measure's similarity and its PA (empty for the general set)."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["set", "sft", *measures, *(f"pa_{m}" for m in measures)])
+        for s in sets:
+            for t in sft:
+                w.writerow([s, t, *(f"{sim[m][s][t]:.6f}" for m in measures),
+                            *(f"{pa[m][s][t]:.6f}" if s != general else "" for m in measures)])

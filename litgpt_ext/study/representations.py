@@ -259,18 +259,11 @@ def embedding_similarity(embedder, texts_of: dict, weights: dict, sft: list[str]
 
 
 def write_embedding_outputs(emb: dict, sets: list[str], sft: list[str], general: str, out_dir: Path) -> None:
-    import csv
 
-    from litgpt_ext.study.bridge_io import plot_heatmap
+    from litgpt_ext.study.bridge_io import plot_heatmap, write_similarity_csv
 
     measures = emb["measures"]
-    with open(out_dir / "similarity_embedding.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["set", "sft", *measures, *(f"pa_{m}" for m in measures)])
-        for s in sets:
-            for t in sft:
-                w.writerow([s, t, *(f"{emb['sim'][m][s][t]:.6f}" for m in measures),
-                            *(f"{emb['pa'][m][s][t]:.6f}" if s != general else "" for m in measures)])
+    write_similarity_csv(out_dir / "similarity_embedding.csv", emb["sim"], emb["pa"], sets, sft, general, measures)
     plot_heatmap(emb["sim"], sets, sft, out_dir / "similarity_embedding_heatmap.png", measures=measures)
     for m in measures:
         print(f"{m} ({emb['source']}): " + "; ".join(

@@ -37,7 +37,6 @@ slightly under-samples very long documents), then `num_docs` are drawn without r
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from collections import Counter
@@ -55,6 +54,7 @@ from litgpt_ext.study.bridge_io import (  # noqa: F401  (the bridge's readers, s
     read_improvements,
     read_sft_texts,
     sample_shard_docs,
+    write_similarity_csv,
 )
 
 # --------------------------------------------------------------------------------------------- stats
@@ -268,13 +268,7 @@ def similarity(
     (out_dir / "similarity.json").write_text(json.dumps(
         {**asdict(report), **extra, "mixes": dict(sets), "sft_paths": {k: str(v) for k, v in sft.items()}, "weights": weights,
          "num_docs": num_docs, "ngram_max": ngram_max, "seed": seed}, indent=1))
-    with open(out_dir / "similarity.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["set", "sft", *MEASURES, *(f"pa_{m}" for m in MEASURES)])
-        for s in sets:
-            for t in sft:
-                w.writerow([s, t, *(f"{sim[m][s][t]:.6f}" for m in MEASURES),
-                            *(f"{pa[m][s][t]:.6f}" if s != general else "" for m in MEASURES)])
+    write_similarity_csv(out_dir / "similarity.csv", sim, pa, list(sets), list(sft), general)
     plot_heatmap(sim, list(sets), list(sft), out_dir / "similarity_heatmap.png")
     if extra:
         write_embedding_outputs(extra["embedding"], list(sets), list(sft), general, out_dir)
