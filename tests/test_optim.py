@@ -226,27 +226,12 @@ def test_a_plain_adamw_checkpoint_midtrains_with_llrd(tmp_path):
 
 @pytest.fixture(scope="module")
 def cli_config(tmp_path_factory) -> Path:
-    from tests.test_train_cli import pattern_shard
+    from tests.test_train_cli import one_shard_config
 
-    root = tmp_path_factory.mktemp("optim_cli")
-    pattern_shard(root / "data" / "1", 1, 60, 0)
-    pattern_shard(root / "val" / "general", 1, 10, 3)
-    cfg = {
-        "model_config": {"name": "tiny", "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 32,
-                         "vocab_size": 64, "padded_vocab_size": 64},
-        "precision": "32-true",
-        "data": {"class_path": "litgpt_ext.data.ShardedMixedDataset",
-                 "init_args": {"data_path": str(root / "data"), "num_workers": 0, "literal_weights_str": "main/1:1.0",
-                               "val_data_path": {"general": str(root / "val" / "general")}, "seed": 42}},
-        "train": {"max_iters": 4, "global_batch_size": 8, "micro_batch_size": 2, "log_interval": 1,
-                  "save_interval": 2, "min_lr": 1e-4, "lr_warmup_steps": 1, "max_seq_length": 16},
-        "eval": {"interval": 2, "max_iters": 100},
-        "optimizer": ADAMW,
-        "logger_name": "csv",
-    }
-    path = root / "run.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return one_shard_config(
+        tmp_path_factory.mktemp("optim_cli"), name="run.yaml", optimizer=ADAMW, eval={"interval": 2, "max_iters": 100},
+        train={"max_iters": 4, "global_batch_size": 8, "micro_batch_size": 2, "log_interval": 1, "save_interval": 2,
+               "min_lr": 1e-4, "lr_warmup_steps": 1, "max_seq_length": 16})
 
 
 def _cli(*args, timeout=300) -> subprocess.CompletedProcess:

@@ -246,29 +246,14 @@ def test_ewc_reference_of_another_shape_is_named(base, tmp_path):
 
 @pytest.fixture(scope="module")
 def cli_config(tmp_path_factory) -> Path:
-    """test_train_cli's config on real litdata shards, with the CSV logger; one shard, so 1 and 2
-    processes see the same global batches."""
-    import yaml
-    from test_train_cli import pattern_shard
+    """test_train_cli's one-shard config with the CSV logger: 1 and 2 processes see the same global batches."""
+    from test_train_cli import one_shard_config
 
-    root = tmp_path_factory.mktemp("regcli")
-    pattern_shard(root / "data" / "1", 1, 60, 0)
-    pattern_shard(root / "val" / "general", 1, 10, 3)
-    cfg = {
-        "model_name": "tiny", "model_config": {**CFG}, "precision": "32-true", "resume": False,
-        "data": {"class_path": "litgpt_ext.data.ShardedMixedDataset",
-                 "init_args": {"data_path": str(root / "data"), "num_workers": 0, "mix_weights_str": None,
-                               "literal_weights_str": "main/1:1.0", "proportional_sampling": False, "seed": 42,
-                               "val_data_path": {"general": str(root / "val" / "general")}}},
-        "train": {"max_iters": 3, "global_batch_size": 8, "micro_batch_size": 2, "log_interval": 1,
-                  "save_interval": 3, "min_lr": 1e-4, "lr_warmup_fraction": 0.2, "max_seq_length": 16},
-        "eval": {"interval": 3, "max_iters": 100},
-        "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 3e-3, "weight_decay": 0.0}},
-        "logger_name": "csv",
-    }
-    path = root / "pretrain.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return one_shard_config(
+        tmp_path_factory.mktemp("regcli"), model_name="tiny", resume=False,
+        train={"max_iters": 3, "global_batch_size": 8, "micro_batch_size": 2, "log_interval": 1, "save_interval": 3,
+               "min_lr": 1e-4, "lr_warmup_fraction": 0.2, "max_seq_length": 16},
+        optimizer={"class_path": "torch.optim.AdamW", "init_args": {"lr": 3e-3, "weight_decay": 0.0}})
 
 
 def _env() -> dict:

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from test_train_cli import pattern_shard, val_rows
+from test_train_cli import one_shard_config, val_rows
 
 from litgpt_ext import checkpoint as ckpt
 from litgpt_ext.checkpoint import dcp as tdcp
@@ -26,29 +25,12 @@ ALL_KNOBS = {"compile": True, "compile_backend": "aot_eager", "activation_checkp
 
 @pytest.fixture(scope="module")
 def config_file(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("speed")
-    pattern_shard(root / "data" / "1", 1, 60, 0)
-    pattern_shard(root / "val" / "general", 1, 10, 3)
-    cfg = {
-        "model_name": "tiny",
-        "model_config": {"name": "tiny", "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 32,
-                         "vocab_size": VOCAB, "padded_vocab_size": VOCAB},
-        "precision": "32-true",
-        "data": {"class_path": "litgpt_ext.data.ShardedMixedDataset",
-                 "init_args": {"data_path": str(root / "data"), "num_workers": 0, "mix_weights_str": None,
-                               "literal_weights_str": "main/1:1.0",
-                               "val_data_path": {"general": str(root / "val" / "general")},
-                               "proportional_sampling": False, "seed": 42}},
-        "train": {"max_iters": 6, "global_batch_size": 8, "micro_batch_size": 2, "log_interval": 1,
-                  "save_interval": 3, "min_lr": 1e-4, "lr_scheduler": "cosine", "lr_warmup_fraction": 0.2,
-                  "max_seq_length": 16, "max_tokens": 10**9},
-        "eval": {"interval": 3, "max_iters": 100},
-        "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 3e-3, "weight_decay": 0.1}},
-        "logger_name": "csv",
-    }
-    path = root / "pretrain.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return one_shard_config(
+        tmp_path_factory.mktemp("speed"), model_name="tiny",
+        train={"max_iters": 6, "global_batch_size": 8, "micro_batch_size": 2, "log_interval": 1, "save_interval": 3,
+               "min_lr": 1e-4, "lr_scheduler": "cosine", "lr_warmup_fraction": 0.2, "max_seq_length": 16,
+               "max_tokens": 10**9},
+        optimizer={"class_path": "torch.optim.AdamW", "init_args": {"lr": 3e-3, "weight_decay": 0.1}})
 
 
 def _speed_flags(**knobs) -> list[str]:

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -25,6 +26,28 @@ def pattern_shard(path: Path, stride: int, n_docs: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     docs = [(rng.integers(VOCAB) + stride * np.arange(40)) % VOCAB for _ in range(n_docs)]
     write_token_shard(path, docs, chunk_tokens=400)
+
+
+def one_shard_config(root: Path, *, train: dict, optimizer: dict, eval: Optional[dict] = None,
+                     name: str = "pretrain.yaml", **top) -> Path:
+    """A tiny model's pretraining config on one arithmetic main shard (data/1) and a general val set
+    under `root`: one shard, so 1 and 2 processes see the same global batches. `train`, `optimizer`
+    and `eval` are the sections as given; `top` adds or replaces top-level keys."""
+    pattern_shard(root / "data" / "1", 1, 60, 0)
+    pattern_shard(root / "val" / "general", 1, 10, 3)
+    cfg = {
+        "model_config": {"name": "tiny", "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 32,
+                         "vocab_size": VOCAB, "padded_vocab_size": VOCAB},
+        "precision": "32-true",
+        "data": {"class_path": "litgpt_ext.data.ShardedMixedDataset",
+                 "init_args": {"data_path": str(root / "data"), "num_workers": 0, "literal_weights_str": "main/1:1.0",
+                               "val_data_path": {"general": str(root / "val" / "general")}, "seed": 42}},
+        "train": train, "eval": eval or {"interval": 3, "max_iters": 100}, "optimizer": optimizer,
+        "logger_name": "csv", **top,
+    }
+    path = root / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path
 
 
 @pytest.fixture(scope="module")
