@@ -164,7 +164,13 @@ def test_reproduce_end_to_end_on_a_tiny_corpus(tmp_path, capsys):
     assert {f["id"] for f in results["findings"]} >= {"F1", "F2"}
     for line in ("### F1:", "### F2:", "### F4", "Not measured: the study lacks the arms", "## Versions"):
         assert line in report, line
-    for fig in ("sft_losses.png", "similarity/similarity_heatmap.png"):
+    assert "**Verdict: " in report and "Mixed-effects models" in report and "The paper's test, for comparison" in report
+    assert results["cells"]["math_mid|math"]["pseeds"] == [42, 42]  # the unit of replication, per run
+    # the representation stage: base vs arm before and after SFT, and each vs its SFT'd self
+    assert "## Representations" in report and "| base vs math_mid |" in report and "| math_mid vs math_mid_sft_math |" in report
+    cka = json.loads((out / "representations" / "cka.json").read_text())
+    assert all(0 <= v <= 1 + 1e-6 for c in cka["cka"].values() for v in c["per_layer"].values())
+    for fig in ("sft_losses.png", "similarity/similarity_heatmap.png", "representations/cka_heatmap.png"):
         assert (out / fig).stat().st_size > 1000, fig
     assert res["minutes"] > 0 and (out / "timings.jsonl").is_file()
     # a second invocation: every stage's output exists, nothing runs again, the findings are the same
