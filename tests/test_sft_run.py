@@ -228,3 +228,33 @@ def test_two_process_sft_preempted_writes_the_marker_and_resumes_bit_identically
     assert again.returncode == 0, out[-3000:]
     a, b = _weights(tmp_path / "full" / "final"), _weights(tmp_path / "part" / "final")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_sft_with_an_l2_anchor_logs_the_penalty_and_stays_closer(tmp_path, source):
+    """`regularizer: {type: l2_anchor}` in SFT anchors to the source checkpoint: the penalty is logged
+    beside the loss (0 at the first step, positive after) and the weights move less than without it."""
+    start = _weights(source / "base" / "step-00000007")
+    dist = {}
+    for name, reg in (("free", None), ("anchored", {"type": "l2_anchor", "lambda": 50.0})):
+        out = tmp_path / name
+        path = _config(source, out, epochs=1)
+        if reg is not None:
+            cfg = yaml.safe_load(path.read_text())
+            cfg["regularizer"] = reg
+            path.write_text(yaml.safe_dump(cfg))
+        cli(["sft", "--config", str(path)])
+        w = _weights(out / "final")
+        dist[name] = sum(float(((w[k].float() - start[k].float()) ** 2).sum()) for k in start) ** 0.5
+        rows = list(csv.DictReader(open(next(out.rglob("metrics.csv")))))
+        pen = [float(r["reg/l2_anchor"]) for r in rows if r.get("reg/l2_anchor") not in (None, "")]
+        if reg is None:
+            assert not pen
+        else:
+            assert pen and pen[0] == pytest.approx(0.0, abs=1e-9) and max(pen) > 0
+    assert dist["anchored"] < 0.8 * dist["free"]
+    with pytest.raises(SystemExit, match="regularizer.lambda must be >= 0"):
+        cfg = yaml.safe_load(_config(source, tmp_path / "bad").read_text())
+        cfg["regularizer"] = {"type": "l2_anchor", "lambda": -1}
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
+        cli(["sft", "--config", str(tmp_path / "bad.yaml")])

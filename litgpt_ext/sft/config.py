@@ -162,6 +162,7 @@ class SFTConfig:
     num_nodes: Optional[int] = None
     logger_name: str = "csv"
     seed: int = 42
+    regularizer: Optional[dict[str, Any]] = None
 
     def __post_init__(self) -> None:
         self.checkpoint_dir, self.out_dir = Path(self.checkpoint_dir), Path(self.out_dir)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Literal, Optional, Union
 from litgpt_ext.sft.config import SFTConfig, SFTEvalArgs, SFTTrainArgs, sft_plan
 from litgpt_ext.sft.data import SFTData
 from litgpt_ext.sft.metrics import FILE_NAME, SFTMetrics, source_identity, write_sft_metrics
+from litgpt_ext.train.args import RegularizerConfig  # noqa: E402  (jsonargparse reads the annotation)
 
 if TYPE_CHECKING:
     from litgpt_ext.train.launch import RunResult
@@ -46,6 +47,7 @@ def sft(
     num_nodes: Optional[int] = None,
     logger_name: Literal["tensorboard", "csv", "wandb"] = "csv",
     seed: int = 42,
+    regularizer: Optional[RegularizerConfig] = None,
 ) -> Optional["RunResult"]:
     """Fully fine-tune a checkpoint on instruction or plain-text data (the paper's post-training stage).
 
@@ -66,6 +68,9 @@ def sft(
         num_nodes: Nodes (default: SLURM_JOB_NUM_NODES, else 1).
         logger_name: tensorboard, csv or wandb.
         seed: Model-side seed and, unless data.seed is set, the data order's seed.
+        regularizer: A forgetting penalty on the SFT loss, as in pretraining (`litgpt_ext.train.regularize`):
+            {type: l2_anchor, lambda} toward the source checkpoint's weights, or {type: ewc, lambda,
+            reference, fisher_data, fisher_batches}.
 
     Returns the loop's result with `sft_metrics` added, or None when out_dir already holds a
     finished run (its sft_metrics.json) of the same config (another config is refused, naming the
@@ -156,6 +161,9 @@ def run_sft(cfg: SFTConfig, data: SFTData, hparams: dict) -> Optional["RunResult
     train, eval_ = loop_args(cfg.train, cfg.eval, plan, seq_len)
 
     strategy = build_strategy(devices, num_nodes, 1)
+    from litgpt_ext.train.args import RegularizerArgs
+
+    reg = RegularizerArgs.parse(cfg.regularizer, fresh=False)  # the source checkpoint is the L2 anchor
 
     def body(fabric) -> RunResult:
         count_real_tokens(fabric, data, plan.accumulation)
@@ -164,7 +172,7 @@ def run_sft(cfg: SFTConfig, data: SFTData, hparams: dict) -> Optional["RunResult
                      f" {cfg.peak_lr:g} -> {cfg.train.min_lr:g}; validation every {plan.eval_interval} steps")
         return main(fabric, model_config=model_config, out_dir=out_dir, data=data, train=train, eval=eval_,
                     optimizer=cfg.optimizer, hparams=hparams, initial_checkpoint_dir=src, resume=cfg.resume,
-                    tokenizer_dir=src, seed=cfg.seed, moe=moe,
+                    tokenizer_dir=src, seed=cfg.seed, moe=moe, regularizer=reg,
                     val_loaders=lambda dm: sft_val_loaders(dm, cfg.eval, seq_len))
 
     # the shared launch path: a preempted SFT run exits like pretraining (marker, every rank, exit 99)
