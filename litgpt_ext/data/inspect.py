@@ -83,7 +83,8 @@ def mix_report(
         }
         if record is not None:  # what the phase draws, in samples of `block` tokens, as the loader counts
             d = drawn.get(s.id, 0.0)
-            row["budget_tokens"] = d * block
+            row["budget_tokens"] = d * (block - 1)  # trained on, as the loader's `tokens` counts them
+            row["budget_tokens_read"] = d * block  # + 1 per sample for the input/target shift
             row["epochs"] = d / row["samples"] if d > 0 else 0.0
         elif tokens is not None:
             row["budget_tokens"] = w * tokens
@@ -114,7 +115,7 @@ def schedule_segments(record: dict, phase: Phase, num_samples: dict[str, int], b
         shards = {}
         for sid, d in drawn.items():
             done[sid] += d
-            shards[sid] = {"weight_start": w0[sid], "weight_end": w1[sid], "samples": d, "tokens": d * block,
+            shards[sid] = {"weight_start": w0[sid], "weight_end": w1[sid], "samples": d, "tokens": d * (block - 1), "tokens_read": d * block,
                            "epochs": d / num_samples[sid], "epochs_total": done[sid] / num_samples[sid]}
         out.append({"start_step": phase.start_step + a / gbs, "end_step": phase.start_step + b / gbs,
                     "start_fraction": a / total, "end_fraction": b / total, "shards": shards})
