@@ -203,7 +203,7 @@ def test_fork_then_midtrain_with_new_blend(config_file, one_proc):
 
 def _shipped_command(config: Path) -> list[str]:
     """The command each shipped YAML is for: sweeps, the reproduction study, SFT, else pretrain."""
-    if config.parent.name == "sweeps":
+    if config.parent.name in ("sweeps", "studies"):  # sweep specs
         return ["sweep", "--spec", str(config)]
     raw = yaml.safe_load(config.read_text()) or {}
     if config.parent.name == "reproduce" and "arms" in raw:
