@@ -184,10 +184,10 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, which):
         seg = run(tmp_path / "cut", spec, train={"pause_at_step": 3})
         assert seg.stopped == "paused" and not (tmp_path / "cut" / "final").exists()
     else:  # the preemption pattern: SIGUSR1 during step 3 -> checkpoint at 3, exit 99
-        from test_train_loop import _SignalAfter
+        from train_fakes import SignalAfter
 
         with pytest.raises(SystemExit) as e:
-            run(tmp_path / "cut", spec, data=_SignalAfter(n=5), train={"save_interval": 100})
+            run(tmp_path / "cut", spec, data=SignalAfter(n=5), train={"save_interval": 100})
         assert e.value.code == 99 and ckpt.latest_checkpoint(tmp_path / "cut").name == "step-00000003"
         seg = straight  # the losses up to 3 are not returned by an exit; the weights below decide
     st = ckpt.load_training_state(tmp_path / "cut" / "step-00000003")
