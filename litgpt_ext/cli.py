@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth-replay": ("litgpt_ext.prep.synth_replay:synth_replay", "sample replay documents from a frozen checkpoint into a synth shard (s1)"),
     "extend-vocab": ("litgpt_ext.prep.extend_vocab:extend_vocab", "add tokens to a checkpoint's tokenizer; new rows = mean of their old sub-pieces"),
     "build-demo": ("litgpt_ext.demo.corpus:build_demo", "build the offline demo corpus, tokenizer and shards"),
+    "mix-replay": ("litgpt_ext.mix_policy.trajectory:mix_replay", "turn an online mixing run's trajectory into a static mix_schedule that draws the same samples"),
     "inspect-mix": ("litgpt_ext.data.inspect:inspect_mix", "print each shard's resolved weight, tokens and epochs"),
     "pretrain": ("litgpt_ext.train.loop:pretrain", "pretrain or midtrain (resume with a new blend)"),
     "fork": ("litgpt_ext.checkpoint:fork", "start a new run from another run's checkpoint"),

@@ -30,7 +30,8 @@ ALWAYS_VALID = {"config", "print_config", "__path__"}
 # that must exist before any work starts; `resume` only when it is a path (not true/false/auto)
 PATH_KEYS = {
     "pretrain": ("initial_checkpoint_dir", "tokenizer_dir", "resume", "data.init_args.data_path",
-                 "data.init_args.val_data_path", "data.init_args.mix_config_path", "model_config", "regularizer.reference"),
+                 "data.init_args.val_data_path", "data.init_args.mix_config_path", "model_config", "regularizer.reference",
+                 "mix_policy.reference"),
     "sft": ("checkpoint_dir", "resume", "data.init_args.train_path", "data.init_args.val_path", "eval.val_data_path"),
 }
 HINTS = {"data/demo": "`litgpt-ext build-demo` writes data/demo", "runs/demo": "`make demo` writes runs/demo"}

@@ -25,7 +25,7 @@ CONFIG_DIR = ROOT / "midtrain_configs"
 # every shipped config -> the command that reads it
 KIND = {
     "demo/midtrain_control.yaml": "pretrain", "demo/midtrain_math.yaml": "pretrain", "demo/moe_tiny.yaml": "pretrain",
-    "demo/pretrain.yaml": "pretrain",
+    "demo/pretrain.yaml": "pretrain", "demo/midtrain_odm.yaml": "pretrain",
     "midtrain/pythia-160m_code_rewarmup.yaml": "pretrain", "midtrain/pythia-160m_dynamic_mix.yaml": "pretrain",
     "midtrain/pythia-160m_math_decay.yaml": "pretrain",
     "pretrain/pythia-160m_paper_c4.yaml": "pretrain", "pretrain/pythia-160m_wsd.yaml": "pretrain",
@@ -33,10 +33,12 @@ KIND = {
     "reproduce/cpu.yaml": "reproduce", "reproduce/pretrain_cpu.yaml": "pretrain", "reproduce/sft_cpu.yaml": "sft",
     "sft/demo_math.yaml": "sft", "sft/paper_sft.yaml": "sft",
     "sweeps/paper_pythia160m.yaml": "sweep", "studies/forgetting_cpu.yaml": "sweep",
+    "studies/online_mixing_cpu.yaml": "sweep",
 }
 CLUSTER = sorted(k for k in KIND if "pythia" in k or "paper" in k)
 # sweep specs of CPU studies: run shrunk (fewer arms and steps) by test_cpu_study_runs_shrunk
-STUDIES = {"studies/forgetting_cpu.yaml": ["no_replay", "l2_anchor", "ewc_lo", "llrd08"]}
+STUDIES = {"studies/forgetting_cpu.yaml": ["no_replay", "l2_anchor", "ewc_lo", "llrd08"],
+           "studies/online_mixing_cpu.yaml": ["odm", "doremi"]}
 SHORT = ["--eval.max_iters", "1", "--logger_name", "csv"]
 # the demo/CPU configs, in dependency order: (config, extra flags, the checkpoint it must leave, its step)
 RUNS = [
@@ -44,6 +46,8 @@ RUNS = [
      "runs/demo/pretrain/final", 2),
     ("demo/midtrain_math.yaml", ["--fork_from", "runs/demo/pretrain/step-00000001", "--train.max_additional_steps", "1",
                                  *SHORT], "runs/demo/midtrain_math/final", 2),
+    ("demo/midtrain_odm.yaml", ["--fork_from", "runs/demo/pretrain/step-00000001", "--train.max_additional_steps", "1",
+                                *SHORT], "runs/demo/midtrain_odm/final", 2),
     ("demo/midtrain_control.yaml", ["--fork_from", "runs/demo/pretrain/step-00000001",
                                     "--train.max_additional_steps", "1", *SHORT], "runs/demo/midtrain_control/final", 2),
     ("demo/moe_tiny.yaml", ["--train.max_iters", "1", *SHORT], "runs/moe_tiny/final", 1),
@@ -207,6 +211,8 @@ def test_cpu_study_runs_shrunk(demo_runs, name):
     for a in raw["arms"]:
         if "regularizer" in a.get("overrides", {}) and a["overrides"]["regularizer"].get("fisher_batches"):
             a["overrides"]["regularizer"]["fisher_batches"] = 1
+        if "mix_policy" in a.get("overrides", {}):  # an update at every step of the 3
+            a["overrides"]["mix_policy"]["update_every"] = 1
     spec = root / "study_small.yaml"
     spec.write_text(yaml.safe_dump(raw))
     cwd = os.getcwd()

@@ -165,3 +165,54 @@ class ScheduledBlend:
 
     def take(self, n: int) -> list[int]:
         return [self.next() for _ in range(n)]
+
+
+class RevealingBlend:
+    """A schedule's blend that sees each point only once the stream reaches it (no look-ahead).
+
+    `ScheduledBlend` picks by deadlines: when a shard's cumulative target reaches its next count,
+    which can lie beyond a later point of the schedule, so what it draws before a point depends on
+    the weights after it. An online mixing policy decides those weights only when it gets there, so
+    its runs use this blend, and so does a static replay of its trajectory (`mix_schedule_lookahead:
+    false`): the pieces starting at or before the current position, the last of them held. The
+    picks are then a function of the points already reached, whether the later ones exist yet or
+    not, which is what makes the replay draw the online run's samples in its order exactly.
+    Constant pieces only (a linear ramp needs the point it ramps to).
+    """
+
+    def __init__(self, pieces: Sequence[tuple[float, Sequence[float], Sequence[float]]], counts: Sequence[int] | None = None):
+        if any(any(s != 0.0 for s in p[2]) for p in pieces[:-1]):
+            raise ValueError("a blend without look-ahead takes constant pieces only (mix_schedule ramp: constant)")
+        self.pieces = [(float(p[0]), list(p[1]), [0.0] * len(p[1])) for p in pieces]
+        self._full = ScheduledBlend(self.pieces)  # the plan as a whole: targets for the realized-mix report
+        # one list for the life of the blend: callers (the stream) hold on to `counts`
+        self.counts = list(counts) if counts is not None else [0] * len(self.pieces[0][1])
+        self._shown = self._reached(sum(self.counts))
+        self._blend = self._scheduled()
+
+    def _reached(self, position: int) -> int:
+        return max(1, bisect.bisect_right([p[0] for p in self.pieces], float(position)))
+
+    def _scheduled(self) -> ScheduledBlend:
+        blend = ScheduledBlend(self.pieces[:self._shown], self.counts)
+        blend.counts = self.counts  # it counts in place, in this blend's own list
+        return blend
+
+    @property
+    def position(self) -> int:
+        return self._blend.position
+
+    def next(self) -> int:
+        if self._shown < len(self.pieces) and self.pieces[self._shown][0] <= self._blend.position:
+            self._shown = self._reached(self._blend.position)
+            self._blend = self._scheduled()
+        return self._blend.next()
+
+    def take(self, n: int) -> list[int]:
+        return [self.next() for _ in range(n)]
+
+    def target(self, i: int, x: float) -> float:
+        return self._full.target(i, x)
+
+    def weights_at(self, x: float) -> list[float]:
+        return self._full.weights_at(x)

@@ -13,7 +13,7 @@ import copy
 import logging
 from typing import Any, Mapping, TypedDict
 
-from litgpt_ext.data.blend import Blend, ScheduledBlend
+from litgpt_ext.data.blend import Blend, RevealingBlend, ScheduledBlend
 from litgpt_ext.data.schedule import Phase, curve_pieces, describe_schedule, schedule_weights_at
 from litgpt_ext.data.shard_types import MixError
 
@@ -39,11 +39,12 @@ class LoaderState(TypedDict):
     mix_history: list[dict]  # {"spec", "weights", "at_cursors"} for every segment
 
 
-def make_blend(state: Mapping[str, Any]) -> Blend | ScheduledBlend:
+def make_blend(state: Mapping[str, Any]) -> Blend | ScheduledBlend | RevealingBlend:
     """The blend of the current segment: constant weights, or the schedule in this rank's coordinates.
 
     A segment's blend position n (samples drawn by this rank since the segment began) sits at phase
-    sample `segment_phase_pos + n * world_size`, so every rank follows the same schedule.
+    sample `segment_phase_pos + n * world_size`, so every rank follows the same schedule. A record
+    with `lookahead: false` (an online mixing policy's, or its replay) gets the `RevealingBlend`.
     """
     ids = list(state["weights"])
     counts = [state["counts"][s] for s in ids]
@@ -51,6 +52,8 @@ def make_blend(state: Mapping[str, Any]) -> Blend | ScheduledBlend:
     if not sched:
         return Blend([state["weights"][s] for s in ids], counts)
     pieces = curve_pieces(sched, ids, float(state["segment_phase_pos"]), float(state["world_size"]))
+    if sched.get("lookahead") is False:
+        return RevealingBlend(pieces, counts)
     if len(pieces) == 1 and all(w > 0 for w in pieces[0][1]):  # past the last point: the constant fast path
         return Blend(pieces[0][1], counts)
     return ScheduledBlend(pieces, counts)
@@ -105,7 +108,13 @@ def continue_state(dm: Any, saved: dict[str, Any]) -> LoaderState:  # dm: the Sh
     pos_now = saved["segment_phase_pos"] + sum(saved["counts"].values()) * saved["world_size"]
     sched_spec = describe_schedule(dm.schedule_points)
     old_sched = saved.get("schedule")
-    if sched_spec is not None and old_sched is not None and old_sched.get("spec") == sched_spec:
+    online = old_sched is not None and old_sched.get("online") is not None and (
+        old_sched["online"] == getattr(dm, "online_policy", None))
+    if online:
+        # the same online mixing policy continues: its record (the weights it chose so far) and phase win
+        dm.phase = Phase(**saved["phase"])
+        record, same_mix = old_sched, True
+    elif sched_spec is not None and old_sched is not None and old_sched.get("spec") == sched_spec:
         # same schedule: the checkpoint's plan and phase win (a requeue never moves the schedule)
         if dm.phase is not None and dm.phase.as_dict() != saved["phase"]:
             log.info("data: keeping the checkpoint's phase %s for the unchanged mix_schedule (this run "
@@ -128,7 +137,7 @@ def continue_state(dm: Any, saved: dict[str, Any]) -> LoaderState:  # dm: the Sh
         )
     if same_mix and saved["world_size"] == dm.world_size:
         return new
-    sched = copy.deepcopy(record) if sched_spec is not None else None
+    sched = copy.deepcopy(record) if (sched_spec is not None or online) else None
     if same_mix:
         seg_pos = pos_now  # same plan, new world size: the schedule continues from here
     elif sched is not None:

@@ -8,25 +8,23 @@ a few integers per shard: global cursors (samples served by all ranks), per-segm
 and the mix. That makes three things exact: the mix of every prefix, resume (same batches as an
 uninterrupted run, any worker count), and a blend change on resume (cursors kept, no replay).
 
-The stream itself (which sample each pick serves, on which rank) is `stream.BlendedStream`; the
-loader state is built and continued in `loader_state`. All ranks use the same blend order, so all
+The stream itself (which sample each pick serves, on which rank) is `stream.BlendedStream`, the
+train loader around it `loader.MixedLoader`; the loader state is built and continued in `loader_state`. All ranks use the same blend order, so all
 ranks hold the same state and rank 0's copy resumes every rank.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import torch
 from litgpt.data import DataModule
-from torch.utils.data import DataLoader
 
-from litgpt_ext.data.blend import Blend, ScheduledBlend
-from litgpt_ext.data.loader_state import LoaderState, continue_state, fresh_state, make_blend
+from litgpt_ext.data.loader import MixedLoader, stack_long
 from litgpt_ext.data.mix_spec import MIX_SOURCES, MixSpec, check_mix_sources, mix_spec, resolve_weights
+from litgpt_ext.data.origin import check_origin
 from litgpt_ext.data.schedule import (
     Phase,
     apply_repetition_caps,
@@ -35,12 +33,9 @@ from litgpt_ext.data.schedule import (
     describe_schedule,
     parse_mix_schedule,
     resolve_schedule,
-    schedule_weights_at,
 )
 from litgpt_ext.data.shard_io import ShardError, ShardReader, is_shard_dir, read_shard_index
 from litgpt_ext.data.shard_types import MixError, Shard, build_registry, discover_shards
-from litgpt_ext.data.stream import BlendedStream
-from litgpt_ext.preempt import ignore_in_worker
 
 log = logging.getLogger(__name__)
 
@@ -49,123 +44,6 @@ def _dist_rank_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
-
-
-def _stack_long(rows: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack(rows).long()
-
-
-class MixedLoader:
-    """The training loader: an infinite iterable of [batch, block] LongTensors with exact state.
-
-    The state advances only for batches handed to the caller (prefetched ones do not count), so
-    `state_dict()` after k batches resumes at batch k+1 whatever `num_workers` is. The state is
-    built on first use, so `load_state_dict` can replace it before a phase is known.
-    """
-
-    def __init__(self, dm: "ShardedMixedDataset"):
-        self.dm = dm
-        self._state: LoaderState | None = None
-        self._tracker = None
-
-    def _ensure(self) -> LoaderState:
-        if self._state is None:
-            self._state = fresh_state(self.dm)
-            self._tracker = self._make_tracker()
-        return self._state
-
-    def _make_tracker(self) -> Blend | ScheduledBlend:
-        self._window = None  # (position, counts) at the last stats() call
-        return make_blend(self._state)
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        st, dm = self._ensure(), self.dm
-        ids = list(st["weights"])
-        shards = [(sid, dm.shards_by_id[sid].path, st["num_samples"][sid]) for sid in ids]
-        stream = BlendedStream(
-            shards, copy.deepcopy(st), [st["segment_start"][s] for s in ids],
-            dm.rank, dm.world_size, dm.batch_size, dm.block_size, st["seed"],
-        )
-        loader = DataLoader(stream, batch_size=dm.batch_size, num_workers=dm.num_workers, collate_fn=_stack_long,
-                            worker_init_fn=ignore_in_worker,  # SLURM signals every process; the main one saves
-                            persistent_workers=False, prefetch_factor=2 if dm.num_workers > 0 else None)
-        for batch in loader:
-            self._tracker.take(dm.batch_size)
-            yield batch
-
-    def state_dict(self) -> dict[str, Any]:
-        st = copy.deepcopy(self._ensure())
-        R = st["world_size"]
-        for sid, c in zip(st["weights"], self._tracker.counts):
-            st["counts"][sid] = c
-            st["cursors"][sid] = st["segment_start"][sid] + c * R
-        return st
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Continue from `state`; with a different mix or schedule, keep every cursor and switch the blend."""
-        self._state = continue_state(self.dm, dict(state))
-        self._tracker = self._make_tracker()
-
-    def phase_position(self) -> int:
-        """Global samples drawn in this phase so far (all ranks)."""
-        st = self._ensure()
-        return int(round(st.get("segment_phase_pos", 0))) + self._tracker.position * st["world_size"]
-
-    def stats(self) -> dict[str, Any]:
-        """Global consumption per shard and type and realized vs target mix, for logging.
-
-        A shard's `tokens` are the tokens trained on (`samples * max_seq_length`, so all shards' sum
-        is the run's `tokens`); `tokens_read` adds the one extra token per sample that the
-        input/target shift reads (`samples * (max_seq_length + 1)`). Both follow from the cursors
-        (samples), which is all the checkpoint stores.
-
-        `target_weight` and `realized_weight` cover the samples this rank drew since the previous
-        `stats()` call (the loop calls it once per log interval): the schedule's average weight over
-        that window and the share actually drawn. With a constant mix the target is the weight.
-        `scheduled_weight` is the schedule's weight at the current position.
-        """
-        st = self.state_dict()
-        block, tracker = self.dm.block_size, self._tracker
-        ids = list(st["weights"])
-        pos, counts = tracker.position, list(tracker.counts)
-        prev_pos, prev_counts = self._window or (0, [0] * len(ids))
-        self._window = (pos, counts)
-        if st.get("schedule"):
-            now = schedule_weights_at(st["schedule"], st["segment_phase_pos"] + pos * st["world_size"])
-        else:
-            now = dict(st["weights"])
-        span = pos - prev_pos
-        shards = {}
-        for sid, cursor in st["cursors"].items():
-            n = st["num_samples"][sid]
-            if sid in st["weights"]:
-                i = ids.index(sid)
-                if span > 0:
-                    target = (tracker.target(i, pos) - tracker.target(i, prev_pos)) / span
-                    realized = (counts[i] - prev_counts[i]) / span
-                else:
-                    target, realized = now.get(sid, 0.0), counts[i] / max(pos, 1)
-            else:
-                target = realized = 0.0
-            shards[sid] = {
-                "target_weight": target,
-                "realized_weight": realized,
-                "scheduled_weight": now.get(sid, 0.0),
-                "samples": cursor,
-                "tokens": cursor * (block - 1),  # trained on: inputs (= targets) of max_seq_length per sample
-                "tokens_read": cursor * block,  # read from the shard: + 1 per sample for the target shift
-                "epochs": cursor / n,
-                "completed_epochs": cursor // n,
-            }
-        types: dict[str, dict[str, float]] = {}
-        for sid, s in shards.items():
-            t = types.setdefault(self.dm.shards_by_id[sid].type,
-                                 {"target": 0.0, "realized": 0.0, "scheduled": 0.0, "tokens": 0})
-            t["tokens"] += s["tokens"]
-            t["target"] += s["target_weight"]
-            t["realized"] += s["realized_weight"]
-            t["scheduled"] += s["scheduled_weight"]
-        return {"shards": shards, "types": types, "position": pos, "phase_position": self.phase_position()}
 
 
 class _ValStream:
@@ -190,7 +68,7 @@ class _ValStream:
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         for b in range(0, len(self.items), self.batch_size):
-            yield _stack_long([self.readers[i][j] for i, j in self.items[b:b + self.batch_size]])
+            yield stack_long([self.readers[i][j] for i, j in self.items[b:b + self.batch_size]])
 
 
 def _val_paths(name: str, path: str | Path | list) -> list[Path]:
@@ -230,6 +108,11 @@ class ShardedMixedDataset(DataModule):
             {shard id or type: epochs}; needs the phase (`set_phase`).
         cap_repetition: when a shard would exceed max_epochs, cap its weight and renormalise the others
             (logged) instead of refusing the plan.
+        mix_schedule_lookahead: false: the blend sees each `mix_schedule` point only when the stream
+            reaches it (constant ramps only), as an online mixing policy's run does; `litgpt-ext
+            mix-replay` writes it so that the static replay draws the online run's samples exactly.
+        mix_schedule_origin: what `mix-replay` records about the run a schedule replays (its phase,
+            data seed, sample size and shards); a run whose own differ is refused, naming them.
 
     The training loop calls `set_phase(start_step, stop_step, global_batch_size)` after `setup()` and
     before `train_dataloader()`: the phase's optimizer steps and global samples per step place the
@@ -251,6 +134,8 @@ class ShardedMixedDataset(DataModule):
         mix_schedule: list[dict] | None = None,
         max_epochs: float | dict[str, float] | None = None,
         cap_repetition: bool = False,
+        mix_schedule_lookahead: bool = True,
+        mix_schedule_origin: dict | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()  # the loop writes these (mix strings included) to hyperparameters.yaml
@@ -271,6 +156,16 @@ class ShardedMixedDataset(DataModule):
             self.spec = mix_spec(mix_weights_str, literal_weights_str, mix_config_path, proportional_sampling)
         self.max_epochs = max_epochs
         self.cap_repetition = cap_repetition
+        self.mix_schedule_lookahead = mix_schedule_lookahead
+        if not mix_schedule_lookahead:
+            if not self.schedule_points:
+                raise MixError("mix_schedule_lookahead: false applies to a mix_schedule, and this data config has none")
+            linear = [k for k, p in enumerate(self.schedule_points) if p.ramp != "constant"]
+            if linear:
+                raise MixError(f"mix_schedule_lookahead: false takes constant ramps only (a linear ramp needs the point"
+                               f" it ramps to); points {linear} ramp linearly")
+        self.mix_schedule_origin = mix_schedule_origin
+        self.online_policy: str | None = None  # set by an online mixing policy (litgpt_ext.mix_policy) before resume
         self.phase: Phase | None = None
         self.record: dict | None = None  # the phase's plan: the schedule (or constant mix), caps applied
         self.batch_size = 1
@@ -336,6 +231,8 @@ class ShardedMixedDataset(DataModule):
         if self.shards is None:
             self.resolve()
         self.phase = Phase(int(start_step), int(stop_step), int(global_batch_size))
+        if self.mix_schedule_origin is not None:
+            check_origin(self.mix_schedule_origin, self)  # a replay: the recorded run's phase, seed, shards
         self.record = self._plan(self.phase)
         if not self.schedule_points:
             self.weights = dict(self.record["weights"][0])  # caps may have changed them
@@ -345,6 +242,8 @@ class ShardedMixedDataset(DataModule):
             record = resolve_schedule(self.schedule_points, self.shards, self.registry, phase)
         else:
             record = constant_record(resolve_weights(self.spec, self.shards, self.registry), phase)
+        if self.schedule_points and not self.mix_schedule_lookahead:
+            record["lookahead"] = False
         for sid in record["weights"][0]:
             self._check_sample_size(sid)
         num = {sid: self._num_samples(sid) for sid in record["weights"][0]}

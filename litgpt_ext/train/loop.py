@@ -26,6 +26,7 @@ from litgpt.data import DataModule
 
 from litgpt_ext import checkpoint as ckpt
 from litgpt_ext.checkpoint import dcp as tdcp
+from litgpt_ext.mix_policy import MixPolicyArgs, MixPolicyConfig
 from litgpt_ext.model import MoEArgs
 from litgpt_ext.preempt import PREEMPT_EXIT_CODE
 from litgpt_ext.preempt import PreemptFlag as _PreemptFlag
@@ -34,6 +35,7 @@ from litgpt_ext.train.args import EvalArgs, RegularizerArgs, RegularizerConfig, 
 from litgpt_ext.train.hparams import resolved_hparams
 from litgpt_ext.train.launch import RunResult, check_data_module, launch, preempt_requested, preemption
 from litgpt_ext.train.metrics import StepLogger, continue_log_stream
+from litgpt_ext.train.mixing import MixController, identity_of, setup_mix_policy
 from litgpt_ext.train.objective import LossFn, next_token_loss
 from litgpt_ext.train.phase import phase_plan as _phase_plan
 from litgpt_ext.train.plan import RunPlan, record_phase
@@ -71,6 +73,7 @@ def pretrain(
     preempt_exit_code: int = PREEMPT_EXIT_CODE,
     speed: SpeedArgs = SpeedArgs(),
     regularizer: Optional[RegularizerConfig] = None,
+    mix_policy: Optional[MixPolicyConfig] = None,
 ) -> RunResult:
     """Pretrain a model, or midtrain one: resume from a checkpoint with a new data blend.
 
@@ -104,6 +107,8 @@ def pretrain(
             sharded checkpoints, peak FLOP/s for MFU; see `litgpt_ext.train.speed.SpeedArgs`).
         regularizer: A forgetting penalty added to the training loss: {type: ewc, lambda, reference,
             fisher_data, fisher_batches} or {type: l2_anchor, lambda} (see `litgpt_ext.train.regularize`).
+        mix_policy: Online data mixing: {type: fixed | odm | doremi, update_every, ...}: the blend's weights
+            chosen during training from per-source training losses (see `litgpt_ext.mix_policy.args`).
     """
     hparams = resolved_hparams(locals())  # first: the arguments exactly as given, before any local name exists
     from litgpt_ext.train.parallel import build_strategy, resolve_devices
@@ -121,6 +126,7 @@ def pretrain(
     check_data_module(data)
     regularizer = RegularizerArgs.parse(regularizer, fresh=resume in (False, None) and fork_from is None
                                         and initial_checkpoint_dir is None)  # bad values: one line, no work done
+    mix_policy = MixPolicyArgs.parse(mix_policy)  # None for type: fixed
     if initial_checkpoint_dir is not None and resume not in (False, None):
         raise ValueError("initial_checkpoint_dir (weights only) and resume (full state) are exclusive; choose one")
     devices, num_nodes = resolve_devices(devices, num_nodes)
@@ -136,7 +142,7 @@ def pretrain(
         return main(fabric, model_config=model_config, moe=moe, out_dir=out_dir, data=data, train=train, eval=eval,
                     optimizer=optimizer, initial_checkpoint_dir=initial_checkpoint_dir, resume=resume,
                     fork_from=fork_from, tokenizer_dir=tokenizer_dir, seed=seed, hparams=hparams, speed=speed,
-                    regularizer=regularizer)
+                    regularizer=regularizer, mix_policy=mix_policy)
 
     _, result = launch(body, out_dir=out_dir, run_name=f"pretrain-{model_config.name}", devices=devices,
                        num_nodes=num_nodes, precision=precision, strategy=strategy, logger_name=logger_name,
@@ -168,6 +174,7 @@ def main(
     val_loaders: Callable[[Any], dict] = val_loaders_of,
     speed: Optional[SpeedArgs] = None,
     regularizer: Optional[RegularizerArgs] = None,
+    mix_policy: Optional[MixPolicyArgs] = None,
 ) -> RunResult:
     """Build the model, optimizer and data, restore a checkpoint, fix the phase's plan, then `fit`.
 
@@ -211,7 +218,12 @@ def main(
                          f"{train.pause_at_step}; nothing to do in this job (the next segment's config continues)")
             return RunResult("paused", state.step, state.tokens, val_start=state.val_start,
                              schedule=asdict(plan.schedule), plan=plan.to_dict())
+        if mix_policy is not None:  # before the loader state loads: the checkpoint's online weights continue
+            data.online_policy = identity_of(mix_policy, plan.phase_id)
         loader = _setup_data(fabric, data, train, seq_len, tokenizer_dir, saved, plan)
+        mixer = setup_mix_policy(fabric, mix_policy, data, loader, out_dir, plan, train.global_batch_size,
+                                 saved.mix_policy if saved else None, new_phase=what != "kept", config=hparams,
+                                 build_reference=lambda p: _build_model(fabric, model_config, moe, seq_len, p, seed))
         check_shards_fit_model(data, model_config, tokenizer_dir)  # token ids < vocab, same tokenizer: before step 1
         state.mix = getattr(data, "resolved_mix", None)
         vals = val_loaders(data)  # EWC's Fisher may read one; with its cache and the L2 anchor in out_dir
@@ -238,7 +250,7 @@ def main(
             record_phase(out_dir, plan, str(resume_dir) if resume_dir else None)
         with preemption() as flag:
             return fit(fabric, model, opt, loader, state, plan, train, validator=validator, writer=writer,
-                       loss_fn=loss_fn, preempt=flag, throughput=throughput, regularizer=reg)
+                       loss_fn=loss_fn, preempt=flag, throughput=throughput, regularizer=reg, mixer=mixer)
 
 
 def _resolve_resume(fabric: L.Fabric, out_dir: Path, resume: Any, fork_from: Optional[Path]) -> Optional[Path]:
@@ -353,6 +365,7 @@ def fit(
     preempt: Optional["_PreemptFlag"] = None,
     throughput: Optional[dict] = None,
     regularizer: Optional[Regularizer] = None,
+    mixer: Optional[MixController] = None,
 ) -> RunResult:
     """Train from `state.step` to `plan.stop_step`: one optimizer step per `accum` micro-batches of
     `loss_fn`, validation every `eval.interval`, checkpoints every `save_interval`, early stop and
@@ -374,7 +387,7 @@ def fit(
         for micro in range(accum):
             batch = fabric.to_device(next(it))
             with fabric.no_backward_sync(model, enabled=micro < accum - 1):
-                loss, _ = loss_fn(model, batch)
+                loss, _ = (mixer.loss if mixer is not None else loss_fn)(model, batch)  # mixer: + per-source signals
                 aux = moe_aux_loss(model)  # 0 for dense models
                 fabric.backward((loss + aux) / accum)
             loss_sum += loss.detach()
@@ -389,6 +402,8 @@ def fit(
         update_router_biases(model)  # aux-loss-free balancing (no-op unless moe.bias_update_rate > 0)
         state.step += 1
         state.tokens += tokens_per_step
+        if mixer is not None:  # online mixing: new weights at this step boundary when due
+            state.mix_policy = mixer.after_step(state.step)
 
         last = state.step >= plan.stop_step
         if state.step % train.log_interval == 0 or last:

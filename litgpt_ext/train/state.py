@@ -35,6 +35,7 @@ class TrainingState:
     config: Optional[dict] = None  # the run's resolved config (as hyperparameters.yaml)
     optimizer: Optional[dict] = None  # full, FQN-keyed: loads on any device count
     data: Optional[dict] = None  # the train loader's state_dict
+    mix_policy: Optional[dict] = None  # an online mixing policy's state (litgpt_ext.mix_policy.controller)
     rng: Optional[list] = None  # one RNG state per rank
 
     # -- (de)serialization: one definition of the contents ----------------------------------------
