@@ -39,7 +39,7 @@ from litgpt_ext.train.phase import phase_plan as _phase_plan
 from litgpt_ext.train.plan import RunPlan, record_phase
 from litgpt_ext.train.regularize import Regularizer, setup_regularizer
 from litgpt_ext.train.speed import SpeedArgs, speed_summary, throughput_of
-from litgpt_ext.train.state import CheckpointWriter, TrainingState
+from litgpt_ext.train.state import CheckpointWriter, TrainingState, rng_neutral
 from litgpt_ext.train.validate import check_pretrain_inputs, check_shards_fit_model
 from litgpt_ext.train.validation import VAL_CSV, Validator, val_loaders_of
 
@@ -197,7 +197,7 @@ def main(
         state = TrainingState()
         if saved is not None:  # a sharded checkpoint: model + optimizer shards load here, together
             saved.restore(fabric, model, opt, sharded_from=resume_dir if tdcp.is_sharded(resume_dir) else None)
-            state = dataclasses.replace(saved, optimizer=None, rng=None, data=None)
+            state = dataclasses.replace(saved, optimizer=None, data=None)  # its RNG: `fit` restores it
             fabric.print(f"Resumed from {resume_dir} at step {state.step} ({state.tokens:,} tokens)")
 
         plan, what = _phase_plan(fabric, out_dir, train, peak_lr, tokens_per_step, state, saved)
@@ -368,7 +368,8 @@ def fit(
         if validator.run(model, state.step, state.tokens):
             stopped = "early_stop"
         state.val_start = validator.baseline
-    it = iter(loader)
+    it = rng_neutral(loader)  # data loading never draws from the training RNG (dropout masks)
+    state.restore_rng(fabric)  # resumed: the checkpoint's RNG, after every draw of the setup
     while state.step < plan.stop_step and stopped == "budget":
         loss_sum = torch.zeros((), device=fabric.device)
         for micro in range(accum):

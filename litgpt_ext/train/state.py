@@ -7,7 +7,7 @@ import dataclasses
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import lightning as L
 import numpy as np
@@ -65,9 +65,9 @@ class TrainingState:
 
     # -- live objects -------------------------------------------------------------------------------
     def restore(self, fabric: L.Fabric, model: Any, optimizer: Any, sharded_from: Optional[Path] = None) -> None:
-        """Load the optimizer state (keeping this config's hyperparameters) and, on the same world
-        size, this rank's RNG. `sharded_from`: a sharded checkpoint, whose model and optimizer
-        shards every rank loads here (any world size)."""
+        """Load the optimizer state (keeping this config's hyperparameters). `sharded_from`: a sharded
+        checkpoint, whose model and optimizer shards every rank loads here (any world size). The RNG
+        is restored later, by `restore_rng`."""
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
         fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
@@ -80,8 +80,14 @@ class TrainingState:
                                      options=_state_dict_options(fabric, for_save=False))
         for g, f in zip(optimizer.param_groups, fresh):  # this config's hyperparameters win
             g.update(f)
+
+    def restore_rng(self, fabric: L.Fabric) -> None:
+        """This rank's saved RNG (on the same world size), once: `fit` calls it last before the first
+        step, after the setup's own draws (a DataLoader iterator draws its base seed from torch's RNG),
+        so a resumed run's dropout masks continue the checkpointed run's stream exactly."""
         if self.rng and self.world_size == fabric.world_size:
             _set_rng_state(self.rng[fabric.global_rank])
+        self.rng = None
 
 
 @dataclass
@@ -136,6 +142,20 @@ def _state_dict_options(fabric: L.Fabric, for_save: bool):
     if for_save:
         return StateDictOptions(full_state_dict=dist, cpu_offload=dist)
     return StateDictOptions(full_state_dict=dist, broadcast_from_rank0=False)
+
+
+def rng_neutral(loader: Any) -> Iterator:
+    """The loader's batches, fetched without touching torch's CPU RNG: a DataLoader draws its workers'
+    base seed from it on the first batch, which would leave a resumed run (whose first batch is another
+    step's) one draw off the checkpointed run's RNG stream, and its dropout masks different."""
+    it = iter(loader)
+    while True:
+        with torch.random.fork_rng(devices=[]):
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+        yield batch
 
 
 def _rng_state() -> dict:
