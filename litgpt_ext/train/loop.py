@@ -26,6 +26,7 @@ from litgpt.data import DataModule
 
 from litgpt_ext import checkpoint as ckpt
 from litgpt_ext.checkpoint import dcp as tdcp
+from litgpt_ext.checkpoint.lora import LoRAArgs
 from litgpt_ext.model import MoEArgs
 from litgpt_ext.preempt import PREEMPT_EXIT_CODE
 from litgpt_ext.preempt import PreemptFlag as _PreemptFlag
@@ -71,6 +72,7 @@ def pretrain(
     preempt_exit_code: int = PREEMPT_EXIT_CODE,
     speed: SpeedArgs = SpeedArgs(),
     regularizer: Optional[RegularizerConfig] = None,
+    lora: Optional[LoRAArgs] = None,
 ) -> RunResult:
     """Pretrain a model, or midtrain one: resume from a checkpoint with a new data blend.
 
@@ -104,6 +106,8 @@ def pretrain(
             sharded checkpoints, peak FLOP/s for MFU; see `litgpt_ext.train.speed.SpeedArgs`).
         regularizer: A forgetting penalty added to the training loss: {type: ewc, lambda, reference,
             fisher_data, fisher_batches} or {type: l2_anchor, lambda} (see `litgpt_ext.train.regularize`).
+        lora: LoRA continued pretraining: {r, alpha, dropout, targets}; the checkpoint the run starts from is
+            the frozen base and checkpoints hold the adapter only (see `litgpt_ext.train.lora`).
     """
     hparams = resolved_hparams(locals())  # first: the arguments exactly as given, before any local name exists
     from litgpt_ext.train.parallel import build_strategy, resolve_devices
@@ -123,6 +127,12 @@ def pretrain(
                                         and initial_checkpoint_dir is None)  # bad values: one line, no work done
     if initial_checkpoint_dir is not None and resume not in (False, None):
         raise ValueError("initial_checkpoint_dir (weights only) and resume (full state) are exclusive; choose one")
+    from litgpt_ext.train.lora import check_args as check_lora
+
+    lora = LoRAArgs.parse(lora)
+    hparams["lora"] = resolved_hparams({"lora": lora})["lora"]  # the checked settings (a dict given in Python too)
+    check_lora(lora, n_expert=model_config.n_expert, fresh=resume in (False, None) and fork_from is None
+               and initial_checkpoint_dir is None, sharded=speed.checkpoint_format == "sharded", regularizer=regularizer)
     devices, num_nodes = resolve_devices(devices, num_nodes)
     if precision is None:
         bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -136,7 +146,7 @@ def pretrain(
         return main(fabric, model_config=model_config, moe=moe, out_dir=out_dir, data=data, train=train, eval=eval,
                     optimizer=optimizer, initial_checkpoint_dir=initial_checkpoint_dir, resume=resume,
                     fork_from=fork_from, tokenizer_dir=tokenizer_dir, seed=seed, hparams=hparams, speed=speed,
-                    regularizer=regularizer)
+                    regularizer=regularizer, lora=lora)
 
     _, result = launch(body, out_dir=out_dir, run_name=f"pretrain-{model_config.name}", devices=devices,
                        num_nodes=num_nodes, precision=precision, strategy=strategy, logger_name=logger_name,
@@ -168,6 +178,7 @@ def main(
     val_loaders: Callable[[Any], dict] = val_loaders_of,
     speed: Optional[SpeedArgs] = None,
     regularizer: Optional[RegularizerArgs] = None,
+    lora: Optional[LoRAArgs] = None,
 ) -> RunResult:
     """Build the model, optimizer and data, restore a checkpoint, fix the phase's plan, then `fit`.
 
@@ -177,6 +188,9 @@ def main(
     with _writer_lock(fabric, out_dir):  # one writer per out_dir: a double submit is refused clearly
         resume_dir = _resolve_resume(fabric, out_dir, resume, fork_from)
         saved = TrainingState.load(resume_dir) if resume_dir else None
+        from litgpt_ext.train.lora import setup as setup_lora
+
+        lora_run = setup_lora(fabric, lora, out_dir, resume_dir, initial_checkpoint_dir, saved)  # None without lora:
         continue_log_stream(fabric, resumed=resume not in (False, None) or fork_from is not None,
                             step=saved.step if saved else None)  # one TensorBoard/CSV stream per run
 
@@ -188,7 +202,8 @@ def main(
 
         speed = speed or SpeedArgs()
         weights_from = resume_dir or initial_checkpoint_dir
-        model = _build_model(fabric, model_config, moe, seq_len, weights_from=weights_from, seed=seed, speed=speed)
+        model = _build_model(fabric, model_config, moe, seq_len, weights_from=weights_from, seed=seed, speed=speed,
+                             lora=lora_run)
         opt = _build_optimizer(fabric, model, optimizer, speed)
         fabric.print(speed_summary(model, opt, speed))
         peak_lr = optim.peak_lr(opt)  # init_args.lr (layer_lr_decay / Muon groups hold scaled LRs)
@@ -232,7 +247,7 @@ def main(
 
         validator = Validator(fabric, vals, eval, out_dir, baseline=state.val_start, loss_fn=loss_fn)
         writer = CheckpointWriter(out_dir, model_config, hparams, tokenizer_dir, train.keep_last_k,
-                                  sharded=speed.checkpoint_format == "sharded")
+                                  sharded=speed.checkpoint_format == "sharded", lora=lora_run)
         throughput = throughput_of(fabric, model_config, seq_len, speed)
         if what != "kept" and fabric.global_rank == 0:
             record_phase(out_dir, plan, str(resume_dir) if resume_dir else None)
@@ -256,10 +271,11 @@ def _resolve_resume(fabric: L.Fabric, out_dir: Path, resume: Any, fork_from: Opt
 
 
 def _build_model(fabric: L.Fabric, config: Config, moe: Optional[MoEArgs], seq_len: int,
-                 weights_from: Optional[Path], seed: int, speed: Optional[SpeedArgs] = None):
+                 weights_from: Optional[Path], seed: int, speed: Optional[SpeedArgs] = None, lora: Any = None):
     """Build, initialize or load, apply the speed knobs, and set up (FSDP2: `parallel.parallelize`
     applies them around the sharding). A sharded checkpoint's weights are loaded by `main` after
-    the optimizer exists (DCP loads model and optimizer shards together)."""
+    the optimizer exists (DCP loads model and optimizer shards together). `lora`
+    (litgpt_ext.train.lora.LoRARun): litgpt's LoRA GPT, its base and adapter loaded, the base frozen."""
     from litgpt.pretrain import initialize_weights
     from litgpt.utils import num_parameters
 
@@ -270,15 +286,18 @@ def _build_model(fabric: L.Fabric, config: Config, moe: Optional[MoEArgs], seq_l
     fabric.seed_everything(seed)  # same init on every rank before sharding
     t0 = time.perf_counter()
     with sp.empty_init_context(speed if weights_from is None else None):  # meta device: no memory, no RNG
-        model = build_model(config, moe)  # litgpt's GPT; MoE blocks become litgpt_ext.model.MoEFeedForward
-    if not sp.has_meta(model):
+        model = build_model(config, moe) if lora is None else lora.build(config)  # litgpt's GPT (MoE: ours) / LoRA GPT
+    if not sp.has_meta(model) and lora is None:  # LoRA: the base is loaded below, the adapter has litgpt's init
         if speed.empty_init:  # the init materialize_ reproduces on meta shards; off: today's path, same numbers
             sp.init_weights(model, seed)
         else:
             initialize_weights(fabric, model, n_layer=config.n_layer, n_embd=config.n_embd)
             initialize_moe_weights(model, n_layer=config.n_layer, n_embd=config.n_embd)  # litgpt's sees nn.Linear only
     model.max_seq_length = seq_len
-    if weights_from is not None and not tdcp.is_sharded(weights_from):
+    if lora is not None:
+        lora.load(model, config)
+        lora.freeze(model, log=fabric.print)
+    elif weights_from is not None and not tdcp.is_sharded(weights_from):
         from litgpt_ext.checkpoint.loading import load_weights  # shapes that differ: one line naming the fields
 
         load_weights(model, weights_from, config)

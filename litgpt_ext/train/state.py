@@ -75,6 +75,8 @@ class TrainingState:
             from litgpt_ext.checkpoint import dcp
 
             dcp.load_sharded(sharded_from, model.module, optimizer.optimizer)
+        elif self.optimizer is None:  # none to restore (a merged LoRA checkpoint; a LoRA phase's base): fresh
+            fabric.print("Optimizer: the checkpoint holds no optimizer state for this run's parameters; it starts fresh")
         else:
             set_optimizer_state_dict(model.module, optimizer.optimizer, self.optimizer,
                                      options=_state_dict_options(fabric, for_save=False))
@@ -101,6 +103,7 @@ class CheckpointWriter:
     tokenizer_dir: Optional[Path] = None
     keep_last_k: Optional[int] = None
     sharded: bool = False
+    lora: Optional[Any] = None  # a litgpt_ext.train.lora.LoRARun: write the adapter only (and its lora.json)
 
     def save(self, fabric: L.Fabric, name: str, model: Any, optimizer: Any, loader: Any,
              state: TrainingState) -> None:
@@ -120,14 +123,16 @@ class CheckpointWriter:
             fabric.barrier()
         else:
             opts = _state_dict_options(fabric, for_save=True)
-            model_sd = get_model_state_dict(model.module, options=opts)
+            model_sd = get_model_state_dict(  # LoRA: the frozen base is neither gathered nor written
+                model.module, options=_state_dict_options(fabric, for_save=True, frozen=self.lora is None))
             state.optimizer = get_optimizer_state_dict(model.module, optimizer.optimizer, options=opts)
         state.rng = _gather_rng(fabric)
         state.data = loader.state_dict()
         state.world_size, state.config = fabric.world_size, self.hparams
         if fabric.global_rank == 0:
+            lora = {} if self.lora is None else {"model_file": self.lora.model_file, "extra_files": self.lora.record()}
             path = ckpt.write_checkpoint(self.out_dir / name, model_sd, state.to_dict(), self.model_config,
-                                         self.hparams, self.tokenizer_dir, prepared=self.sharded)
+                                         self.hparams, self.tokenizer_dir, prepared=self.sharded, **lora)
             if name.startswith("step-"):
                 ckpt.prune_checkpoints(self.out_dir, self.keep_last_k)
             fabric.print(f"Saved {path}")
@@ -135,12 +140,12 @@ class CheckpointWriter:
         fabric.barrier()
 
 
-def _state_dict_options(fabric: L.Fabric, for_save: bool):
+def _state_dict_options(fabric: L.Fabric, for_save: bool, frozen: bool = True):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     dist = fabric.world_size > 1
     if for_save:
-        return StateDictOptions(full_state_dict=dist, cpu_offload=dist)
+        return StateDictOptions(full_state_dict=dist, cpu_offload=dist, ignore_frozen_params=not frozen)
     return StateDictOptions(full_state_dict=dist, broadcast_from_rank0=False)
 
 
