@@ -95,13 +95,15 @@ def setup(fabric: L.Fabric, args: Optional[LoRAArgs], out_dir: Path, resume_dir:
                              f" (`litgpt-ext merge-lora {resume_dir} <dir>`) and fork the merged checkpoint to train"
                              " every weight")
         return None
-    decision = None
+    decision, failure = None, None
     if fabric.global_rank == 0:
         try:
             decision = (_decide(args, Path(out_dir), resume_dir, initial_checkpoint_dir, adapter, fabric.print), None)
-        except (ValueError, FileNotFoundError) as e:
-            decision = (None, (type(e).__name__, str(e)))
+        except Exception as e:  # every rank stops (none waits at a barrier for rank 0)
+            failure, decision = e, (None, (type(e).__name__, str(e)))
     ref, error = fabric.broadcast(decision, src=0)
+    if failure is not None:
+        raise failure
     if error is not None:
         raise (FileNotFoundError if error[0] == "FileNotFoundError" else ValueError)(error[1])
     if saved is not None and not adapter and saved.optimizer is not None:
