@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 
 # name -> ("module:function", one-line help); required arguments are flags (`--data_path …`)
 # except for the commands in POSITIONAL, which take them positionally (`evaluate <dir>`).
-POSITIONAL = {"evaluate", "convert-to-hf", "convert-moe-to-litgpt", "consolidate"}
+POSITIONAL = {"evaluate", "convert-to-hf", "convert-moe-to-litgpt", "consolidate", "merge-lora"}
 # commands whose leading bare arguments fill one list flag: `soup a b c --out d` == `soup --checkpoints+ a …`
 LEADING_LIST = {"soup": "--checkpoints+", "cka": "--checkpoints+"}
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -40,6 +40,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build-eval-tasks": ("litgpt_ext.eval.build_tasks:build_tasks", "build the local lm-eval tasks from held-out demo docs"),
     "build-own-tasks": ("litgpt_ext.eval.own_tasks:build_own_tasks", "lm-eval tasks from your own files: perplexity, multiple choice, SFT generation"),
     "consolidate": ("litgpt_ext.checkpoint.dcp:consolidate", "turn a sharded (DCP) checkpoint into litgpt's lit_model.pth"),
+    "merge-lora": ("litgpt_ext.checkpoint.merge_lora:merge_lora", "merge a LoRA run's adapter checkpoint into its base: a full litgpt checkpoint"),
     "convert-to-hf": ("litgpt_ext.eval.convert:convert_to_hf", "export a dense checkpoint to Hugging Face format"),
     "anneal": ("litgpt_ext.study.anneal:anneal", "microanneal: branch a checkpoint into a short LR decay on a mix and on the control"),
     "sweep": ("litgpt_ext.study.execute:sweep", "expand a grid of midtraining/SFT runs: plan table, SLURM arrays, or run locally"),

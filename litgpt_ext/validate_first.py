@@ -9,7 +9,8 @@ data folder, after the model was built): 15-50 s on 2 busy cores. `check_configs
 - a top-level key the command does not take (the function's parameters, read from its source with
   `ast`: the module is not imported), with the close names;
 - a value outside a parameter's `Literal[...]` choices (`precision: bf16`);
-- for `pretrain` and `sft`, a file or folder the config names (`PATH_KEYS`) that does not exist.
+- for `pretrain` and `sft`, a file or folder the config names (`PATH_KEYS`) that does not exist;
+- a section whose values a torch-free class checks (`SECTION_CHECKS`: `pretrain`'s `lora:`).
 
 A key also given as a flag (`--tokenizer_dir X`, `--data.init_args.data_path X`) or by a later
 `--config` is left to the normal parse: that one wins; `--print_config` checks no paths (it shows a
@@ -31,9 +32,12 @@ ALWAYS_VALID = {"config", "print_config", "__path__"}
 PATH_KEYS = {
     "pretrain": ("initial_checkpoint_dir", "tokenizer_dir", "resume", "data.init_args.data_path",
                  "data.init_args.val_data_path", "data.init_args.mix_config_path", "model_config", "regularizer.reference",
-                 "mix_policy.reference"),
+                 "mix_policy.reference", "lora.base"),
     "sft": ("checkpoint_dir", "resume", "data.init_args.train_path", "data.init_args.val_path", "eval.val_data_path"),
 }
+# sections judged before the import: {command: {key: "module:Class"}}, `Class.parse(value)` raising one
+# ValueError line for a bad value; the class's module must not import torch
+SECTION_CHECKS = {"pretrain": {"lora": "litgpt_ext.checkpoint.lora:LoRAArgs"}}
 HINTS = {"data/demo": "`litgpt-ext build-demo` writes data/demo", "runs/demo": "`make demo` writes runs/demo"}
 
 
@@ -193,6 +197,15 @@ def check_config(command: str, target: str, path: str, flags: set[tuple[str, ...
             if choices is not None and k in cfg and not _overridden(k, flags) and cfg[k] not in choices:
                 shown = ", ".join("null" if c is None else str(c) for c in choices)
                 raise ConfigError(f"config {path!r}: {k}={cfg[k]!r} is not valid; choose from: {shown}")
+    for key, target in SECTION_CHECKS.get(command, {}).items():
+        if key in cfg and not _overridden(key, flags):
+            import importlib
+
+            module, cls = target.split(":")
+            try:
+                getattr(importlib.import_module(module), cls).parse(cfg[key])
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"config {path!r}: {e}") from None
     bad = missing_paths(command, cfg, flags) if check_paths else []
     if bad:
         key, p = bad[0]

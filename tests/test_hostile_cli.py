@@ -83,6 +83,9 @@ CASES = {
     "consolidate-file": (["consolidate", "{w}/empty.yaml"], 1, ["empty.yaml", "sharded/.metadata"]),
     "convert-empty-weights": (["convert-to-hf", "{w}/ckdir", "{out}"], 1, ["ckdir/lit_model.pth", "not a readable torch file"]),
     "evaluate-file": (["evaluate", "{w}/empty.yaml"], 1, ["empty.yaml", "does not exist"]),
+    "merge-lora-full-checkpoint": (["merge-lora", "{w}/ckdir", "{out}"], 1,
+                                   ["ckdir'", "holds no LoRA adapter (lit_model.pth.lora)", "full checkpoint"]),
+    "merge-lora-folder": (["merge-lora", "{w}/dir", "{out}"], 1, ["dir'", "holds no LoRA adapter"]),
     # ---- data commands
     "clean-folder": (["clean", "--inputs+", "{w}/dir", "--output", "{out}/o.jsonl"], 1, ["dir'", "no supported files"]),
     "clean-output-folder": (["clean", "--inputs+", "{w}/bad.json", "--output", "{w}/dir"], 1, ["dir'", ".jsonl file"]),

@@ -25,7 +25,7 @@ CONFIG_DIR = ROOT / "midtrain_configs"
 # every shipped config -> the command that reads it
 KIND = {
     "demo/midtrain_control.yaml": "pretrain", "demo/midtrain_math.yaml": "pretrain", "demo/moe_tiny.yaml": "pretrain",
-    "demo/pretrain.yaml": "pretrain", "demo/midtrain_odm.yaml": "pretrain",
+    "demo/pretrain.yaml": "pretrain", "demo/midtrain_odm.yaml": "pretrain", "demo/midtrain_math_lora.yaml": "pretrain",
     "midtrain/pythia-160m_code_rewarmup.yaml": "pretrain", "midtrain/pythia-160m_dynamic_mix.yaml": "pretrain",
     "midtrain/pythia-160m_math_decay.yaml": "pretrain",
     "pretrain/pythia-160m_paper_c4.yaml": "pretrain", "pretrain/pythia-160m_wsd.yaml": "pretrain",
@@ -50,6 +50,8 @@ RUNS = [
                                 *SHORT], "runs/demo/midtrain_odm/final", 2),
     ("demo/midtrain_control.yaml", ["--fork_from", "runs/demo/pretrain/step-00000001",
                                     "--train.max_additional_steps", "1", *SHORT], "runs/demo/midtrain_control/final", 2),
+    ("demo/midtrain_math_lora.yaml", ["--fork_from", "runs/demo/pretrain/step-00000001",
+                                      "--train.max_additional_steps", "1", *SHORT], "runs/demo/midtrain_math_lora/final", 2),
     ("demo/moe_tiny.yaml", ["--train.max_iters", "1", *SHORT], "runs/moe_tiny/final", 1),
     ("pretrain/tiny_cpu.yaml", ["--train.max_iters", "2", *SHORT], "out/demo/pretrain/final", 2),
     ("sft/demo_math.yaml", ["--train.epochs", "1", "--train.global_batch_size", "16", "--eval.max_iters", "1"],

@@ -15,6 +15,10 @@ Layout (litgpt's own, so `litgpt generate/finetune_lora/evaluate/convert` read i
                                                  resolved mix, LR schedule record, val baseline
                             manifest.json        step, and size + sha256 of every file above; written
                                                  last, so a checkpoint without it is not complete
+    (lora: in the run config) lit_model.pth.lora (the adapter: litgpt finetune_lora's name) + lora.json (its
+    settings, and the base checkpoint's path and sha256) replace lit_model.pth; the optimizer holds the adapter
+    only; the base is hard-linked once into out_dir/lora_base/ (`litgpt-ext merge-lora` gives full weights;
+    see litgpt_ext.checkpoint.lora)
     out_dir/final/          the same at the end of the run
     (speed.checkpoint_format: sharded) sharded/ (torch.distributed.checkpoint: every rank's model and
     optimizer shards) replaces lit_model.pth and the optimizer in training_state.pth; the manifest
@@ -54,6 +58,9 @@ from litgpt_ext.checkpoint.layout import (  # noqa: F401
     HF_CONFIG_FILE,
     HPARAMS_FILE,
     LOCK_FILE,
+    LORA_FILE,
+    LORA_RECORD,
+    LORA_REQUIRED_FILES,
     MANIFEST_FILE,
     MODEL_FILE,
     REQUIRED_FILES,
@@ -62,6 +69,7 @@ from litgpt_ext.checkpoint.layout import (  # noqa: F401
     STATE_FILE,
     STEP_RE,
     CheckpointError,
+    adapter_hint,
     checkpoint_step,
     config_diff,
     load_training_state,

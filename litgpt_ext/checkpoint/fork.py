@@ -38,6 +38,24 @@ def _own_progress(to: Path) -> list[Path]:
     return [p for p in _candidates(to) if p.name != forked]
 
 
+def _link_lora_base(src: Path, to: Path) -> None:
+    """A LoRA adapter checkpoint's base comes along into `<to>/lora_base/` (hard links, sha256 checked),
+    so the fork resumes even after the source run is gone. A base that cannot be found is said, not fatal:
+    resuming the fork then needs `lora.base` (its new location)."""
+    from litgpt_ext.checkpoint.lora import find_base, is_adapter, link_base, read_record
+
+    if not is_adapter(src):
+        return
+    rec = read_record(src)
+    try:
+        base = find_base(src, rec, what="lora.base when resuming the fork")
+    except FileNotFoundError as e:
+        print(f"fork: WARNING: {e}")
+        return
+    b = rec["base"]
+    link_base(base, to, b["sha256"], b["size"], b.get("source", str(base)), log=lambda s: print(f"fork: {s}"))
+
+
 def fork(source: Path, to: Path, force: bool = False, abandon_progress: bool = False) -> Path:
     """Start a new run from another run's checkpoint, without copying it.
 
@@ -92,6 +110,7 @@ def fork(source: Path, to: Path, force: bool = False, abandon_progress: bool = F
             if p.exists():
                 shutil.rmtree(p)
         os.replace(tmp, dst)
+        _link_lora_base(src, to)
         record = {"source": str(src.resolve()), "step": step, "dst": dst.name, "links": sorted(kinds)}
         (to / FORK_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     how = "hard links, no copy" if kinds == {"hardlink"} else f"{', '.join(sorted(kinds))} (another file system)"

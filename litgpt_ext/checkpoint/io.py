@@ -19,6 +19,7 @@ from litgpt_ext.checkpoint.layout import (
     STATE_FILE,
     CheckpointError,
     _sha256,
+    adapter_hint,
 )
 from litgpt_ext.checkpoint.select import list_checkpoints
 
@@ -80,11 +81,14 @@ def write_checkpoint(
     hparams: dict,
     tokenizer_dir: Optional[Path] = None,
     prepared: bool = False,
+    model_file: str = MODEL_FILE,
+    extra_files: Optional[dict[str, str]] = None,
 ) -> Path:
     """Write one checkpoint atomically (rank 0 only): into `<ckpt_dir>.tmp`, then rename.
 
     prepared=True: `<ckpt_dir>.tmp/` already holds what all ranks wrote (sharded/); it is kept and
-    `model_state` may be None. The manifest lists every file, sharded/* included.
+    `model_state` may be None. The manifest lists every file, sharded/* included. `model_file`: the
+    weights' file name (a LoRA adapter: lit_model.pth.lora); `extra_files`: {name: text} written too.
     """
     import torch
     import yaml
@@ -97,7 +101,9 @@ def write_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     if model_state is not None:
-        _save_step(tmp, MODEL_FILE, lambda f: torch.save(model_state, f))  # bare: litgpt's own format
+        _save_step(tmp, model_file, lambda f: torch.save(model_state, f))  # bare: litgpt's own format
+    for name, text in (extra_files or {}).items():
+        _save_step(tmp, name, lambda f, text=text: f.write_text(text))
     _save_step(tmp, STATE_FILE, lambda f: torch.save(training_state, f))
 
     def hparams_yaml(f: Path) -> None:
@@ -158,7 +164,7 @@ def load_model_state(path: Path) -> dict:
     path = Path(path)
     file = path / MODEL_FILE if path.is_dir() else path
     if not file.is_file():
-        raise FileNotFoundError(f"no {MODEL_FILE} at {str(path)!r}")
+        raise FileNotFoundError(f"no {MODEL_FILE} at {str(path)!r}{adapter_hint(path if path.is_dir() else path.parent)}")
     sd = torch.load(file, map_location="cpu", mmap=True, weights_only=False)
     if isinstance(sd.get("model"), dict):
         sd = sd["model"]

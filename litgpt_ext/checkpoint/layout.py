@@ -38,11 +38,20 @@ FINAL = "final"
 SHARDED_DIR = "sharded"
 
 
+LORA_FILE = "lit_model.pth.lora"  # litgpt finetune_lora's name for a checkpoint's adapter weights
+
+
+LORA_RECORD = "lora.json"  # the adapter's LoRA settings and the base it applies to (litgpt_ext.checkpoint.lora)
+
+
 # Files a resumable checkpoint must hold (the manifest lists them all, plus tokenizer files).
 REQUIRED_FILES = (MODEL_FILE, STATE_FILE, HPARAMS_FILE, CONFIG_FILE)
 
 
 SHARDED_REQUIRED_FILES = (f"{SHARDED_DIR}/.metadata", STATE_FILE, HPARAMS_FILE, CONFIG_FILE)
+
+
+LORA_REQUIRED_FILES = (LORA_FILE, LORA_RECORD, STATE_FILE, HPARAMS_FILE, CONFIG_FILE)  # an adapter-only checkpoint
 
 
 STEP_RE = re.compile(r"^step-(\d+)$")  # we write 8 digits; any width is read
@@ -76,8 +85,19 @@ def read_manifest(path: Path) -> Optional[dict]:
 
 
 def required_files(path: Path) -> tuple[str, ...]:
-    """What a resume reads: lit_model.pth, or for a sharded checkpoint its sharded/ folder."""
-    return SHARDED_REQUIRED_FILES if (Path(path) / SHARDED_DIR).is_dir() else REQUIRED_FILES
+    """What a resume reads: lit_model.pth, or for a sharded checkpoint its sharded/ folder, or for a
+    LoRA checkpoint its adapter (lit_model.pth.lora + lora.json; the base is elsewhere)."""
+    if (Path(path) / SHARDED_DIR).is_dir():
+        return SHARDED_REQUIRED_FILES
+    return LORA_REQUIRED_FILES if (Path(path) / LORA_FILE).is_file() else REQUIRED_FILES
+
+
+def adapter_hint(path: Path) -> str:
+    """'' or, for a LoRA adapter checkpoint, why it has no full weights and how to get them."""
+    if not (Path(path) / LORA_FILE).is_file():
+        return ""
+    return (f"; {str(path)!r} is a LoRA adapter checkpoint ({LORA_FILE}: the adapter only, on a frozen base):"
+            f" merge it into full weights first: `litgpt-ext merge-lora {path} <out_dir>`")
 
 
 def _sha256(file: Path) -> str:

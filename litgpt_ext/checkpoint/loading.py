@@ -15,6 +15,7 @@ from litgpt import Config, Tokenizer
 # One checkpoint vocabulary for training and evaluation (names, completeness, weight loading).
 from litgpt_ext.checkpoint import MODEL_FILE, is_complete, resolve_checkpoints  # noqa: F401
 from litgpt_ext.checkpoint import load_model_state as load_state_dict  # noqa: F401
+from litgpt_ext.checkpoint.layout import adapter_hint
 from litgpt_ext.model import build_model, load_moe_args
 
 
@@ -52,7 +53,8 @@ def load_model(
     """Build the model for `model_config.yaml` (MoE blocks included) and load its weights."""
     checkpoint_dir = Path(checkpoint_dir)
     if not is_checkpoint_dir(checkpoint_dir):
-        raise FileNotFoundError(f"{str(checkpoint_dir)!r} has no lit_model.pth + model_config.yaml")
+        raise FileNotFoundError(f"{str(checkpoint_dir)!r} has no lit_model.pth + model_config.yaml"
+                                f"{adapter_hint(checkpoint_dir)}")
     device = resolve_device(device) if isinstance(device, str) else device
     dtype = resolve_dtype(dtype, device)
     config = Config.from_file(checkpoint_dir / "model_config.yaml")

@@ -12,6 +12,7 @@ from litgpt_ext.checkpoint.layout import (
     REQUIRED_FILES,
     SHARDED_DIR,
     STEP_RE,
+    adapter_hint,
     checkpoint_step,
     load_training_state,
     read_manifest,
@@ -72,7 +73,7 @@ def checkpoint_dir_of(path: Union[str, Path], need: str = "resume") -> Path:
                                 f" `litgpt-ext consolidate {path}` first (it writes {MODEL_FILE} next to {SHARDED_DIR}/)")
     raise FileNotFoundError(
         f"{str(path)!r} is not a checkpoint: expected a folder with {what}"
-        " (or a file in one, or a run dir holding step-* checkpoints)"
+        " (or a file in one, or a run dir holding step-* checkpoints)" + (adapter_hint(path) if need == "weights" else "")
     )
 
 
@@ -83,6 +84,12 @@ def resolve_checkpoints(path: Path, all_checkpoints: bool = False) -> list[Path]
         raise FileNotFoundError(f"checkpoint or run directory {str(path)!r} does not exist")
     if is_complete(path, "weights"):
         return [path]
+    if adapter_hint(path):
+        raise FileNotFoundError(f"{str(path)!r} has no {MODEL_FILE}{adapter_hint(path)}")
+    adapters = [p for p in _candidates(path) if adapter_hint(p)]
+    if adapters:  # a LoRA run: its step-*/final are adapters; a full checkpoint there is only its fork's base
+        raise FileNotFoundError(f"{str(path)!r} is a LoRA run: its checkpoints {sorted(p.name for p in adapters)} hold"
+                                f" adapters only{adapter_hint(adapters[0])}")
     ckpts = [p for _, p in list_checkpoints(path, final=True, need="weights")]
     if not ckpts:
         sharded = [p for p in [path, *sorted(path.iterdir())] if (p / SHARDED_DIR / ".metadata").is_file()]

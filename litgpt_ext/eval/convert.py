@@ -16,6 +16,7 @@ import torch
 from litgpt import Config
 
 from litgpt_ext.checkpoint.hf import TOKENIZER_FILES, hf_config, hf_family  # noqa: F401  (the export API)
+from litgpt_ext.checkpoint.layout import adapter_hint
 from litgpt_ext.checkpoint.loading import is_checkpoint_dir, load_state_dict, resolve_dtype
 
 
@@ -57,7 +58,8 @@ def convert_to_hf(checkpoint: Path, out_dir: Path, dtype: str = "float32", safe_
 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     if not is_checkpoint_dir(checkpoint):
-        raise FileNotFoundError(f"{str(checkpoint)!r} is not a checkpoint folder (lit_model.pth + model_config.yaml)")
+        raise FileNotFoundError(f"{str(checkpoint)!r} is not a checkpoint folder (lit_model.pth + model_config.yaml)"
+                                f"{adapter_hint(checkpoint)}")
     torch_dtype = resolve_dtype(dtype, torch.device("cpu"))
     config = Config.from_file(checkpoint / "model_config.yaml")
     family = hf_family(config)
@@ -117,7 +119,8 @@ def convert_moe_to_litgpt(checkpoint: Path, out_dir: Path, allow_routing_change:
 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     if not is_checkpoint_dir(checkpoint):
-        raise FileNotFoundError(f"{str(checkpoint)!r} is not a checkpoint folder (lit_model.pth + model_config.yaml)")
+        raise FileNotFoundError(f"{str(checkpoint)!r} is not a checkpoint folder (lit_model.pth + model_config.yaml)"
+                                f"{adapter_hint(checkpoint)}")
     if out_dir.resolve() == checkpoint.resolve():
         raise ValueError(f"out_dir {str(out_dir)!r} is the checkpoint itself; choose a new folder")
     config = Config.from_file(checkpoint / "model_config.yaml")

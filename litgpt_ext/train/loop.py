@@ -1,7 +1,7 @@
 """One Fabric loop for pretraining and midtraining (midtraining == resume with a new blend).
 
 `litgpt-ext pretrain --config run.yaml [--train.max_additional_steps 100 ...]`. Mirrors
-`litgpt/pretrain.py`: `pretrain` (the CLI entry: parse, Fabric) -> `main` (model, optimizer, data,
+`litgpt/pretrain.py`: `pretrain` (the CLI entry: parse, Fabric) -> `main` (model and optimizer: `build`; data,
 resume state, run plan) -> `fit` (the step loop). Each concern lives in its own module:
 `state` (TrainingState, checkpoint writer), `plan` (stop step and LR schedule of a phase),
 `objective` (the loss/batch seam), `validation` (named sets, baseline, CSV, early stop),
@@ -12,7 +12,6 @@ penalties). `fit` takes a `loss_fn`, so another objective (SFT) reuses the loop.
 from __future__ import annotations
 
 import dataclasses
-import time
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -26,12 +25,14 @@ from litgpt.data import DataModule
 
 from litgpt_ext import checkpoint as ckpt
 from litgpt_ext.checkpoint import dcp as tdcp
+from litgpt_ext.checkpoint.lora import LoRAArgs
 from litgpt_ext.mix_policy import MixPolicyArgs, MixPolicyConfig
 from litgpt_ext.model import MoEArgs
 from litgpt_ext.preempt import PREEMPT_EXIT_CODE
 from litgpt_ext.preempt import PreemptFlag as _PreemptFlag
 from litgpt_ext.train import optim
 from litgpt_ext.train.args import EvalArgs, RegularizerArgs, RegularizerConfig, TrainArgs
+from litgpt_ext.train.build import setup_model, setup_optimizer
 from litgpt_ext.train.hparams import resolved_hparams
 from litgpt_ext.train.launch import RunResult, check_data_module, launch, preempt_requested, preemption
 from litgpt_ext.train.metrics import StepLogger, continue_log_stream
@@ -41,7 +42,7 @@ from litgpt_ext.train.phase import phase_plan as _phase_plan
 from litgpt_ext.train.plan import RunPlan, record_phase
 from litgpt_ext.train.regularize import Regularizer, setup_regularizer
 from litgpt_ext.train.speed import SpeedArgs, speed_summary, throughput_of
-from litgpt_ext.train.state import CheckpointWriter, TrainingState
+from litgpt_ext.train.state import CheckpointWriter, TrainingState, rng_neutral
 from litgpt_ext.train.validate import check_pretrain_inputs, check_shards_fit_model
 from litgpt_ext.train.validation import VAL_CSV, Validator, val_loaders_of
 
@@ -74,6 +75,7 @@ def pretrain(
     speed: SpeedArgs = SpeedArgs(),
     regularizer: Optional[RegularizerConfig] = None,
     mix_policy: Optional[MixPolicyConfig] = None,
+    lora: Optional[LoRAArgs] = None,
 ) -> RunResult:
     """Pretrain a model, or midtrain one: resume from a checkpoint with a new data blend.
 
@@ -109,6 +111,8 @@ def pretrain(
             fisher_data, fisher_batches} or {type: l2_anchor, lambda} (see `litgpt_ext.train.regularize`).
         mix_policy: Online data mixing: {type: fixed | odm | doremi, update_every, ...}: the blend's weights
             chosen during training from per-source training losses (see `litgpt_ext.mix_policy.args`).
+        lora: LoRA continued pretraining: {r, alpha, dropout, targets}; the checkpoint the run starts from is
+            the frozen base and checkpoints hold the adapter only (see `litgpt_ext.train.lora`).
     """
     hparams = resolved_hparams(locals())  # first: the arguments exactly as given, before any local name exists
     from litgpt_ext.train.parallel import build_strategy, resolve_devices
@@ -129,6 +133,12 @@ def pretrain(
     mix_policy = MixPolicyArgs.parse(mix_policy)  # None for type: fixed
     if initial_checkpoint_dir is not None and resume not in (False, None):
         raise ValueError("initial_checkpoint_dir (weights only) and resume (full state) are exclusive; choose one")
+    from litgpt_ext.train.lora import check_args as check_lora
+
+    lora = LoRAArgs.parse(lora)
+    hparams["lora"] = resolved_hparams({"lora": lora})["lora"]  # the checked settings (a dict given in Python too)
+    check_lora(lora, n_expert=model_config.n_expert, fresh=resume in (False, None) and fork_from is None
+               and initial_checkpoint_dir is None, sharded=speed.checkpoint_format == "sharded", regularizer=regularizer)
     devices, num_nodes = resolve_devices(devices, num_nodes)
     if precision is None:
         bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -142,7 +152,7 @@ def pretrain(
         return main(fabric, model_config=model_config, moe=moe, out_dir=out_dir, data=data, train=train, eval=eval,
                     optimizer=optimizer, initial_checkpoint_dir=initial_checkpoint_dir, resume=resume,
                     fork_from=fork_from, tokenizer_dir=tokenizer_dir, seed=seed, hparams=hparams, speed=speed,
-                    regularizer=regularizer, mix_policy=mix_policy)
+                    regularizer=regularizer, mix_policy=mix_policy, lora=lora)
 
     _, result = launch(body, out_dir=out_dir, run_name=f"pretrain-{model_config.name}", devices=devices,
                        num_nodes=num_nodes, precision=precision, strategy=strategy, logger_name=logger_name,
@@ -175,6 +185,7 @@ def main(
     speed: Optional[SpeedArgs] = None,
     regularizer: Optional[RegularizerArgs] = None,
     mix_policy: Optional[MixPolicyArgs] = None,
+    lora: Optional[LoRAArgs] = None,
 ) -> RunResult:
     """Build the model, optimizer and data, restore a checkpoint, fix the phase's plan, then `fit`.
 
@@ -184,6 +195,9 @@ def main(
     with _writer_lock(fabric, out_dir):  # one writer per out_dir: a double submit is refused clearly
         resume_dir = _resolve_resume(fabric, out_dir, resume, fork_from)
         saved = TrainingState.load(resume_dir) if resume_dir else None
+        from litgpt_ext.train.lora import setup as setup_lora
+
+        lora_run = setup_lora(fabric, lora, out_dir, resume_dir, initial_checkpoint_dir, saved)  # None without lora:
         continue_log_stream(fabric, resumed=resume not in (False, None) or fork_from is not None,
                             step=saved.step if saved else None)  # one TensorBoard/CSV stream per run
 
@@ -195,8 +209,9 @@ def main(
 
         speed = speed or SpeedArgs()
         weights_from = resume_dir or initial_checkpoint_dir
-        model = _build_model(fabric, model_config, moe, seq_len, weights_from=weights_from, seed=seed, speed=speed)
-        opt = _build_optimizer(fabric, model, optimizer, speed)
+        model = setup_model(fabric, model_config, moe, seq_len, weights_from=weights_from, seed=seed, speed=speed,
+                             lora=lora_run)
+        opt = setup_optimizer(fabric, model, optimizer, speed)
         fabric.print(speed_summary(model, opt, speed))
         peak_lr = optim.peak_lr(opt)  # init_args.lr (layer_lr_decay / Muon groups hold scaled LRs)
         if saved is None and weights_from is not None and tdcp.is_sharded(weights_from):  # weights only
@@ -204,7 +219,7 @@ def main(
         state = TrainingState()
         if saved is not None:  # a sharded checkpoint: model + optimizer shards load here, together
             saved.restore(fabric, model, opt, sharded_from=resume_dir if tdcp.is_sharded(resume_dir) else None)
-            state = dataclasses.replace(saved, optimizer=None, rng=None, data=None)
+            state = dataclasses.replace(saved, optimizer=None, data=None)  # its RNG: `fit` restores it
             fabric.print(f"Resumed from {resume_dir} at step {state.step} ({state.tokens:,} tokens)")
 
         plan, what = _phase_plan(fabric, out_dir, train, peak_lr, tokens_per_step, state, saved)
@@ -223,7 +238,7 @@ def main(
         loader = _setup_data(fabric, data, train, seq_len, tokenizer_dir, saved, plan)
         mixer = setup_mix_policy(fabric, mix_policy, data, loader, out_dir, plan, train.global_batch_size,
                                  saved.mix_policy if saved else None, new_phase=what != "kept", config=hparams,
-                                 build_reference=lambda p: _build_model(fabric, model_config, moe, seq_len, p, seed))
+                                 build_reference=lambda p: setup_model(fabric, model_config, moe, seq_len, p, seed))
         check_shards_fit_model(data, model_config, tokenizer_dir)  # token ids < vocab, same tokenizer: before step 1
         state.mix = getattr(data, "resolved_mix", None)
         vals = val_loaders(data)  # EWC's Fisher may read one; with its cache and the L2 anchor in out_dir
@@ -244,7 +259,7 @@ def main(
 
         validator = Validator(fabric, vals, eval, out_dir, baseline=state.val_start, loss_fn=loss_fn)
         writer = CheckpointWriter(out_dir, model_config, hparams, tokenizer_dir, train.keep_last_k,
-                                  sharded=speed.checkpoint_format == "sharded")
+                                  sharded=speed.checkpoint_format == "sharded", lora=lora_run)
         throughput = throughput_of(fabric, model_config, seq_len, speed)
         if what != "kept" and fabric.global_rank == 0:
             record_phase(out_dir, plan, str(resume_dir) if resume_dir else None)
@@ -265,50 +280,6 @@ def _resolve_resume(fabric: L.Fabric, out_dir: Path, resume: Any, fork_from: Opt
     if fork_from is not None and resume in (False, None):
         resume = "auto"
     return ckpt.resolve_resume(resume, out_dir, log=fabric.print)
-
-
-def _build_model(fabric: L.Fabric, config: Config, moe: Optional[MoEArgs], seq_len: int,
-                 weights_from: Optional[Path], seed: int, speed: Optional[SpeedArgs] = None):
-    """Build, initialize or load, apply the speed knobs, and set up (FSDP2: `parallel.parallelize`
-    applies them around the sharding). A sharded checkpoint's weights are loaded by `main` after
-    the optimizer exists (DCP loads model and optimizer shards together)."""
-    from litgpt.pretrain import initialize_weights
-    from litgpt.utils import num_parameters
-
-    from litgpt_ext.model import build_model, initialize_moe_weights
-    from litgpt_ext.train import speed as sp
-
-    speed = speed or SpeedArgs()
-    fabric.seed_everything(seed)  # same init on every rank before sharding
-    t0 = time.perf_counter()
-    with sp.empty_init_context(speed if weights_from is None else None):  # meta device: no memory, no RNG
-        model = build_model(config, moe)  # litgpt's GPT; MoE blocks become litgpt_ext.model.MoEFeedForward
-    if not sp.has_meta(model):
-        if speed.empty_init:  # the init materialize_ reproduces on meta shards; off: today's path, same numbers
-            sp.init_weights(model, seed)
-        else:
-            initialize_weights(fabric, model, n_layer=config.n_layer, n_embd=config.n_embd)
-            initialize_moe_weights(model, n_layer=config.n_layer, n_embd=config.n_embd)  # litgpt's sees nn.Linear only
-    model.max_seq_length = seq_len
-    if weights_from is not None and not tdcp.is_sharded(weights_from):
-        from litgpt_ext.checkpoint.loading import load_weights  # shapes that differ: one line naming the fields
-
-        load_weights(model, weights_from, config)
-        model.max_seq_length = seq_len
-    fabric.print(f"Model {config.name}: {num_parameters(model):,} parameters, built in {time.perf_counter() - t0:.2f}s"
-                 + (" on the meta device" if sp.has_meta(model) else "")
-                 + (f", weights from {weights_from}" if weights_from else ""))
-    if fabric.world_size == 1:  # FSDP2: parallel.parallelize applies them (AC before, the rest after sharding)
-        sp.apply_speed(model, speed, seed, fabric.device)
-    return fabric.setup(model)
-
-
-def _build_optimizer(fabric: L.Fabric, model, optimizer: Union[str, dict], speed: Optional[SpeedArgs] = None):
-    from litgpt_ext.train.speed import optimizer_kwargs
-
-    fusable = optim.fusable_spec(optimizer)  # Muon's AdamW half (layer_lr_decay, Muon: litgpt_ext.train.optim)
-    extra = optimizer_kwargs(fusable, speed or SpeedArgs(), fabric.device) if speed is not None else {}
-    return fabric.setup_optimizers(optim.build_optimizer(optimizer, model, extra, log=fabric.print))
 
 
 def _setup_data(fabric: L.Fabric, data: Any, train: TrainArgs, seq_len: int, tokenizer_dir: Optional[Path],
@@ -381,7 +352,8 @@ def fit(
         if validator.run(model, state.step, state.tokens):
             stopped = "early_stop"
         state.val_start = validator.baseline
-    it = iter(loader)
+    it = rng_neutral(loader)  # data loading never draws from the training RNG (dropout masks)
+    state.restore_rng(fabric)  # resumed: the checkpoint's RNG, after every draw of the setup
     while state.step < plan.stop_step and stopped == "budget":
         loss_sum = torch.zeros((), device=fabric.device)
         for micro in range(accum):

@@ -210,8 +210,8 @@ def build_optimizer(spec: Union[str, dict], model: nn.Module, extra: Optional[di
     path = base if isinstance(base, str) else str(base.get("class_path", "AdamW"))
     if is_muon_path(path):
         return _build_muon(base, ext, model, extra, log)
-    if not ext:
-        return instantiate_torch_optimizer(base, model.parameters(), **extra)
+    if not ext:  # the trainable parameters (all of them, but under LoRA: the adapter's)
+        return instantiate_torch_optimizer(base, [p for p in model.parameters() if p.requires_grad], **extra)
     decay = ext["layer_lr_decay"]
     L = n_blocks(model, f"optimizer.layer_lr_decay={decay}")
     named = named_params(model)

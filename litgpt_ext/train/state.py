@@ -7,7 +7,7 @@ import dataclasses
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import lightning as L
 import numpy as np
@@ -66,9 +66,9 @@ class TrainingState:
 
     # -- live objects -------------------------------------------------------------------------------
     def restore(self, fabric: L.Fabric, model: Any, optimizer: Any, sharded_from: Optional[Path] = None) -> None:
-        """Load the optimizer state (keeping this config's hyperparameters) and, on the same world
-        size, this rank's RNG. `sharded_from`: a sharded checkpoint, whose model and optimizer
-        shards every rank loads here (any world size)."""
+        """Load the optimizer state (keeping this config's hyperparameters). `sharded_from`: a sharded
+        checkpoint, whose model and optimizer shards every rank loads here (any world size). The RNG
+        is restored later, by `restore_rng`."""
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
         fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
@@ -76,13 +76,21 @@ class TrainingState:
             from litgpt_ext.checkpoint import dcp
 
             dcp.load_sharded(sharded_from, model.module, optimizer.optimizer)
+        elif self.optimizer is None:  # none to restore (a merged LoRA checkpoint; a LoRA phase's base): fresh
+            fabric.print("Optimizer: the checkpoint holds no optimizer state for this run's parameters; it starts fresh")
         else:
             set_optimizer_state_dict(model.module, optimizer.optimizer, self.optimizer,
                                      options=_state_dict_options(fabric, for_save=False))
         for g, f in zip(optimizer.param_groups, fresh):  # this config's hyperparameters win
             g.update(f)
+
+    def restore_rng(self, fabric: L.Fabric) -> None:
+        """This rank's saved RNG (on the same world size), once: `fit` calls it last before the first
+        step, after the setup's own draws (a DataLoader iterator draws its base seed from torch's RNG),
+        so a resumed run's dropout masks continue the checkpointed run's stream exactly."""
         if self.rng and self.world_size == fabric.world_size:
             _set_rng_state(self.rng[fabric.global_rank])
+        self.rng = None
 
 
 @dataclass
@@ -96,6 +104,7 @@ class CheckpointWriter:
     tokenizer_dir: Optional[Path] = None
     keep_last_k: Optional[int] = None
     sharded: bool = False
+    lora: Optional[Any] = None  # a litgpt_ext.train.lora.LoRARun: write the adapter only (and its lora.json)
 
     def save(self, fabric: L.Fabric, name: str, model: Any, optimizer: Any, loader: Any,
              state: TrainingState) -> None:
@@ -115,14 +124,16 @@ class CheckpointWriter:
             fabric.barrier()
         else:
             opts = _state_dict_options(fabric, for_save=True)
-            model_sd = get_model_state_dict(model.module, options=opts)
+            model_sd = get_model_state_dict(  # LoRA: the frozen base is neither gathered nor written
+                model.module, options=_state_dict_options(fabric, for_save=True, frozen=self.lora is None))
             state.optimizer = get_optimizer_state_dict(model.module, optimizer.optimizer, options=opts)
         state.rng = _gather_rng(fabric)
         state.data = loader.state_dict()
         state.world_size, state.config = fabric.world_size, self.hparams
         if fabric.global_rank == 0:
+            lora = {} if self.lora is None else {"model_file": self.lora.model_file, "extra_files": self.lora.record()}
             path = ckpt.write_checkpoint(self.out_dir / name, model_sd, state.to_dict(), self.model_config,
-                                         self.hparams, self.tokenizer_dir, prepared=self.sharded)
+                                         self.hparams, self.tokenizer_dir, prepared=self.sharded, **lora)
             if name.startswith("step-"):
                 ckpt.prune_checkpoints(self.out_dir, self.keep_last_k)
             fabric.print(f"Saved {path}")
@@ -130,13 +141,27 @@ class CheckpointWriter:
         fabric.barrier()
 
 
-def _state_dict_options(fabric: L.Fabric, for_save: bool):
+def _state_dict_options(fabric: L.Fabric, for_save: bool, frozen: bool = True):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     dist = fabric.world_size > 1
     if for_save:
-        return StateDictOptions(full_state_dict=dist, cpu_offload=dist)
+        return StateDictOptions(full_state_dict=dist, cpu_offload=dist, ignore_frozen_params=not frozen)
     return StateDictOptions(full_state_dict=dist, broadcast_from_rank0=False)
+
+
+def rng_neutral(loader: Any) -> Iterator:
+    """The loader's batches, fetched without touching torch's CPU RNG: a DataLoader draws its workers'
+    base seed from it on the first batch, which would leave a resumed run (whose first batch is another
+    step's) one draw off the checkpointed run's RNG stream, and its dropout masks different."""
+    it = iter(loader)
+    while True:
+        with torch.random.fork_rng(devices=[]):
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+        yield batch
 
 
 def _rng_state() -> dict:
