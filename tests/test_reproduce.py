@@ -65,6 +65,21 @@ def test_findings_follow_the_numbers_both_ways():
     assert not f["F2"]["holds"] and not f["F4"]["holds"]
 
 
+def test_f4_takes_a_mid_arm_as_the_missing_cell_it_lies_on():
+    """The CPU preset's F4 grid: cross arms at (66, high), (130, low), (130, high); math_mid at (66, low) is the
+    fourth cell. A mid arm off the cross arms' starts x weights is not taken."""
+    arms = [Arm("math_mid", "math", 66, 0.1, [42], ["math"], "mid"), Arm("early_high", "math", 66, 0.5, [42], ["math"], "cross"),
+            Arm("late_low", "math", 130, 0.1, [42], ["math"], "cross"), Arm("late_high", "math", 130, 0.5, [42], ["math"], "cross"),
+            Arm("other_mid", "math", 20, 0.1, [42], ["math"], "mid")]
+    cells = _cells({("base", "math"): ([2.0, 2.0], [4.0, 4.0]), ("math_mid", "math"): ([1.8, 1.8], [4.0, 4.0]),
+                    ("early_high", "math"): ([1.6, 1.6], [4.1, 4.1]), ("late_low", "math"): ([1.8, 1.8], [4.0, 4.0]),
+                    ("late_high", "math"): ([1.9, 1.9], [4.2, 4.2]), ("other_mid", "math"): ([1.0, 1.0], [4.0, 4.0])})
+    f4 = next(x for x in findings(cells, arms, ANALYSIS) if x["id"] == "F4")
+    assert f4["numbers"]["table"] == {"start 66 / weight 0.1": pytest.approx(0.1), "start 66 / weight 0.5": pytest.approx(0.2),
+                                      "start 130 / weight 0.1": pytest.approx(0.1), "start 130 / weight 0.5": pytest.approx(0.05)}
+    assert f4["numbers"]["high_minus_low_early"] == pytest.approx(0.1) and f4["holds"]
+
+
 def test_config_and_arms_are_validated(tmp_path):
     cfg = load_config(ROOT / "midtrain_configs" / "reproduce" / "cpu.yaml")
     arms = arms_of(cfg)

@@ -26,7 +26,7 @@ from litgpt_ext.study.spec import Arm, mix_string, split_run_name
 if TYPE_CHECKING:
     from litgpt_ext.sft.metrics import SFTMetrics
 
-__all__ = ["Arm", "Analysis", "Cell", "cells_of", "compare", "findings", "cross_grid", "write_report"]
+__all__ = ["Arm", "Analysis", "Cell", "cells_of", "general_before_of", "compare", "findings", "cross_grid", "write_report"]
 
 
 @dataclass
@@ -42,21 +42,35 @@ class Analysis:
     give F1 near points on their own task (the paper: FLAN, KnowledgeQA)"""
 
 
-def cells_of(best: dict[tuple[str, str], list["SFTMetrics"]]) -> dict[tuple[str, str], Cell]:
+def cells_of(best: dict[tuple[str, str], list["SFTMetrics"]],
+             before: Optional[dict[str, float]] = None) -> dict[tuple[str, str], Cell]:
     """{(arm family, task): the SFT runs at the chosen LR (`SFTMetrics`, all seeds)} -> their `Cell`s, each
-    run's pretraining seed read from its source run's name (`<family>_seed<N>`)."""
+    run's pretraining seed read from its source run's name (`<family>_seed<N>`). A run's general loss
+    before SFT is its own initial validation's, else `before[its source checkpoint]` (`general_before_of`:
+    one run per checkpoint validating before its first step is enough)."""
     def pseed(m) -> int:
         try:
             return split_run_name(m.source_run)[1]
         except ValueError:  # a source that is not a study run (a converted model): one seed
             return 0
 
-    def before(v) -> Optional[list[float]]:
+    def general_before(v) -> Optional[list[float]]:
         xs = [((m.initial or {}).get("val_losses") or {}).get("general") for m in v]
+        xs = [x if x is not None else (before or {}).get(m.source_checkpoint) for x, m in zip(xs, v)]
         return None if any(x is None for x in xs) else xs
 
     return {k: Cell(k[0], k[1], len(v), [m.sft_val_loss for m in v], [m.val_losses["general"] for m in v],
-                    sorted({m.lr for m in v}), [pseed(m) for m in v], before(v)) for k, v in best.items()}
+                    sorted({m.lr for m in v}), [pseed(m) for m in v], general_before(v)) for k, v in best.items()}
+
+
+def general_before_of(metrics: list["SFTMetrics"]) -> dict[str, float]:
+    """{source checkpoint: its general val loss before SFT}, from the runs that validated before training."""
+    out: dict[str, float] = {}
+    for m in metrics:
+        g = ((m.initial or {}).get("val_losses") or {}).get("general") if m is not None else None
+        if g is not None:
+            out.setdefault(m.source_checkpoint, g)
+    return out
 
 
 def _ms(xs: list[float]) -> str:
@@ -104,12 +118,20 @@ def _sig(ps: list[Optional[float]]) -> str:
 
 def cross_grid(cells: dict, arms: list[Arm], analysis: Analysis) -> Optional[tuple[str, list[Arm], dict[tuple[int, float], float]]]:
     """F4's grid: (domain, its cross arms, {(start, weight): relative SFT-loss improvement over base}) for
-    the domain most cross arms train on; None without cross arms. The figure and the finding share it."""
+    the domain most cross arms train on; None without cross arms. A `mid` arm of that domain fills a
+    missing cell of the cross arms' starts x weights when it lies on it (the CPU preset's math_mid is
+    the early, low-weight cell). The figure and the finding share it."""
     cross = [a for a in arms if a.role == "cross" and a.domain in analysis.task_of]
     if not cross:
         return None
     domain = max(sorted({a.domain for a in cross}), key=lambda d: sum(a.domain == d for a in cross))
     cross = [a for a in cross if a.domain == domain]
+    starts, weights, have = {a.start for a in cross}, {a.weight for a in cross}, {(a.start, a.weight) for a in cross}
+    for a in arms:
+        if a.role == "mid" and a.domain == domain and a.start in starts and a.weight in weights \
+                and (a.start, a.weight) not in have:
+            cross.append(a)
+            have.add((a.start, a.weight))
     table = {}
     for a in cross:
         c = compare(cells, a.name, analysis.task_of[domain])
@@ -320,8 +342,8 @@ def attach_evidence(f: list[dict], cells: dict, arms: list[Arm], analysis: Analy
                     mixed[f"{r['mid']} vs {r['cpt']} on {r['task']}, {what} loss"] = evidence.mixed_effect(
                         cells, r["mid"], r["task"], ref=r["cpt"], what=what)
         elif x["id"] == "F4":
-            for a in arms:
-                if a.role == "cross" and a.domain in task_of and (a.name, task_of[a.domain]) in cells:
+            for a in (cross_grid(cells, arms, analysis) or (None, []))[1]:  # its cells: cross arms (and a mid arm)
+                if (a.name, task_of[a.domain]) in cells:
                     mixed[f"{a.name} vs base on {task_of[a.domain]}, SFT loss"] = evidence.mixed_effect(
                         cells, a.name, task_of[a.domain])
         elif x["id"] == "F3" and pa is not None:
