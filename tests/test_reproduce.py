@@ -132,8 +132,8 @@ def test_stage_times_add_up_over_invocations(tmp_path):
 @pytest.mark.slow
 def test_reproduce_end_to_end_on_a_tiny_corpus(tmp_path, capsys):
     """The whole study as `make reproduce` runs it (demo corpus, SFT tasks, split base runs, forks, the SFT
-    LR pick, similarity, REPORT.md), shrunk to seconds; a second invocation finds every output and
-    redoes nothing."""
+    LR pick, similarity, REPORT.md; 2 worker processes), shrunk to seconds; a second invocation finds
+    every output and redoes nothing."""
     import json
 
     from litgpt_ext.demo.corpus import build_demo
@@ -156,7 +156,7 @@ def test_reproduce_end_to_end_on_a_tiny_corpus(tmp_path, capsys):
               total_steps=12, pretrain_seeds=(42,), base_tasks=("math", "prose"), sft_lrs=(1e-3, 3e-3), sft_seeds=(1, 2),
               arms=[{"name": "math_mid", "domain": "math", "start": 4, "weight": 0.25, "role": "mid"},
                     {"name": "math_cpt", "domain": "math", "start": 10, "weight": 1.0, "role": "cpt", "tasks": ["math"]}],
-              similarity_docs=20, sft_task_args={"math_examples": 200})
+              similarity_docs=20, sft_task_args={"math_examples": 200}, workers=2, threads=1, general_before=True)
     res = reproduce(**kw)
     # every run ended at the shared total: the base run split at its fork steps, the arms forked from them
     runs = out / "runs"
@@ -181,6 +181,9 @@ def test_reproduce_end_to_end_on_a_tiny_corpus(tmp_path, capsys):
         assert line in report, line
     assert "**Verdict: " in report and "Mixed-effects models" in report and "The paper's test, for comparison" in report
     assert results["cells"]["math_mid|math"]["pseeds"] == [42, 42]  # the unit of replication, per run
+    # the first cell of each (checkpoint, task) validated before SFT: the checkpoint's general loss before SFT
+    before = results["cells"]["math_mid|math"]["general_before"]
+    assert len(before) == 2 and before[0] == before[1] and before[0] != results["cells"]["base|math"]["general_before"][0]
     # the representation stage: base vs arm before and after SFT, and each vs its SFT'd self
     assert "## Representations" in report and "| base vs math_mid |" in report and "| math_mid vs math_mid_sft_math |" in report
     cka = json.loads((out / "representations" / "cka.json").read_text())
