@@ -87,7 +87,9 @@ def test_config_and_arms_are_validated(tmp_path):
     jobs = pretrain_jobs(cfg, arms)
     names = [j.name for j in jobs]
     assert names[:5] == ["base_seed42_to20", "base_seed42_to66", "base_seed42_to132", "base_seed42_to184", "base_seed42"]
-    assert "base_seed43" in names and "math_mid_seed43" in names and "code_mid_seed43" not in names
+    # every arm under every pretraining seed: 3 base runs split at the 4 fork steps, 7 arms x 3 seeds
+    assert len(names) == 3 * 5 + 7 * 3 and all(f"{a.name}_seed44" in names for a in arms)
+    assert cfg.workers == 2 and cfg.sft_lr_sweep == "per_arm" and all(len(v) == 3 for v in cfg.sft_lrs.values())
     mid = next(j for j in jobs if j.name == "math_mid_seed42")
     assert mid.config["fork_from"].endswith("base_seed42/step-00000066")
     assert mid.config["data"]["init_args"]["mix_weights_str"] == "main:0.88,math:0.12"
