@@ -146,3 +146,20 @@ def test_sigint_to_workers_saves_exits_99_and_resumes_bit_identically(tmp_path, 
     for s in ("base_seed42", "base_seed43"):
         a, b = _weights(tmp_path / "a" / "runs" / s), _weights(runs / s)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), s
+
+
+@pytest.mark.slow
+def test_in_process_jobs_keep_lightnings_log_lines_in_their_own_logs(tmp_path, config_file):  # noqa: F811
+    """A fresh process running jobs one after another in-process (workers: 1): lightning, first imported
+    inside the first job's redirect, logs each later job's lines into that job's log, not into a closed
+    file ("--- Logging error ---")."""
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(SCRIPT).replace("workers=2", "workers=1"))
+    spec = _spec(tmp_path, config_file, out_root=str(tmp_path / "runs"), seeds=[42, 43], grid={}, total_steps=2)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, str(script), str(spec), str(tmp_path / "cfg")], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    for seed in (42, 43):
+        log = (tmp_path / "runs" / f"base_seed{seed}" / "run.log").read_text()
+        assert "Logging error" not in log and f"Seed set to {seed}" in log

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import resource
 import signal
@@ -275,7 +276,7 @@ class Executor:
 
     def _inprocess(self, job: Job, path: Path, log: Path) -> tuple[int, Optional[int]]:
         """The job's CLI installs the preemption handlers itself (a preemptible command exits 99)."""
-        with open(log, "a") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
+        with open(log, "a") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh), _log_handlers_to(fh):
             rc = run_cli(job.command, path)
         return rc, None
 
@@ -317,6 +318,22 @@ class Executor:
         with open(self.timings, "a") as f:
             f.write(json.dumps({"stage": job.command, "what": f"--config {path}", "seconds": round(seconds, 2),
                                 "cpu_seconds": round(cpu_seconds, 2)}) + "\n")
+
+@contextlib.contextmanager
+def _log_handlers_to(stream):
+    """Point lightning's own log handlers at `stream` for one in-process job: they bind sys.stderr when
+    lightning is first imported, i.e. inside an earlier job's redirect, whose file is closed by now
+    (without this, each of their lines in a later job is a "--- Logging error ---" traceback)."""
+    swapped = [(h, h.stream) for name in ("lightning.fabric", "lightning.pytorch")
+               for h in logging.getLogger(name).handlers if type(h) is logging.StreamHandler]
+    for h, _ in swapped:  # not setStream: it flushes the old stream, which may be closed
+        h.stream = stream
+    try:
+        yield
+    finally:
+        for h, old in swapped:
+            h.stream = old
+
 
 def _cpu_seconds(mode: str) -> float:
     """CPU seconds (user + system) of this process, or of its finished children for subprocess jobs."""
