@@ -95,6 +95,10 @@ def compare(cells: dict, family: str, task: str, ref: str = "base") -> Optional[
     return out
 
 
+F3_MEASURE = "unigram_js"
+"""The PA measure F3 is stated in: its sentence, its bootstrap interval and verdict, its mixed model"""
+F3_EFFECT = "F3: Pearson r, PA vs gain"
+
 ALPHA = 0.05
 """Significance level the report's sentences use (the verdicts follow the direction of the means)."""
 
@@ -269,7 +273,7 @@ def f3_finding(cells: dict, sim: Optional[dict], out: Path) -> tuple[Optional[di
     if len(pts) < 3:
         return None, f"Not measured: {len(pts)} (arm, task) point(s) with a PA to correlate, fewer than 3.", []
     plot_pa_scatter(pts, corr, out / "pa_vs_improvement.png")
-    m = "unigram_js"
+    m = F3_MEASURE
     r = corr[m]["r"]
     others = ", ".join(f"{m2} r = {c['r']:.2f} ({_p(c.get('p'))})" for m2, c in corr.items() if m2 != m)
     f3 = {"id": "F3", "claim": "the gain grows with the proximity advantage (PA) of the mix to the SFT data",
@@ -301,11 +305,11 @@ def finding_effects(cells: dict, arms: list[Arm], analysis: Analysis, pa: Option
         out["F4: (high − low weight), early − late"] = n["high_minus_low_early"] - n["high_minus_low_late"]
         out["F4: late, high − low weight"] = n["high_minus_low_late"]
     if pa is not None:
-        from litgpt_ext.study.similarity import MEASURES, correlate
+        from litgpt_ext.study.similarity import correlate
 
         _, corr = correlate(pa, _f3_points(cells))
-        r = corr[MEASURES[0]]["r"]
-        out["F3: Pearson r, PA vs gain"] = None if r is None or math.isnan(r) else r
+        r = corr[F3_MEASURE]["r"]
+        out[F3_EFFECT] = None if r is None or math.isnan(r) else r
     return out
 
 
@@ -323,7 +327,8 @@ def attach_evidence(f: list[dict], cells: dict, arms: list[Arm], analysis: Analy
     """Give every finding its effects with hierarchical-bootstrap 95% intervals, the verdict word
     (`evidence.verdict`; `holds` is true only for "holds"), and its mixed-effects models."""
     pa = sim.get("pa") if sim and "error" not in sim else None
-    boot = evidence.bootstrap(cells, lambda c: finding_effects(c, arms, analysis, pa), n=n_boot) if n_boot > 0 else {}
+    boot = evidence.bootstrap(cells, lambda c: finding_effects(c, arms, analysis, pa), n=n_boot,
+                              correlations=(F3_EFFECT,)) if n_boot > 0 else {}
     task_of = analysis.task_of
     for x in f:
         effects = {k: {**v, "sign": EFFECT_SIGN.get(k, 1),
@@ -347,10 +352,10 @@ def attach_evidence(f: list[dict], cells: dict, arms: list[Arm], analysis: Analy
                     mixed[f"{a.name} vs base on {task_of[a.domain]}, SFT loss"] = evidence.mixed_effect(
                         cells, a.name, task_of[a.domain])
         elif x["id"] == "F3" and pa is not None:
-            from litgpt_ext.study.similarity import MEASURES, correlate
+            from litgpt_ext.study.similarity import correlate
 
             pts, _ = correlate(pa, _f3_points(cells))
-            mixed[f"relative gain ~ PA ({MEASURES[0]}) + (1 | SFT set)"] = evidence.mixed_pa(pts, MEASURES[0])
+            mixed[f"relative gain ~ PA ({F3_MEASURE}) + (1 | SFT set)"] = evidence.mixed_pa(pts, F3_MEASURE)
         x["mixed"] = mixed
 
 
@@ -365,7 +370,8 @@ def _evidence_lines(x: dict) -> list[str]:
               + ("" if x["id"] != "F3" else "; here β is the slope of the gain on PA") + "): "
               + "; ".join(f"{k}: {evidence.fmt_mixed(m)}" for k, m in x["mixed"].items()) + "."]
     L += ["", "The paper's test, for comparison: " + x.get("summary", "")
-          + " (Welch's t over the pooled SFT runs, which treats SFT seeds as independent evidence.)"]
+          + (" (Pearson's r over the (arm, task) points of the pooled SFT runs, with its t-test.)" if x["id"] == "F3" else
+             " (Welch's t over the pooled SFT runs, which treats SFT seeds as independent evidence.)")]
     return L
 
 

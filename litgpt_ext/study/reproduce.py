@@ -206,10 +206,12 @@ def write_report(cfg: ReproduceConfig, arms: list[Arm], runs: list[SFTRun], sim:
                  out: Optional[Path] = None) -> Path:
     rep = representation_lines(cfg, arms, runs, cfg.out_dir / "logs")
     cost, cpu = stage_minutes(cfg.out_dir), stage_minutes(cfg.out_dir, "cpu_seconds")
-    spent = (f"The study's stages took {sum(cost.values()):.1f} min of wall time and {sum(cpu.values()):.1f} CPU-min"
-             " as they ran (" + ", ".join(f"{k} {v:.1f} / {cpu.get(k, 0.0):.1f}" for k, v in cost.items())
-             + f" wall / CPU min; summed over every invocation, from `{TIMINGS}`); this invocation took "
-             f"{seconds / 60:.1f} min." if cost else f"This invocation took {seconds / 60:.1f} min.")
+    par = f", {cfg.workers} at a time, so their sum exceeds the elapsed time" if cfg.workers > 1 else ""
+    spent = (f"The study's stages used {sum(cpu.values()):.1f} CPU-min ("
+             + ", ".join(f"{k} {cpu.get(k, 0.0):.1f}" for k in cost) + f") and {sum(cost.values()):.1f} min of job wall time ("
+             + ", ".join(f"{k} {v:.1f}" for k, v in cost.items()) + f"{par}), summed over every invocation from "
+             f"`{TIMINGS}`; this invocation took {seconds / 60:.1f} min." if cost else
+             f"This invocation took {seconds / 60:.1f} min.")
     setup = [f"- pretraining: `{cfg.pretrain_config}`, {cfg.total_steps} steps total, seeds {cfg.pretrain_seeds}; "
              "arms fork the base run of their seed and train to the same total with the base run's schedule (no re-warmup)",
              (f"- SFT: `{cfg.sft_config}`; LR sweep {cfg.sft_lrs} with seed {cfg.sft_seeds[0]}, the best LR per (checkpoint, task) "
