@@ -112,7 +112,7 @@ def test_the_report_states_verdicts_by_the_rule():
 
 
 def test_a_correlations_interval_stays_inside_minus_one_one():
-    """With 3 pretraining seeds the small-sample widening (x1.9) would push a bootstrap interval of a
+    """With 3 pretraining seeds the small-sample widening (x2.7) would push a bootstrap interval of a
     correlation past +-1; widened in Fisher-z space it stays inside (-1, 1), around the same point, and
     an ordinary effect is widened as before."""
     rng = random.Random(4)
