@@ -109,3 +109,45 @@ def test_the_report_states_verdicts_by_the_rule():
         e = f[0]["effects"]["F2: math SFT loss, cpt − mid"]
         assert e["point"] == pytest.approx(0.1, abs=0.2) and e["lo"] <= e["point"] <= e["hi"]
         assert set(f[0]["mixed"]) == {"math_mid vs math_cpt on math, sft loss", "math_mid vs math_cpt on math, general loss"}
+
+
+def test_a_correlations_interval_stays_inside_minus_one_one():
+    """With 3 pretraining seeds the small-sample widening (x2.7) would push a bootstrap interval of a
+    correlation past +-1; widened in Fisher-z space it stays inside (-1, 1), around the same point, and
+    an ordinary effect is widened as before."""
+    rng = random.Random(4)
+    cells = _cells(rng, 0.3, n_pseeds=3, n_sft=2, seed_sd=0.1, sft_sd=0.05)
+
+    def effects(c: dict) -> dict:
+        a, b = c[("base", "t")], c[("arm", "t")]
+        xs, ys = a.sft + b.sft, [0.0] * len(a.sft) + [1.0] * len(b.sft)
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        cov = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+        sx, sy = sum((x - mx) ** 2 for x in xs) ** 0.5, sum((y - my) ** 2 for y in ys) ** 0.5
+        return {"r": cov / (sx * sy) if sx and sy else float("nan"), **_gain(c)}
+
+    got = bootstrap(cells, effects, n=400, correlations=("r",))
+    plain = bootstrap(cells, effects, n=400)
+    assert -1 < got["r"]["lo"] <= got["r"]["point"] <= got["r"]["hi"] < 1
+    assert plain["r"]["lo"] < -1 or plain["r"]["hi"] > 1 or plain["r"]["hi"] - plain["r"]["lo"] > got["r"]["hi"] - got["r"]["lo"]
+    assert got["gain"] == plain["gain"]
+
+
+def test_f3_states_its_verdict_on_the_measure_its_sentence_quotes(tmp_path):
+    """F3's sentence, its bootstrap effect and its mixed model use one PA measure (report.F3_MEASURE)."""
+    from litgpt_ext.study.report import F3_EFFECT, F3_MEASURE, f3_finding, finding_effects
+
+    arms = [Arm("math_mid", "math", 66, 0.12, [1, 2], ["math", "prose"], "mid"),
+            Arm("code_mid", "code", 20, 0.2, [1, 2], ["code", "prose"], "mid")]
+    sets = ("base", "math_mid", "code_mid")
+    pa = {m: {s: {t: 0.1 * i + (0.3 if m == F3_MEASURE else -0.2) * j for j, t in enumerate(("math", "code", "prose"))}
+              for i, s in enumerate(sets)} for m in ("unigram_cosine", "unigram_js", "vocab_jaccard", "char_ngram_cosine")}
+    rng = random.Random(5)
+    cells = {}
+    for fam, base in (("base", 2.0), ("math_mid", 1.8), ("code_mid", 1.9)):
+        for task, shift in (("math", 0.0), ("code", 0.3), ("prose", -0.1)):
+            ps = [1, 1, 2, 2]
+            cells[(fam, task)] = Cell(fam, task, 4, [base + shift + rng.gauss(0, 0.01) for _ in ps], [4.0] * 4, [1e-3], ps)
+    f3, _, _ = f3_finding(cells, {"pa": pa}, tmp_path)
+    r = finding_effects(cells, arms, ANALYSIS, pa)[F3_EFFECT]
+    assert f"Pearson r = {r:.2f}" in f3["summary"] and f"PA ({F3_MEASURE})" in f3["summary"]

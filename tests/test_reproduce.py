@@ -65,6 +65,21 @@ def test_findings_follow_the_numbers_both_ways():
     assert not f["F2"]["holds"] and not f["F4"]["holds"]
 
 
+def test_f4_takes_a_mid_arm_as_the_missing_cell_it_lies_on():
+    """The CPU preset's F4 grid: cross arms at (66, high), (130, low), (130, high); math_mid at (66, low) is the
+    fourth cell. A mid arm off the cross arms' starts x weights is not taken."""
+    arms = [Arm("math_mid", "math", 66, 0.1, [42], ["math"], "mid"), Arm("early_high", "math", 66, 0.5, [42], ["math"], "cross"),
+            Arm("late_low", "math", 130, 0.1, [42], ["math"], "cross"), Arm("late_high", "math", 130, 0.5, [42], ["math"], "cross"),
+            Arm("other_mid", "math", 20, 0.1, [42], ["math"], "mid")]
+    cells = _cells({("base", "math"): ([2.0, 2.0], [4.0, 4.0]), ("math_mid", "math"): ([1.8, 1.8], [4.0, 4.0]),
+                    ("early_high", "math"): ([1.6, 1.6], [4.1, 4.1]), ("late_low", "math"): ([1.8, 1.8], [4.0, 4.0]),
+                    ("late_high", "math"): ([1.9, 1.9], [4.2, 4.2]), ("other_mid", "math"): ([1.0, 1.0], [4.0, 4.0])})
+    f4 = next(x for x in findings(cells, arms, ANALYSIS) if x["id"] == "F4")
+    assert f4["numbers"]["table"] == {"start 66 / weight 0.1": pytest.approx(0.1), "start 66 / weight 0.5": pytest.approx(0.2),
+                                      "start 130 / weight 0.1": pytest.approx(0.1), "start 130 / weight 0.5": pytest.approx(0.05)}
+    assert f4["numbers"]["high_minus_low_early"] == pytest.approx(0.1) and f4["holds"]
+
+
 def test_config_and_arms_are_validated(tmp_path):
     cfg = load_config(ROOT / "midtrain_configs" / "reproduce" / "cpu.yaml")
     arms = arms_of(cfg)
@@ -72,7 +87,9 @@ def test_config_and_arms_are_validated(tmp_path):
     jobs = pretrain_jobs(cfg, arms)
     names = [j.name for j in jobs]
     assert names[:5] == ["base_seed42_to20", "base_seed42_to66", "base_seed42_to132", "base_seed42_to184", "base_seed42"]
-    assert "base_seed43" in names and "math_mid_seed43" in names and "code_mid_seed43" not in names
+    # every arm under every pretraining seed: 3 base runs split at the 4 fork steps, 7 arms x 3 seeds
+    assert len(names) == 3 * 5 + 7 * 3 and all(f"{a.name}_seed44" in names for a in arms)
+    assert cfg.workers == 2 and cfg.sft_lr_sweep == "per_arm" and all(len(v) == 3 for v in cfg.sft_lrs.values())
     mid = next(j for j in jobs if j.name == "math_mid_seed42")
     assert mid.config["fork_from"].endswith("base_seed42/step-00000066")
     assert mid.config["data"]["init_args"]["mix_weights_str"] == "main:0.88,math:0.12"
@@ -117,8 +134,8 @@ def test_stage_times_add_up_over_invocations(tmp_path):
 @pytest.mark.slow
 def test_reproduce_end_to_end_on_a_tiny_corpus(tmp_path, capsys):
     """The whole study as `make reproduce` runs it (demo corpus, SFT tasks, split base runs, forks, the SFT
-    LR pick, similarity, REPORT.md), shrunk to seconds; a second invocation finds every output and
-    redoes nothing."""
+    LR pick, similarity, REPORT.md; 2 worker processes), shrunk to seconds; a second invocation finds
+    every output and redoes nothing."""
     import json
 
     from litgpt_ext.demo.corpus import build_demo
@@ -141,7 +158,7 @@ def test_reproduce_end_to_end_on_a_tiny_corpus(tmp_path, capsys):
               total_steps=12, pretrain_seeds=(42,), base_tasks=("math", "prose"), sft_lrs=(1e-3, 3e-3), sft_seeds=(1, 2),
               arms=[{"name": "math_mid", "domain": "math", "start": 4, "weight": 0.25, "role": "mid"},
                     {"name": "math_cpt", "domain": "math", "start": 10, "weight": 1.0, "role": "cpt", "tasks": ["math"]}],
-              similarity_docs=20, sft_task_args={"math_examples": 200})
+              similarity_docs=20, sft_task_args={"math_examples": 200}, workers=2, threads=1, general_before=True)
     res = reproduce(**kw)
     # every run ended at the shared total: the base run split at its fork steps, the arms forked from them
     runs = out / "runs"
@@ -166,6 +183,9 @@ def test_reproduce_end_to_end_on_a_tiny_corpus(tmp_path, capsys):
         assert line in report, line
     assert "**Verdict: " in report and "Mixed-effects models" in report and "The paper's test, for comparison" in report
     assert results["cells"]["math_mid|math"]["pseeds"] == [42, 42]  # the unit of replication, per run
+    # the first cell of each (checkpoint, task) validated before SFT: the checkpoint's general loss before SFT
+    before = results["cells"]["math_mid|math"]["general_before"]
+    assert len(before) == 2 and before[0] == before[1] and before[0] != results["cells"]["base|math"]["general_before"][0]
     # the representation stage: base vs arm before and after SFT, and each vs its SFT'd self
     assert "## Representations" in report and "| base vs math_mid |" in report and "| math_mid vs math_mid_sft_math |" in report
     cka = json.loads((out / "representations" / "cka.json").read_text())

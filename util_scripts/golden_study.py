@@ -69,8 +69,9 @@ def _content(path: Path, work: str):
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
-def run_study(work: Path) -> Path:
-    """Build the demo data and run the preset under `work` (removed first); returns the study dir."""
+def run_study(work: Path, workers: int = 1) -> Path:
+    """Build the demo data and run the preset under `work` (removed first) with `workers` worker
+    processes (1: every job in this process); returns the study dir."""
     import torch
     import yaml
 
@@ -98,7 +99,7 @@ def run_study(work: Path) -> Path:
                      "tasks": ["math"]},
                     {"name": "math_cpt", "domain": "math", "start": 12, "weight": 1.0, "role": "cpt",
                      "tasks": ["math"]}],
-              similarity_docs=20, sft_task_args={"math_examples": 120}, threads=1)
+              similarity_docs=20, sft_task_args={"math_examples": 120}, threads=1, workers=workers)
     return out
 
 
@@ -158,13 +159,15 @@ def main(argv=None) -> int:
     r.add_argument("--work", type=Path, default=Path("/tmp/litgpt_ext_golden_study"),
                    help="scratch directory, deleted first; the same for both records (default: %(default)s)")
     r.add_argument("--out", type=Path, required=True, help="the record (JSON)")
+    r.add_argument("--workers", type=int, default=1,
+                   help="worker processes of the study executor (the record must not depend on it; default: %(default)s)")
     c = sub.add_parser("compare", help="compare two records; exit 1 on any difference")
     c.add_argument("before", type=Path)
     c.add_argument("after", type=Path)
     args = ap.parse_args(argv)
     if args.cmd == "record":
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-        rec = record(run_study(args.work), args.work)
+        rec = record(run_study(args.work, args.workers), args.work)
         args.out.write_text(json.dumps(rec, indent=1, sort_keys=True) + "\n")
         print(f"golden study: {len(rec['losses'])} loss logs, {len(rec['checkpoints'])} checkpoint files, "
               f"{len(rec['sft_metrics'])} SFT runs -> {args.out}")

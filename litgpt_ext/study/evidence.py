@@ -111,9 +111,12 @@ def resample(cells: dict, rng: random.Random) -> dict:
 Effects = Callable[[dict], dict[str, Optional[float]]]
 
 
-def bootstrap(cells: dict, effects: Effects, n: int = 1000, seed: int = 0) -> dict[str, dict]:
+def bootstrap(cells: dict, effects: Effects, n: int = 1000, seed: int = 0,
+              correlations: tuple[str, ...] = ()) -> dict[str, dict]:
     """{effect: {point, lo, hi, n_boot}}: the point from the seed-mean cells, the 95% percentile
-    interval over `n` hierarchical replicates (a replicate where an effect is undefined is skipped)."""
+    interval over `n` hierarchical replicates (a replicate where an effect is undefined is skipped).
+    The effects named in `correlations` are Pearson r's: their interval is widened in Fisher-z space
+    (atanh), so that it stays inside (-1, 1)."""
     point = effects({k: seed_means(c) for k, c in cells.items()})
     rng = random.Random(seed)
     draws: dict[str, list[float]] = {k: [] for k in point}
@@ -133,8 +136,13 @@ def bootstrap(cells: dict, effects: Effects, n: int = 1000, seed: int = 0) -> di
             continue
         q = (1 - LEVEL) / 2
         lo, hi = xs[int(q * (len(xs) - 1))], xs[int(math.ceil((1 - q) * (len(xs) - 1)))]
-        out[k] = {"point": p, "lo": p - widen * (p - lo), "hi": p + widen * (hi - p), "n_boot": len(xs),
-                  "pretraining_seeds": k_min, "widened": widen}
+        if k in correlations:  # widen atanh(r) about atanh(point), then map back: never beyond +-1
+            z = lambda r: math.atanh(max(-1 + 1e-12, min(1 - 1e-12, r)))  # noqa: E731
+            zp = z(p)
+            lo, hi = math.tanh(zp - widen * (zp - z(lo))), math.tanh(zp + widen * (z(hi) - zp))
+        else:
+            lo, hi = p - widen * (p - lo), p + widen * (hi - p)
+        out[k] = {"point": p, "lo": lo, "hi": hi, "n_boot": len(xs), "pretraining_seeds": k_min, "widened": widen}
     return out
 
 

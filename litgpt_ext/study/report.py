@@ -26,7 +26,7 @@ from litgpt_ext.study.spec import Arm, mix_string, split_run_name
 if TYPE_CHECKING:
     from litgpt_ext.sft.metrics import SFTMetrics
 
-__all__ = ["Arm", "Analysis", "Cell", "cells_of", "compare", "findings", "cross_grid", "write_report"]
+__all__ = ["Arm", "Analysis", "Cell", "cells_of", "general_before_of", "compare", "findings", "cross_grid", "write_report"]
 
 
 @dataclass
@@ -42,21 +42,35 @@ class Analysis:
     give F1 near points on their own task (the paper: FLAN, KnowledgeQA)"""
 
 
-def cells_of(best: dict[tuple[str, str], list["SFTMetrics"]]) -> dict[tuple[str, str], Cell]:
+def cells_of(best: dict[tuple[str, str], list["SFTMetrics"]],
+             before: Optional[dict[str, float]] = None) -> dict[tuple[str, str], Cell]:
     """{(arm family, task): the SFT runs at the chosen LR (`SFTMetrics`, all seeds)} -> their `Cell`s, each
-    run's pretraining seed read from its source run's name (`<family>_seed<N>`)."""
+    run's pretraining seed read from its source run's name (`<family>_seed<N>`). A run's general loss
+    before SFT is its own initial validation's, else `before[its source checkpoint]` (`general_before_of`:
+    one run per checkpoint validating before its first step is enough)."""
     def pseed(m) -> int:
         try:
             return split_run_name(m.source_run)[1]
         except ValueError:  # a source that is not a study run (a converted model): one seed
             return 0
 
-    def before(v) -> Optional[list[float]]:
+    def general_before(v) -> Optional[list[float]]:
         xs = [((m.initial or {}).get("val_losses") or {}).get("general") for m in v]
+        xs = [x if x is not None else (before or {}).get(m.source_checkpoint) for x, m in zip(xs, v)]
         return None if any(x is None for x in xs) else xs
 
     return {k: Cell(k[0], k[1], len(v), [m.sft_val_loss for m in v], [m.val_losses["general"] for m in v],
-                    sorted({m.lr for m in v}), [pseed(m) for m in v], before(v)) for k, v in best.items()}
+                    sorted({m.lr for m in v}), [pseed(m) for m in v], general_before(v)) for k, v in best.items()}
+
+
+def general_before_of(metrics: list["SFTMetrics"]) -> dict[str, float]:
+    """{source checkpoint: its general val loss before SFT}, from the runs that validated before training."""
+    out: dict[str, float] = {}
+    for m in metrics:
+        g = ((m.initial or {}).get("val_losses") or {}).get("general") if m is not None else None
+        if g is not None:
+            out.setdefault(m.source_checkpoint, g)
+    return out
 
 
 def _ms(xs: list[float]) -> str:
@@ -81,6 +95,10 @@ def compare(cells: dict, family: str, task: str, ref: str = "base") -> Optional[
     return out
 
 
+F3_MEASURE = "unigram_js"
+"""The PA measure F3 is stated in: its sentence, its bootstrap interval and verdict, its mixed model"""
+F3_EFFECT = "F3: Pearson r, PA vs gain"
+
 ALPHA = 0.05
 """Significance level the report's sentences use (the verdicts follow the direction of the means)."""
 
@@ -104,12 +122,20 @@ def _sig(ps: list[Optional[float]]) -> str:
 
 def cross_grid(cells: dict, arms: list[Arm], analysis: Analysis) -> Optional[tuple[str, list[Arm], dict[tuple[int, float], float]]]:
     """F4's grid: (domain, its cross arms, {(start, weight): relative SFT-loss improvement over base}) for
-    the domain most cross arms train on; None without cross arms. The figure and the finding share it."""
+    the domain most cross arms train on; None without cross arms. A `mid` arm of that domain fills a
+    missing cell of the cross arms' starts x weights when it lies on it (the CPU preset's math_mid is
+    the early, low-weight cell). The figure and the finding share it."""
     cross = [a for a in arms if a.role == "cross" and a.domain in analysis.task_of]
     if not cross:
         return None
     domain = max(sorted({a.domain for a in cross}), key=lambda d: sum(a.domain == d for a in cross))
     cross = [a for a in cross if a.domain == domain]
+    starts, weights, have = {a.start for a in cross}, {a.weight for a in cross}, {(a.start, a.weight) for a in cross}
+    for a in arms:
+        if a.role == "mid" and a.domain == domain and a.start in starts and a.weight in weights \
+                and (a.start, a.weight) not in have:
+            cross.append(a)
+            have.add((a.start, a.weight))
     table = {}
     for a in cross:
         c = compare(cells, a.name, analysis.task_of[domain])
@@ -247,7 +273,7 @@ def f3_finding(cells: dict, sim: Optional[dict], out: Path) -> tuple[Optional[di
     if len(pts) < 3:
         return None, f"Not measured: {len(pts)} (arm, task) point(s) with a PA to correlate, fewer than 3.", []
     plot_pa_scatter(pts, corr, out / "pa_vs_improvement.png")
-    m = "unigram_js"
+    m = F3_MEASURE
     r = corr[m]["r"]
     others = ", ".join(f"{m2} r = {c['r']:.2f} ({_p(c.get('p'))})" for m2, c in corr.items() if m2 != m)
     f3 = {"id": "F3", "claim": "the gain grows with the proximity advantage (PA) of the mix to the SFT data",
@@ -279,11 +305,11 @@ def finding_effects(cells: dict, arms: list[Arm], analysis: Analysis, pa: Option
         out["F4: (high − low weight), early − late"] = n["high_minus_low_early"] - n["high_minus_low_late"]
         out["F4: late, high − low weight"] = n["high_minus_low_late"]
     if pa is not None:
-        from litgpt_ext.study.similarity import MEASURES, correlate
+        from litgpt_ext.study.similarity import correlate
 
         _, corr = correlate(pa, _f3_points(cells))
-        r = corr[MEASURES[0]]["r"]
-        out["F3: Pearson r, PA vs gain"] = None if r is None or math.isnan(r) else r
+        r = corr[F3_MEASURE]["r"]
+        out[F3_EFFECT] = None if r is None or math.isnan(r) else r
     return out
 
 
@@ -301,7 +327,8 @@ def attach_evidence(f: list[dict], cells: dict, arms: list[Arm], analysis: Analy
     """Give every finding its effects with hierarchical-bootstrap 95% intervals, the verdict word
     (`evidence.verdict`; `holds` is true only for "holds"), and its mixed-effects models."""
     pa = sim.get("pa") if sim and "error" not in sim else None
-    boot = evidence.bootstrap(cells, lambda c: finding_effects(c, arms, analysis, pa), n=n_boot) if n_boot > 0 else {}
+    boot = evidence.bootstrap(cells, lambda c: finding_effects(c, arms, analysis, pa), n=n_boot,
+                              correlations=(F3_EFFECT,)) if n_boot > 0 else {}
     task_of = analysis.task_of
     for x in f:
         effects = {k: {**v, "sign": EFFECT_SIGN.get(k, 1),
@@ -320,15 +347,15 @@ def attach_evidence(f: list[dict], cells: dict, arms: list[Arm], analysis: Analy
                     mixed[f"{r['mid']} vs {r['cpt']} on {r['task']}, {what} loss"] = evidence.mixed_effect(
                         cells, r["mid"], r["task"], ref=r["cpt"], what=what)
         elif x["id"] == "F4":
-            for a in arms:
-                if a.role == "cross" and a.domain in task_of and (a.name, task_of[a.domain]) in cells:
+            for a in (cross_grid(cells, arms, analysis) or (None, []))[1]:  # its cells: cross arms (and a mid arm)
+                if (a.name, task_of[a.domain]) in cells:
                     mixed[f"{a.name} vs base on {task_of[a.domain]}, SFT loss"] = evidence.mixed_effect(
                         cells, a.name, task_of[a.domain])
         elif x["id"] == "F3" and pa is not None:
-            from litgpt_ext.study.similarity import MEASURES, correlate
+            from litgpt_ext.study.similarity import correlate
 
             pts, _ = correlate(pa, _f3_points(cells))
-            mixed[f"relative gain ~ PA ({MEASURES[0]}) + (1 | SFT set)"] = evidence.mixed_pa(pts, MEASURES[0])
+            mixed[f"relative gain ~ PA ({F3_MEASURE}) + (1 | SFT set)"] = evidence.mixed_pa(pts, F3_MEASURE)
         x["mixed"] = mixed
 
 
@@ -343,7 +370,8 @@ def _evidence_lines(x: dict) -> list[str]:
               + ("" if x["id"] != "F3" else "; here β is the slope of the gain on PA") + "): "
               + "; ".join(f"{k}: {evidence.fmt_mixed(m)}" for k, m in x["mixed"].items()) + "."]
     L += ["", "The paper's test, for comparison: " + x.get("summary", "")
-          + " (Welch's t over the pooled SFT runs, which treats SFT seeds as independent evidence.)"]
+          + (" (Pearson's r over the (arm, task) points of the pooled SFT runs, with its t-test.)" if x["id"] == "F3" else
+             " (Welch's t over the pooled SFT runs, which treats SFT seeds as independent evidence.)")]
     return L
 
 

@@ -20,7 +20,6 @@ with the command to continue). The same grid at Pythia scale is
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
 import time
@@ -28,14 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-import yaml
-
-from litgpt_ext.sft.grid import best_lr, lr_edge_step
-from litgpt_ext.sft.metrics import FILE_NAME, SFTMetrics, read_sft_metrics
 from litgpt_ext.study import report
 from litgpt_ext.study.executor import Executor, Job
 from litgpt_ext.study.report import Analysis, Arm, Cell, cells_of, compare, findings  # noqa: F401  (the API)
 from litgpt_ext.study.representation_stage import representation_lines
+from litgpt_ext.study.reproduce_sft import SFTGrid, SFTRun, best_lr_runs, lr_edges, lrs_for  # noqa: F401  (the API)
 from litgpt_ext.study.spec import SweepSpec, arm_of, mix_string, read_yaml_for, split_run_name
 from litgpt_ext.study.sweep import plan_sweep
 
@@ -54,14 +50,24 @@ class ReproduceConfig:
     pretrain_seeds: list[int] = field(default_factory=lambda: [42, 43])
     arms: list[dict] = field(default_factory=list)
     base_tasks: list[str] = field(default_factory=lambda: ["code", "math", "prose"])
-    sft_lrs: list[float] = field(default_factory=lambda: [1e-3, 3e-3])
+    sft_lrs: Union[list[float], dict[str, list[float]]] = field(default_factory=lambda: [1e-3, 3e-3])
+    """The SFT LR grid: one list for every task, or a list per task ({code: [...], math: [...], prose: [...]})"""
     sft_seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
     similarity_docs: int = 300
     sft_task_args: dict[str, Any] = field(default_factory=dict)
     """Flags of `build-sft-tasks` (e.g. math_examples: fewer problems for a faster study)"""
     threads: Optional[int] = None
+    """torch threads of each worker (and of this process; default: the cores divided among the workers)"""
+    workers: int = 1
+    """Jobs run at a time, each in a worker process (`litgpt_ext.study.pool`); 1: one after another here"""
     bootstrap: int = 1000
     """Hierarchical-bootstrap replicates behind every finding's 95% interval (0: no intervals)"""
+    sft_lr_sweep: str = "per_checkpoint"
+    """per_checkpoint (the paper): the LR sweep runs on every source checkpoint; per_arm: on each arm's
+    first pretraining seed, whose chosen LR the arm's other pretraining seeds then use"""
+    general_before: bool = False
+    """The first SFT cell of each (checkpoint, task) also validates before its first step: the table's
+    general loss before SFT (forgetting from midtraining alone)"""
     sft_lr_extend: int = 0
     """When the chosen SFT LR is at an edge of sft_lrs, try up to this many more LRs beyond that edge
     (one grid step each: the ratio of the two nearest grid LRs) until the optimum is interior"""
@@ -87,16 +93,26 @@ def validate_config(cfg: ReproduceConfig) -> None:
     if min(cfg.bootstrap, cfg.sft_lr_extend, cfg.cka_docs) < 0:
         raise ValueError(f"bootstrap, sft_lr_extend and cka_docs must be >= 0, got {cfg.bootstrap}, {cfg.sft_lr_extend}"
                          f" and {cfg.cka_docs}")
+    if cfg.sft_lr_sweep not in ("per_checkpoint", "per_arm"):
+        raise ValueError(f"sft_lr_sweep must be per_checkpoint or per_arm, got {cfg.sft_lr_sweep!r}")
+    if cfg.workers < 1 or (cfg.threads is not None and cfg.threads < 1):
+        raise ValueError(f"workers and threads must be >= 1, got workers={cfg.workers} threads={cfg.threads}")
     if len(cfg.sft_seeds) < 2:
         raise ValueError(f"sft_seeds needs >= 2 seeds for std and t-tests, got {cfg.sft_seeds}")
-    if not cfg.sft_lrs or any(lr <= 0 for lr in cfg.sft_lrs):
-        raise ValueError(f"sft_lrs must be positive learning rates, got {cfg.sft_lrs}")
+    grids = cfg.sft_lrs.values() if isinstance(cfg.sft_lrs, dict) else [cfg.sft_lrs]
+    if not cfg.sft_lrs or any(not g or any(not isinstance(lr, (int, float)) or lr <= 0 for lr in g) for g in grids):
+        raise ValueError(f"sft_lrs must be positive learning rates (a list, or a list per task), got {cfg.sft_lrs}")
+    if isinstance(cfg.sft_lrs, dict) and set(cfg.sft_lrs) - {"code", "math", "prose"}:
+        raise ValueError(f"sft_lrs names tasks {sorted(set(cfg.sft_lrs) - {'code', 'math', 'prose'})} that are not SFT "
+                         "tasks; known: code, math, prose")
     for p in (cfg.pretrain_config, cfg.sft_config):
         if not Path(p).is_file():
             raise FileNotFoundError(f"reproduce: config {str(p)!r} does not exist")
     bad = sorted(set(cfg.base_tasks) - {"code", "math", "prose"})
     if bad:
         raise ValueError(f"base_tasks {bad} are not SFT tasks; known: code, math, prose")
+    for t in cfg.base_tasks:
+        lrs_for(cfg, t)
 
 
 def arms_of(cfg: ReproduceConfig) -> list[Arm]:
@@ -112,6 +128,8 @@ def arms_of(cfg: ReproduceConfig) -> list[Arm]:
         if unknown:
             raise ValueError(f"reproduce arm {arm.name}: seeds {unknown} are not pretraining seeds {cfg.pretrain_seeds}")
         arm.tasks = arm.tasks or [DOMAIN_TASK[arm.domain], "prose"]
+        for t in arm.tasks:
+            lrs_for(cfg, t)
         arms.append(arm)
     return arms
 
@@ -120,26 +138,28 @@ def arms_of(cfg: ReproduceConfig) -> list[Arm]:
 
 
 TIMINGS = "timings.jsonl"
-"""<out_dir>/timings.jsonl: the wall time of every stage as it ran, over all invocations (a resumed
-study's report still gives the whole study's cost)."""
+"""<out_dir>/timings.jsonl: the wall and CPU time of every stage as it ran, over all invocations (a
+resumed study's report still gives the whole study's cost)."""
 
 
 @contextlib.contextmanager
 def _timed(out_dir: Path, stage: str, what: str):
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     yield
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / TIMINGS, "a") as f:
-        f.write(json.dumps({"stage": stage, "what": what, "seconds": round(time.perf_counter() - t, 2)}) + "\n")
+        f.write(json.dumps({"stage": stage, "what": what, "seconds": round(time.perf_counter() - t, 2),
+                            "cpu_seconds": round(time.process_time() - cpu, 2)}) + "\n")
 
 
-def stage_minutes(out_dir: Path) -> dict[str, float]:
-    """Minutes per stage summed over timings.jsonl (stages that ran; skipped ones cost nothing)."""
+def stage_minutes(out_dir: Path, key: str = "seconds") -> dict[str, float]:
+    """Minutes per stage summed over timings.jsonl (stages that ran; skipped ones cost nothing): wall
+    time, or with key="cpu_seconds" the CPU time (user + system) of the process that ran each stage."""
     out: dict[str, float] = {}
     path = out_dir / TIMINGS
     for line in path.read_text().splitlines() if path.is_file() else []:
         d = json.loads(line)
-        out[d["stage"]] = out.get(d["stage"], 0.0) + d["seconds"] / 60
+        out[d["stage"]] = out.get(d["stage"], 0.0) + d.get(key, 0.0) / 60
     return out
 
 
@@ -179,125 +199,27 @@ def pretrain_jobs(cfg: ReproduceConfig, arms: list[Arm]) -> list[Job]:
     return plan_sweep(spec)
 
 
-@dataclass
-class SFTRun:
-    source: str  # pretraining job name
-    family: str  # arm name without the seed (base, math_mid, ...)
-    pretrain_seed: int
-    task: str
-    lr: float
-    seed: int
-    out_dir: Path
-
-    @property
-    def name(self) -> str:
-        return f"{self.source}_{self.task}_lr{self.lr:g}_s{self.seed}"
-
-    def metrics(self) -> Optional[SFTMetrics]:
-        p = self.out_dir / FILE_NAME
-        return read_sft_metrics(p) if p.is_file() else None
-
-
-def sft_config(cfg: ReproduceConfig, base: dict, run: SFTRun, ckpt_dir: Path) -> dict:
-    c = copy.deepcopy(base)
-    c["checkpoint_dir"] = str(ckpt_dir)
-    c["out_dir"] = str(run.out_dir)
-    c["seed"] = run.seed
-    c.setdefault("optimizer", {}).setdefault("init_args", {})["lr"] = run.lr
-    init = c.setdefault("data", {}).setdefault("init_args", {})
-    init["train_path"] = str(cfg.demo_dir / "sft_tasks" / run.task)
-    init["name"] = f"demo_{run.task}"
-    init["mask_prompt"] = run.task != "code"  # code: the whole function is learned (the paper's PyCode)
-    val = c.setdefault("eval", {}).setdefault("val_data_path", {})
-    val["general"] = [str(cfg.demo_dir / "val" / "1"), str(cfg.demo_dir / "val" / "2")]
-    return c
-
-
-def run_sft_grid(cfg: ReproduceConfig, sources: list[tuple[str, str, int, Path, list[str]]], ex: Executor) -> list[SFTRun]:
-    """LR sweep with the first seed, then the other seeds at the best LR, per (source, task)."""
-    base = yaml.safe_load(cfg.sft_config.read_text()) or {}
-    done: list[SFTRun] = []
-
-    def run(r: SFTRun, ckpt_dir: Path) -> None:
-        job = Job(r.name, "sft", "sft", sft_config(cfg, base, r, ckpt_dir), r.out_dir, info={"what": f"sft {r.task} from"
-                  f" {r.source} lr {r.lr:g} seed {r.seed}"})
-        ex.run([job], log_name="sft.log", config_dir=cfg.out_dir / "configs" / "sft")
-        done.append(r)
-
-    for source, family, pseed, ckpt_dir, tasks in sources:
-        for task in tasks:
-            def first_seed(lr: float, source=source, family=family, pseed=pseed, task=task) -> SFTRun:
-                return SFTRun(source, family, pseed, task, lr, cfg.sft_seeds[0],
-                              cfg.out_dir / "sft" / task / source / f"lr{lr:g}_seed{cfg.sft_seeds[0]}")
-
-            first = [first_seed(lr) for lr in cfg.sft_lrs]
-            for r in first:
-                run(r, ckpt_dir)
-            best = best_lr({r.lr: [r.metrics().sft_val_loss] for r in first})  # the LR sweep uses the first seed
-            for _ in range(cfg.sft_lr_extend):  # an optimum at the grid's edge: one more step beyond it
-                step = lr_edge_step(sorted(r.lr for r in first), best)
-                if step is None:
-                    break
-                first.append(first_seed(best * step))
-                run(first[-1], ckpt_dir)
-                best = best_lr({r.lr: [r.metrics().sft_val_loss] for r in first})
-            edge = lr_edge_step(sorted(r.lr for r in first), best)
-            if edge is not None:
-                print(f"[reproduce] warning: the chosen SFT LR {best:g} for {task} from {source} is at the "
-                      f"{'lower' if edge < 1 else 'upper'} edge of the grid {sorted(r.lr for r in first)}: the best LR may lie"
-                      f" outside it (sft_lr_extend: N tries N more LRs beyond the edge)", flush=True)
-            for s in cfg.sft_seeds[1:]:
-                run(SFTRun(source, family, pseed, task, best, s, cfg.out_dir / "sft" / task / source / f"lr{best:g}_seed{s}"),
-                    ckpt_dir)
-    return done
-
-
 # --------------------------------------------------------------------------------------------- analysis
-
-
-def best_lr_runs(runs: list[SFTRun]) -> dict[tuple[str, str], list[SFTMetrics]]:
-    """{(family, task): metrics of the runs at each source's chosen LR, all seeds, all pretraining seeds}."""
-    by_src: dict[tuple[str, str], list[SFTRun]] = {}
-    for r in runs:
-        by_src.setdefault((r.source, r.task), []).append(r)
-    out: dict[tuple[str, str], list[SFTMetrics]] = {}
-    for (_source, task), rs in by_src.items():
-        first_seed = min(r.seed for r in rs)
-        best = best_lr({r.lr: [r.metrics().sft_val_loss] for r in rs if r.seed == first_seed})
-        for r in rs:
-            if r.lr == best:
-                out.setdefault((r.family, task), []).append(r.metrics())
-    return out
-
-
-
-
-def lr_edges(runs: list[SFTRun]) -> list[str]:
-    """`source/task: lr of [grid]` for each (source, task) whose chosen LR is the smallest or largest tried."""
-    out = []
-    by_src: dict[tuple[str, str], dict[float, float]] = {}
-    first = min((r.seed for r in runs), default=0)
-    for r in runs:
-        if r.seed == first:
-            by_src.setdefault((r.source, r.task), {})[r.lr] = r.metrics().sft_val_loss
-    for (src, task), losses in sorted(by_src.items()):
-        best = best_lr({lr: [v] for lr, v in losses.items()})
-        if lr_edge_step(sorted(losses), best) is not None:
-            out.append(f"{src}/{task}: {best:g} of {sorted(losses)}")
-    return out
 
 
 def write_report(cfg: ReproduceConfig, arms: list[Arm], runs: list[SFTRun], sim: Optional[dict], seconds: float,
                  out: Optional[Path] = None) -> Path:
-    cost = stage_minutes(cfg.out_dir)
-    spent = (f"The study's stages took {sum(cost.values()):.1f} min of wall time as they ran ("
-             + ", ".join(f"{k} {v:.1f}" for k, v in cost.items()) + "; summed over every invocation, from "
-             f"`{TIMINGS}`); this invocation took {seconds / 60:.1f} min." if cost else
+    rep = representation_lines(cfg, arms, runs, cfg.out_dir / "logs")
+    cost, cpu = stage_minutes(cfg.out_dir), stage_minutes(cfg.out_dir, "cpu_seconds")
+    par = f", {cfg.workers} at a time, so their sum exceeds the elapsed time" if cfg.workers > 1 else ""
+    spent = (f"The study's stages used {sum(cpu.values()):.1f} CPU-min ("
+             + ", ".join(f"{k} {cpu.get(k, 0.0):.1f}" for k in cost) + f") and {sum(cost.values()):.1f} min of job wall time ("
+             + ", ".join(f"{k} {v:.1f}" for k, v in cost.items()) + f"{par}), summed over every invocation from "
+             f"`{TIMINGS}`; this invocation took {seconds / 60:.1f} min." if cost else
              f"This invocation took {seconds / 60:.1f} min.")
     setup = [f"- pretraining: `{cfg.pretrain_config}`, {cfg.total_steps} steps total, seeds {cfg.pretrain_seeds}; "
              "arms fork the base run of their seed and train to the same total with the base run's schedule (no re-warmup)",
-             f"- SFT: `{cfg.sft_config}`; LR sweep {cfg.sft_lrs} with seed {cfg.sft_seeds[0]}, the best LR per (checkpoint, task) "
-             f"by SFT validation loss, then seeds {cfg.sft_seeds[1:]} at that LR"]
+             (f"- SFT: `{cfg.sft_config}`; LR sweep {cfg.sft_lrs} with seed {cfg.sft_seeds[0]}, the best LR per (checkpoint, task) "
+              f"by SFT validation loss, then seeds {cfg.sft_seeds[1:]} at that LR" if cfg.sft_lr_sweep == "per_checkpoint" else
+              f"- SFT: `{cfg.sft_config}`; LR sweep {cfg.sft_lrs} with seed {cfg.sft_seeds[0]} on each arm's first pretraining "
+              f"seed, the best LR per (arm, task) by SFT validation loss (`sft_lr_sweep: per_arm`), then seeds "
+              f"{cfg.sft_seeds[1:]} at that LR, and every SFT seed at that LR on the arm's other pretraining seeds")
+             + (f"; up to {cfg.sft_lr_extend} more LR(s) beyond an edge of the grid (`sft_lr_extend`)" if cfg.sft_lr_extend else "")]
     edges = lr_edges(runs)
     setup.append(f"- **warning:** the chosen LR is at an edge of the LR grid for {len(edges)} (checkpoint, task) cell(s) "
                  f"({'; '.join(edges[:6])}{' …' if len(edges) > 6 else ''}): the best LR may lie outside it "
@@ -307,8 +229,8 @@ def write_report(cfg: ReproduceConfig, arms: list[Arm], runs: list[SFTRun], sim:
         out or cfg.out_dir, title="Reproduction at CPU scale: Midtraining Bridges Pretraining and Posttraining Distributions",
         intro=f"Generated by `litgpt-ext reproduce`. {spent} Everything below is measured; nothing was tuned until a finding held.",
         setup=setup, arms=arms, base_seeds=cfg.pretrain_seeds, base_tasks=cfg.base_tasks, replay="main",
-        cells=cells_of(best_lr_runs(runs)), sim=sim, analysis=ANALYSIS, n_boot=cfg.bootstrap,
-        footer=representation_lines(cfg, arms, runs, cfg.out_dir / "logs") + ["Scale caveat: a ~2M-parameter model on ~4M tokens; the paper's Pythia runs are 10^4-10^5 times larger. "
+        cells=cells_of(best_lr_runs(runs), report.general_before_of([r.metrics() for r in runs])), sim=sim, analysis=ANALYSIS, n_boot=cfg.bootstrap,
+        footer=rep + ["Scale caveat: a ~2M-parameter model on ~4M tokens; the paper's Pythia runs are 10^4-10^5 times larger. "
                 "The same grid at Pythia scale: `litgpt-ext sweep --spec midtrain_configs/sweeps/paper_pythia160m.yaml` "
                 "(and `--action report` once its runs are done).", ""])
 
@@ -358,7 +280,7 @@ def reproduce(
     pretrain_seeds: tuple[int, ...] = (42, 43),
     arms: Optional[list[dict[str, Any]]] = None,
     base_tasks: tuple[str, ...] = ("code", "math", "prose"),
-    sft_lrs: tuple[float, ...] = (1e-3, 3e-3),
+    sft_lrs: Union[tuple[float, ...], dict[str, list[float]]] = (1e-3, 3e-3),
     sft_seeds: tuple[int, ...] = (1, 2, 3),
     similarity_docs: int = 300,
     sft_task_args: Optional[dict[str, Any]] = None,
@@ -367,6 +289,9 @@ def reproduce(
     sft_lr_extend: int = 0,
     replicates: Union[int, list[list[int]]] = 1,
     cka_docs: int = 50,
+    workers: int = 1,
+    sft_lr_sweep: str = "per_checkpoint",
+    general_before: bool = False,
 ) -> dict:
     """Run the paper's study at CPU scale and write <out_dir>/REPORT.md (stages with outputs are skipped).
 
@@ -381,25 +306,34 @@ def reproduce(
         pretrain_seeds: One base run per seed; arms run under the seeds they name (default: the first).
         arms: Midtraining arms: {name, domain (math|code), start, weight, role (mid|cpt|cross|ablation), seeds, tasks}.
         base_tasks: SFT tasks of the base runs (the reference of every comparison).
-        sft_lrs: LRs swept with the first SFT seed; the best (lowest SFT val loss) is kept per checkpoint and task.
+        sft_lrs: LRs swept with the first SFT seed (one list, or a list per task: {math: [...], ...}); the best
+            (lowest SFT val loss) is kept per checkpoint and task.
         sft_seeds: SFT seeds (>= 2): the first sweeps the LR, the others run at the chosen LR.
         similarity_docs: Documents per shard and SFT set for the similarity measures.
         sft_task_args: Flags of `build-sft-tasks` (e.g. {math_examples: 500}).
-        threads: torch threads (default: torch's).
+        threads: torch threads of each job (default: torch's; with workers, the cores divided among them).
         bootstrap: Hierarchical-bootstrap replicates behind each finding's 95% interval (0: none).
         sft_lr_extend: Up to this many more SFT LRs beyond the grid's edge when the chosen LR is at it.
         cka_docs: Held-out documents for the representation stage (CKA, weight distance; 0: skipped).
         replicates: Disjoint pretraining-seed sets (a count, or the sets), each a whole study; > 1 writes
             STABILITY.md (`litgpt_ext.study.replicates`).
+        workers: Jobs run at a time, each in a worker process that imports torch once; a job starts when
+            its dependencies have finished (SFT cells of a finished checkpoint while others still train).
+            1: one after another in this process. Outputs do not depend on it.
+        sft_lr_sweep: per_checkpoint (the paper: the LR sweep on every source checkpoint) or per_arm (on
+            each arm's first pretraining seed; its other pretraining seeds use that LR).
+        general_before: The first SFT cell of each (checkpoint, task) also validates before training
+            (the general loss before SFT in the results table).
     """
     import torch
 
     cfg = ReproduceConfig(out_dir=Path(out_dir), demo_dir=Path(demo_dir), pretrain_config=Path(pretrain_config),
                           sft_config=Path(sft_config), total_steps=total_steps, pretrain_seeds=list(pretrain_seeds),
-                          arms=list(arms or []), base_tasks=list(base_tasks), sft_lrs=list(sft_lrs),
+                          arms=list(arms or []), base_tasks=list(base_tasks), sft_lrs=dict(sft_lrs) if isinstance(sft_lrs, dict) else list(sft_lrs),
                           sft_seeds=list(sft_seeds), similarity_docs=similarity_docs,
                           sft_task_args=dict(sft_task_args or {}), threads=threads, bootstrap=bootstrap,
-                          sft_lr_extend=sft_lr_extend, replicates=replicates, cka_docs=cka_docs)
+                          sft_lr_extend=sft_lr_extend, replicates=replicates, cka_docs=cka_docs, workers=workers,
+                          sft_lr_sweep=sft_lr_sweep, general_before=general_before)
     validate_config(cfg)
     arms = arms_of(cfg)
     if cfg.threads:
@@ -422,22 +356,24 @@ def reproduce(
     studies = [(dataclasses.replace(cfg, pretrain_seeds=seeds), remap_arms(arms, cfg.pretrain_seeds, seeds))
                for seeds in sets]
     plans = [pretrain_jobs(c, a) for c, a in studies]
-    n_sft = sum(sum(len(c.base_tasks) for _ in c.pretrain_seeds) + sum(len(x.tasks) * len(x.seeds) for x in a)
-                for c, a in studies)
+    n_sft = sum(n for (c, a), p in zip(studies, plans) for _, _, n in SFTGrid(c, sft_sources(c, a, p)).planned())
     ex = Executor(label="reproduce", resume_command=f"the same `litgpt-ext reproduce` (out_dir {cfg.out_dir})",
                   config_dir=cfg.out_dir / "configs" / "pretrain", mode="inprocess", log_name="reproduce.log",
-                  timings=cfg.out_dir / TIMINGS,
-                  total=sum(map(len, plans)) + n_sft * (len(cfg.sft_lrs) + len(cfg.sft_seeds) - 1))
+                  timings=cfg.out_dir / TIMINGS, workers=cfg.workers, threads=cfg.threads,
+                  total=sum(map(len, plans)) + n_sft)
     sim, reports = None, []
-    for k, ((scfg, sarms), jobs) in enumerate(zip(studies, plans)):
-        if len(sets) > 1:
-            print(f"[reproduce] seed set {k + 1}/{len(sets)}: pretraining seeds {scfg.pretrain_seeds}", flush=True)
-        ex.run(jobs)
-        runs = run_sft_grid(scfg, sft_sources(scfg, sarms, jobs), ex)
-        if sim is None:  # the mixes and SFT sets do not depend on the seeds: one similarity stage
-            sim = similarity_stage(cfg, arms, logs)
-        out = cfg.out_dir if len(sets) == 1 else cfg.out_dir / "replicates" / f"set{k}"
-        reports.append(write_report(scfg, sarms, runs, sim, time.perf_counter() - t0, out=out))
+    try:
+        for k, ((scfg, sarms), jobs) in enumerate(zip(studies, plans)):
+            if len(sets) > 1:
+                print(f"[reproduce] seed set {k + 1}/{len(sets)}: pretraining seeds {scfg.pretrain_seeds}", flush=True)
+            grid = SFTGrid(scfg, sft_sources(scfg, sarms, jobs))
+            ex.run(jobs + grid.first_jobs(), then=grid.then)  # each SFT cell once its checkpoint exists
+            if sim is None:  # the mixes and SFT sets do not depend on the seeds: one similarity stage
+                sim = similarity_stage(cfg, arms, logs)
+            out = cfg.out_dir if len(sets) == 1 else cfg.out_dir / "replicates" / f"set{k}"
+            reports.append(write_report(scfg, sarms, grid.runs(), sim, time.perf_counter() - t0, out=out))
+    finally:
+        ex.close()
     report = reports[0] if len(sets) == 1 else write_stability(cfg.out_dir, sets, [r.parent / "results.json" for r in reports])
     print(f"[reproduce] done in {(time.perf_counter() - t0) / 60:.1f} min: {report}")
     text = report.read_text()
