@@ -64,3 +64,14 @@ def test_anneal_branches_from_the_parents_weights_and_compares_with_the_control(
     for r in (rows["general"], rows["domain"]):
         assert r["delta"] == pytest.approx(r["candidate"] - r["control"])
     assert "| 3 | domain |" in (out / "anneal.md").read_text()
+
+
+def test_a_probe_without_sft_lr_plans_with_the_sft_configs_lr(parent, tmp_path, capsys):
+    sft = tmp_path / "sft.yaml"
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "midtrain_configs/reproduce/sft_cpu.yaml").read_text())
+    cfg["optimizer"]["init_args"]["lr"] = 2.0e-4
+    sft.write_text(yaml.safe_dump(cfg))
+    cli(["anneal", "--source", str(parent / "step-00000003"), "--mix", "main:0.5,code:0.5", "--steps", "2",
+         "--sft_config", str(sft), "--out_root", str(tmp_path / "a")])  # --action plan: the table only
+    out = capsys.readouterr().out
+    assert out.count("probe, lr 0.0002, seed 0") == 2, out

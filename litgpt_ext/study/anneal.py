@@ -109,8 +109,10 @@ def plan_anneal(source: Path, mix: str, steps: int, control: str = "main:1.0", a
                 _set(cfg, "seed", seed)
                 if sft_lr is not None:
                     _set(cfg, "optimizer.init_args.lr", float(sft_lr))
+                lr = ((cfg.get("optimizer") or {}).get("init_args") or {}).get("lr") if isinstance(
+                    cfg.get("optimizer"), dict) else None  # the SFT config's own LR when --sft_lr is not given
                 jobs.append(Job(f"sft_{j.name}_s{seed}", "sft", "sft", cfg, out, depends=[j.name],
-                                info={"task": "probe", "source": j.name, "lr": sft_lr, "seed": seed}))
+                                info={"task": "probe", "source": j.name, "lr": lr, "seed": seed}))
     return jobs
 
 

@@ -185,7 +185,8 @@ def plan_table(jobs: list[Job]) -> str:
             d = f"fork @{j.info['start']}, {j.info['mix']}, {j.info['domain']} ~{j.info['domain_steps']:.0f} steps"
             d += f", data seed {j.info['data_seed']}" if j.info.get("data_seed") is not None else ""
         elif j.stage == "sft":
-            d = f"{j.info['task']}, lr {j.info['lr']:g}, seed {j.info['seed']}"
+            lr = j.info.get("lr")
+            d = f"{j.info['task']}, lr {'(config)' if lr is None else format(lr, 'g')}, seed {j.info['seed']}"
         elif j.stage == "soup":
             d = f"average of {j.info['seeds']} data seeds"
         else:
