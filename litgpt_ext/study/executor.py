@@ -49,11 +49,14 @@ class Job:
 
 
 def finished(job: Job) -> bool:
-    """The one "finished" rule of every study: an SFT run has sft_metrics.json and a complete final/
+    """The one "finished" rule of every study: a job that names what it `creates` (a sweep's prep and
+    synth jobs) has it; an SFT run has sft_metrics.json and a complete final/
     (`litgpt_ext.sft.run.finished`); a soup has soup.json; a base segment (`info.pause`) has a
     checkpoint at or past its pause step; any other training run has a complete final/."""
     from litgpt_ext import checkpoint as ckpt
 
+    if job.info.get("creates") is not None:  # a sweep's prep and synth jobs: the file they write last
+        return Path(job.info["creates"]).exists()
     if job.command == "sft":
         from litgpt_ext.sft.metrics import FILE_NAME
 
@@ -96,6 +99,13 @@ class Executor:
     rerun_finished: bool = False
     """Run finished jobs too and let their command decide (`sft` says "nothing to do" for the same
     config and refuses another one): a changed grid is refused instead of silently skipped"""
+    workers: int = 1
+    """Subprocess jobs run at once, each as soon as the jobs it depends on have finished. With > 1 they
+    fork from one server process that imported torch, lightning and litgpt once (multiprocessing's
+    forkserver) instead of starting a new interpreter: each job skips the imports (~7 CPU-seconds
+    here) and still runs in its own process and process group"""
+    threads: Optional[int] = None
+    """torch threads of each job (OMP_NUM_THREADS of a subprocess; None: torch's default)"""
     _done: int = 0
     _ran_seconds: float = 0.0
     _ran: int = 0
@@ -110,6 +120,8 @@ class Executor:
         todo = [j for j in jobs if j.name not in done_names or self.rerun_finished]
         total = self.total or len(jobs)
         self._done += len(jobs) - len(todo)
+        if self.workers > 1 and self.mode == "subprocess" and not self.rerun_finished:
+            return self._run_parallel(todo, {j.name for j in jobs}, done_names, cdir, log_name or self.log_name, total)
         ran = []
         for j in todo:
             missing = [d for d in j.depends if d not in done_names and any(d == o.name for o in jobs)]
@@ -144,18 +156,28 @@ class Executor:
         job.out_dir.mkdir(parents=True, exist_ok=True)
         return path
 
-    def _subprocess(self, job: Job, path: Path, log: Path) -> tuple[int, Optional[int]]:
+    def spawn(self, job: Job, path: Path, fh) -> "subprocess.Popen | _Forked":
+        """The job as a subprocess in its own process group, its output into `fh`."""
+        if self.workers > 1:
+            proc = _forkserver().Process(target=_forked_job, args=(job.command, str(path), fh.name, self.threads),
+                                         name=job.name)
+            proc.start()
+            return _Forked(proc)
         cmd = [self.python, "-m", "litgpt_ext", job.command, "--config", str(path)]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if self.threads:
+            env.update(OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
+        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+
+    def _subprocess(self, job: Job, path: Path, log: Path) -> tuple[int, Optional[int]]:
         got: list[int] = []
 
         def forward(signum, frame):  # the job decides: first signal = save and exit 99, second Ctrl-C = 130
             got.append(signum)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(child.pid, signum)
+            _signal(child.pid, signum)
 
         with open(log, "a") as fh:
-            child = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            child = self.spawn(job, path, fh)
             old = {s: signal.signal(s, forward) for s in FORWARDED}
             try:
                 while True:
@@ -173,6 +195,10 @@ class Executor:
         """The job's CLI installs the preemption handlers itself (a preemptible command exits 99)."""
         from litgpt_ext.cli import main as cli_main
 
+        if self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)
         rc = 0
         with open(log, "a") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
             try:
@@ -186,6 +212,59 @@ class Executor:
             except KeyboardInterrupt:
                 rc = INTERRUPTED
         return rc, None
+
+    def _run_parallel(self, todo: list[Job], planned: set[str], done_names: set[str], cdir: Path, log_name: str,
+                      total: int) -> list[str]:
+        """`run` with up to `workers` subprocesses at once: a job starts, in plan order, once every job
+        of the plan it depends on has finished. A signal is forwarded to every running job; after a
+        signal or a failure no job starts, the running ones are waited for, and the first outcome that
+        is not a success decides the exit (as `_check` words it for one job)."""
+        pending, running, ran, got, outcomes = list(todo), {}, [], [], []
+
+        def forward(signum, frame):
+            got.append(signum)
+            for child, *_ in running.values():
+                _signal(child.pid, signum)
+
+        old = {s: signal.signal(s, forward) for s in FORWARDED}
+        try:
+            while pending or running:
+                while not got and not outcomes and len(running) < self.workers:
+                    j = next((j for j in pending if all(d in done_names or d not in planned for d in j.depends)), None)
+                    if j is None:
+                        break
+                    pending.remove(j)
+                    self._progress(j, total, started=len(running))
+                    path, log = self._write(j, cdir), j.out_dir / log_name
+                    fh = open(log, "a")
+                    running[j.name] = (self.spawn(j, path, fh), fh, j, path, log, time.perf_counter())
+                if not running:
+                    if pending and not got and not outcomes:  # nothing runs and nothing can start
+                        j = pending[0]
+                        self._stop(1, f"{j.name} depends on {[d for d in j.depends if d not in done_names]}, which did not finish")
+                    break
+                time.sleep(0.2)
+                for name, (child, fh, j, path, log, t) in list(running.items()):
+                    rc = child.poll()
+                    if rc is None:
+                        continue
+                    fh.close()
+                    del running[name]
+                    self._ran_seconds += time.perf_counter() - t
+                    self._ran += 1
+                    self._timed(j, path, time.perf_counter() - t)
+                    if rc == 0 and not got:
+                        done_names.add(name)
+                        ran.append(name)
+                        self._done += 1
+                    else:
+                        outcomes.append((j, rc, log))
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+        for j, rc, log in sorted(outcomes, key=lambda o: o[1] == 0):  # the first non-zero exit speaks
+            self._check(j, rc, got[0] if got else None, log)
+        return ran
 
     # ------------------------------------------------------------------------------------ outcomes
 
@@ -208,12 +287,13 @@ class Executor:
         print(line, file=sys.stderr, flush=True)
         raise StudyStopped(code, line)
 
-    def _progress(self, job: Job, total: int) -> None:
+    def _progress(self, job: Job, total: int, started: int = 0) -> None:
+        """`started`: jobs running beside this one (workers > 1), counted before it and in the ETA."""
         el = time.perf_counter() - self._t0
-        eta = self._ran_seconds / self._ran * (total - self._done) if self._ran else None
+        eta = self._ran_seconds / self._ran * (total - self._done) / self.workers if self._ran else None
         what = (f" (fork @{job.info['start']}, {job.info['mix']})" if job.stage == "midtrain"
                 else f" (until step {job.info['pause']})" if job.info.get("pause") is not None else "")
-        print(f"[{self.label} {self._done + 1}/{total}] {job.stage} {job.name}{what} | elapsed {el / 60:.1f} min"
+        print(f"[{self.label} {self._done + started + 1}/{total}] {job.stage} {job.name}{what} | elapsed {el / 60:.1f} min"
               + (f" | ETA {eta / 60:.1f} min" if eta is not None else ""), flush=True)
 
     def _timed(self, job: Job, path: Path, seconds: float) -> None:
@@ -222,6 +302,75 @@ class Executor:
         self.timings.parent.mkdir(parents=True, exist_ok=True)
         with open(self.timings, "a") as f:
             f.write(json.dumps({"stage": job.command, "what": f"--config {path}", "seconds": round(seconds, 2)}) + "\n")
+
+
+def _signal(pid: int, signum: int) -> None:
+    """The job's process group (the job's own process while a forked job has not made its group yet)."""
+    try:
+        os.killpg(pid, signum)
+    except ProcessLookupError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+
+PRELOAD = ["litgpt_ext.cli", "litgpt_ext.train.loop", "litgpt_ext.sft.run", "litgpt_ext.prep.synth_replay"]
+
+
+def _forkserver():
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
+def stop_forkserver() -> None:
+    """Stop (and reap) the fork server if one runs, so that the CPU time of the jobs it forked counts as
+    this process's children's (`/usr/bin/time`, `resource.RUSAGE_CHILDREN`)."""
+    import multiprocessing.forkserver as fs
+
+    stop = getattr(fs._forkserver, "_stop", None)  # CPython's own stop (3.8+), used by its tests
+    if stop is not None:
+        stop()
+
+
+class _Forked:
+    """A job forked from the preloaded server, with the part of Popen's interface the executor uses."""
+
+    def __init__(self, proc):
+        self.proc = proc
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def poll(self) -> Optional[int]:
+        return self.proc.exitcode
+
+    def wait(self) -> int:
+        self.proc.join()
+        return self.proc.exitcode
+
+
+def _forked_job(command: str, path: str, log: str, threads: Optional[int]) -> None:
+    """In the forked process: its own session (a terminal's Ctrl-C reaches the executor only, which
+    forwards it), output into the job's log, the CLI as `python -m litgpt_ext <command> --config <path>`."""
+    os.setsid()
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
+    if threads:
+        import torch
+
+        os.environ.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        torch.set_num_threads(threads)
+    from litgpt_ext.cli import main
+
+    main([command, "--config", path])
 
 
 def _last_line(log: Path) -> str:
