@@ -69,6 +69,8 @@ class ReportSpec:
     `litgpt_ext.study.methods_report`)"""
     general_set: str = "general"
     """methods: the validation set whose rise is forgetting"""
+    reference: Optional[str] = None
+    """methods: the arm every other arm is compared with on paired differences (e.g. no_replay)"""
 
 
 @dataclass
