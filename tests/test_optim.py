@@ -396,8 +396,7 @@ def test_sft_takes_llrd_and_muon_through_the_same_loop(tmp_path, source):
 
 @pytest.mark.slow
 def test_kill_9_and_resume_is_bit_identical_through_the_cli(cli_config, tmp_path):
-    import signal
-    import time
+    from train_fakes import kill_9_after_first_checkpoint
 
     cfg = yaml.safe_load(cli_config.read_text())
     cfg["optimizer"] = {**MUON, "layer_lr_decay": 0.9}
@@ -408,15 +407,9 @@ def test_kill_9_and_resume_is_bit_identical_through_the_cli(cli_config, tmp_path
     assert _cli("--config", str(path), "--out_dir", str(tmp_path / "straight"), "--devices", "1").returncode == 0
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "litgpt_ext", "pretrain", "--config", str(path), "--out_dir",
-                             str(killed), "--devices", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not ckpt.list_checkpoints(killed) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)  # no handler runs: whatever is on disk is what resume gets
-    proc.wait()
-    at = ckpt.list_checkpoints(killed)[-1][0]
-    assert proc.returncode == -signal.SIGKILL and at < 30 and not (killed / "final").exists()
+    at = kill_9_after_first_checkpoint([sys.executable, "-m", "litgpt_ext", "pretrain", "--config", str(path),
+                                        "--out_dir", str(killed), "--devices", "1"], killed, env)
+    assert at < 30
     assert _cli("--config", str(path), "--out_dir", str(killed), "--devices", "1", "--resume", "auto").returncode == 0
     a, b = ckpt.load_model_state(tmp_path / "straight" / "final"), ckpt.load_model_state(killed / "final")
     assert all(torch.equal(a[k], b[k]) for k in a), at

@@ -7,6 +7,7 @@ weight; every sample is a deterministic function of (shard, cursor), so the stat
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -113,3 +114,26 @@ class SignalAfter(FakeMixedData):
                 return getattr(inner, k)
 
         return Loader()
+
+
+def kill_9_after_first_checkpoint(argv: list[str], out_dir: Path, env: dict, timeout: float = 240,
+                                  after_step: int = -1) -> int:
+    """Start the training command `argv` (writing into `out_dir`) and SIGKILL it as soon as its first
+    checkpoint past `after_step` (e.g. a fork's step) is complete: no handler runs, whatever is on disk
+    is what a resume gets. Returns the step of the newest checkpoint left; asserts the kill came before
+    the run finished."""
+    import signal
+    import subprocess
+    import time
+
+    from litgpt_ext import checkpoint as ckpt
+
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while (not any(s > after_step for s, _ in ckpt.list_checkpoints(out_dir)) and time.time() < deadline
+           and proc.poll() is None):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (Path(out_dir) / "final").exists(), proc.returncode
+    return ckpt.list_checkpoints(out_dir)[-1][0]
