@@ -272,6 +272,40 @@ def test_bad_regularizer_through_the_real_cli_is_one_line(cli_config, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("which", ["ewc", "l2_anchor"])
+def test_kill_9_and_resume_is_bit_identical_through_the_cli(which, cli_config, tmp_path):
+    """A real SIGKILL (no handler runs) after the first checkpoint past the fork: the rerun resumes from
+    what is on disk and ends bit-identical to an uninterrupted run, penalty included (the anchor is the
+    fork's weights and EWC's Fisher its cache, not the killed run's last checkpoint)."""
+    import yaml
+    from train_fakes import kill_9_after_first_checkpoint
+
+    from litgpt_ext.cli import main as cli_main
+
+    base = tmp_path / "base"
+    cli_main(["pretrain", "--config", str(cli_config), "--devices", "1", "--out_dir", str(base)])
+    ref = base / "final"
+    reg = {"type": "ewc", "lambda": 1e4, "reference": str(ref), "fisher_batches": 2} if which == "ewc" else \
+        {"type": "l2_anchor", "lambda": 10.0}
+    argv = [sys.executable, "-m", "litgpt_ext", "pretrain", "--config", str(cli_config), "--devices", "1",
+            "--fork_from", str(ref), "--train.max_iters", "100", "--train.max_additional_steps", "16",
+            "--train.save_interval", "2", "--eval.interval", "100",
+            "--regularizer", yaml.safe_dump(reg, default_flow_style=True).strip()]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    proc = subprocess.run(argv + ["--out_dir", str(straight)], env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    at = kill_9_after_first_checkpoint(argv + ["--out_dir", str(killed)], killed, _env(), after_step=3)
+    assert 3 < at < 19
+    proc = subprocess.run(argv + ["--out_dir", str(killed), "--resume", "auto"], env=_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = ckpt.load_model_state(straight / "final"), ckpt.load_model_state(killed / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a), at
+    pa, pb = csv_rows(straight)[19][f"reg/{which}"], csv_rows(killed)[19][f"reg/{which}"]
+    assert float(pa) > 0 and pa == pb
+
+
+@pytest.mark.slow
 def test_two_processes_give_the_one_process_penalty(cli_config):
     """FSDP2 on 2 gloo ranks: each holds its shards of θ*, F and θ0, and the all-reduced penalty (and
     the Fisher itself) matches 1 process on the same global batches."""
