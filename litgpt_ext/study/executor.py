@@ -12,6 +12,11 @@ checkpoint and exits 99, the executor waits for it, prints one line (what was sa
 continue) and exits 99; a second Ctrl-C is forwarded too (the job stops without saving) and the
 executor exits 130. In-process jobs get the signal directly (the CLI installs the same handlers).
 A failed job gives one line (the job, its exit status, its log) and exit 1, never a traceback.
+
+`workers > 1` (subprocess mode; a sweep's `local.workers`) runs that many jobs at once, each as
+soon as its dependencies have finished, each forked from one process that imported torch,
+lightning and litgpt once (multiprocessing's forkserver; `_forked_job`); a signal goes to every
+running job, and no job starts after a signal or a failure.
 """
 
 from __future__ import annotations
