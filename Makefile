@@ -7,7 +7,7 @@ CONSTRAINTS ?= constraints-cpu.txt
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint bench reproduce
+.PHONY: install demo test test-fast lint bench reproduce forgetting-study
 
 $(STAMP): pyproject.toml constraints-tested.txt $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ lint: $(STAMP)
 # the paper's study at CPU scale (litgpt-ext reproduce): runs/reproduce/REPORT.md
 reproduce: $(STAMP)
 	$(PY) -m litgpt_ext reproduce --config midtrain_configs/reproduce/cpu.yaml
+
+# the forgetting toolkit's study at CPU scale (litgpt-ext sweep): runs/sweeps/forgetting_cpu/report/REPORT.md
+forgetting-study: $(STAMP)
+	$(PY) -m litgpt_ext sweep --spec midtrain_configs/studies/forgetting_cpu.yaml --action local
 
 bench: $(STAMP)
 	$(PY) benchmarks/data_stream.py

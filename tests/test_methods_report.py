@@ -25,7 +25,7 @@ ARMS = [{"name": "no_replay", "domain": "code", "start": 2, "weight": 1.0, "role
 
 def _spec(tmp_path: Path, base: Path) -> Path:
     spec = {"name": "m", "base_config": str(base), "total_steps": 6, "out_root": str(tmp_path / "runs"),
-            "seeds": [1, 2, 3], "arms": ARMS, "report": {"kind": "methods", "bootstrap": 300}}
+            "seeds": [1, 2, 3], "arms": ARMS, "report": {"kind": "methods", "bootstrap": 300, "reference": "no_replay"}}
     p = tmp_path / "spec.yaml"
     p.write_text(yaml.safe_dump(spec))
     return p
@@ -42,6 +42,21 @@ def test_an_arm_carries_its_own_mix_and_overrides(tmp_path, config_file):  # noq
 
 def test_pareto_front():
     assert pareto({"a": (1.0, 0.5), "b": (0.5, 0.1), "c": (0.4, 0.6), "d": (1.0, 0.5)}) == {"a", "b", "d"}
+
+
+def test_paired_differences_tell_apart_what_marginal_intervals_cannot():
+    """Two arms whose seeds differ a lot (wide marginal intervals) but by the same amount in every
+    seed: paired, the difference is told apart; a difference that changes sign across seeds is not."""
+    from litgpt_ext.study.methods_report import paired, summarize, told
+
+    a = {(s, d): {"gain": 1.0 * s + 0.1 * d, "forgetting": 0.3 * s} for s in (1, 2, 3) for d in (7, 8)}
+    b = {k: {"gain": v["gain"] - 0.05, "forgetting": v["forgetting"] + (0.01 if k[0] != 2 else -0.02)} for k, v in a.items()}
+    ma, mb = summarize(a, 500), summarize(b, 500)
+    assert ma["gain"]["lo"] < mb["gain"]["point"] < ma["gain"]["hi"]  # marginally: overlapping intervals
+    d = paired(a, b, 500)
+    assert d["gain"]["point"] == pytest.approx(0.05) and told(d["gain"], "gain") == "more gain"
+    assert told(d["forgetting"], "forgetting") is None  # -0.01, -0.01, +0.02 by seed: not told apart
+    assert told({"point": 1e-9, "lo": 1e-9, "hi": 2e-9}, "gain") is None  # below the printed precision
 
 
 def test_methods_report_ranks_gain_and_forgetting_with_intervals(tmp_path, config_file):  # noqa: F811
@@ -69,5 +84,12 @@ def test_methods_report_ranks_gain_and_forgetting_with_intervals(tmp_path, confi
     assert r["n"] == 3 and r["gain"]["point"] == pytest.approx(0.72) and r["forgetting"]["point"] == pytest.approx(0.32)
     assert r["gain"]["lo"] < 0.72 < r["gain"]["hi"]
     md = (out / "REPORT.md").read_text()
-    assert "| no_replay | code:1.0 | 3 |" in md and "On the front: l2, no_replay, replay50." in md
+    assert "| no_replay | code:1.0 | 3 |" in md and "On the front (by means): l2, no_replay, replay50." in md
     assert (out / "pareto.png").stat().st_size > 1000
+    # paired on the pretraining seed: the seed jitter cancels, so each difference is exact
+    d = res["vs_reference"]["replay50"]
+    assert d["gain"]["point"] == pytest.approx(-0.3) and d["forgetting"]["point"] == pytest.approx(-0.5)
+    assert d["gain"]["lo"] == pytest.approx(-0.3) and d["gain"]["hi"] == pytest.approx(-0.3)
+    assert "| replay50 | -0.3000 [-0.3000, -0.3000] | -0.5000 [-0.5000, -0.5000] | n/a | less gain, forgets less |" in md
+    assert res["front_not_told_apart"] == []  # every pair of front arms differs (exactly) on both axes
+    assert "- explicit: off the front, beaten by replay50 by means; significantly by replay50." in md

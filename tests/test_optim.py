@@ -68,6 +68,8 @@ def tiny_gpt(seed: int = 0) -> GPT:
     ({**MUON, "adamw": {"lr": -1}}, ["optimizer.adamw.lr=-1", "> 0"]),
     ({**MUON, "adamw": [1]}, ["optimizer.adamw=[1]", "mapping"]),
     ({**MUON, "muon_params": []}, ["optimizer.muon_params=[]", "non-empty list"]),
+    ({**MUON, "init_args": {"lr": 0.02, "betas": [0.9, 0.95]}},  # an AdamW argument given to Muon
+     ["optimizer Muon takes no argument 'betas'", "valid: lr, weight_decay, momentum"]),
 ])
 def test_bad_extension_keys_are_named(spec, fragments):
     with pytest.raises(ValueError) as e:
@@ -219,6 +221,46 @@ def test_a_plain_adamw_checkpoint_midtrains_with_llrd(tmp_path):
     st = ckpt.load_training_state(tmp_path / "muon" / "final")["optimizer"]["state"]
     assert muon.step == 6 and set(st["transformer.h.0.attn.qkv.weight"]) == {"momentum_buffer"}
     assert st["lm_head.weight"]["step"] == 6
+
+
+@pytest.mark.slow
+def test_a_muon_checkpoint_midtrains_with_plain_adamw(tmp_path, capsys):
+    # the other direction: Muon's momentum is dropped (the matrices' AdamW moments start fresh, logged),
+    # the other tensors keep theirs, and no Muon group key (lr_scale 0.15, name) is left in AdamW's group
+    run(tmp_path / "muon", MUON, train={"max_iters": 4})
+    capsys.readouterr()
+    for name, spec in (("adamw", ADAMW), ("llrd", LLRD)):
+        res = run(tmp_path / name, spec, fork_from=tmp_path / "muon" / "final",
+                  train={"max_iters": 100, "max_additional_steps": 2})
+        assert res.step == 6 and all(torch.isfinite(torch.tensor(v)) for v in res.losses.values())
+        out = capsys.readouterr().out
+        assert "the checkpoint was trained with torch.optim.Muon; AdamW starts fresh moments for the 8 matrices" in out
+        ts = ckpt.load_training_state(tmp_path / name / "final")
+        st = ts["optimizer"]
+        assert st["state"]["transformer.h.0.attn.qkv.weight"]["step"] == 2  # fresh at the fork: 2 steps since
+        assert "momentum_buffer" not in st["state"]["transformer.h.0.attn.qkv.weight"]
+        assert st["state"]["lm_head.weight"]["step"] == 6  # AdamW's moments continued
+        groups = st["param_groups"]
+        if name == "adamw":
+            assert len(groups) == 1 and not {"lr_scale", "name", "algorithm", "base_lr"} & set(groups[0])
+            assert groups[0]["lr"] == ts["lr"]  # the schedule's LR itself: not x 0.15 (Muon's AdamW-half scale)
+        else:
+            assert [g["name"] for g in groups] == ["embed", "block0", "block1", "head"]
+            assert not any("algorithm" in g for g in groups)
+
+
+@pytest.mark.slow
+def test_a_sharded_muon_checkpoint_into_adamw_is_one_named_refusal(tmp_path):
+    from litgpt_ext.train.speed import SpeedArgs
+
+    sharded = SpeedArgs(checkpoint_format="sharded")
+    run(tmp_path / "muon", MUON, train={"max_iters": 2}, speed=sharded)
+    with pytest.raises(ValueError) as e:
+        run(tmp_path / "adamw", ADAMW, fork_from=tmp_path / "muon" / "final", speed=sharded,
+            train={"max_iters": 100, "max_additional_steps": 1})
+    msg = str(e.value)
+    assert "\n" not in msg and "holds the state of torch.optim.Muon (+ AdamW)" in msg and "this run's optimizer is AdamW" in msg
+    assert "cannot switch between them" in msg and "initial_checkpoint_dir" in msg
 
 
 # ------------------------------------------------------------------------------------------ CLI, FSDP2

@@ -6,6 +6,7 @@ logged objective includes the penalty and the weights stay closer to the anchor,
 resume after preemption, and 2 gloo processes (FSDP2) against 1."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -208,7 +209,7 @@ def test_a_regularized_midtrain_logs_the_penalty_and_stays_closer(which, base, p
 
 @pytest.mark.slow
 @pytest.mark.parametrize("which", ["ewc", "l2_anchor"])
-def test_preempted_and_requeued_run_is_bit_identical(which, base, tmp_path, capsys):
+def test_preempted_and_requeued_run_is_bit_identical(which, base, tmp_path, capsys, monkeypatch):
     reg = {**EWC, "reference": str(base), "fisher_data": "train"} if which == "ewc" else L2
     straight = run(tmp_path / "straight", data=FakeMixedData(**NEW), fork_from=base, train=MID, regularizer=reg)
     job = tmp_path / "requeued"
@@ -216,17 +217,40 @@ def test_preempted_and_requeued_run_is_bit_identical(which, base, tmp_path, caps
         run(job, data=SignalAfter(n=5, **NEW), fork_from=base, train={**MID, "save_interval": 100}, regularizer=reg)
     assert e.value.code == PREEMPT_EXIT_CODE and ckpt.latest_checkpoint(job).name == "step-00000007"
     capsys.readouterr()
+    if which == "ewc":  # the requeue takes θ* and F from its caches: the reference is not loaded again
+        import litgpt_ext.train.regularize as rg
+
+        monkeypatch.setattr(rg, "load_into", lambda *a: pytest.fail("the reference was loaded on a requeue"))
     again = run(job, data=FakeMixedData(**NEW), fork_from=base, train=MID, regularizer=reg)
     assert again.losses == {k: v for k, v in straight.losses.items() if k > 7}
     a, b = ckpt.load_model_state(tmp_path / "straight" / "final"), ckpt.load_model_state(job / "final")
     assert all(torch.equal(a[k], b[k]) for k in a)  # the same anchor (the fork's weights, not step 7's)
     assert csv_rows(job)[10][f"reg/{which}"] == csv_rows(tmp_path / "straight")[10][f"reg/{which}"]
     if which == "ewc":
-        assert "reusing the Fisher cached in" in capsys.readouterr().out
+        assert "reusing θ* and the Fisher cached in" in capsys.readouterr().out
+        monkeypatch.undo()
         # a changed key (fisher_batches) recomputes into its own cache
         run(tmp_path / "other", data=FakeMixedData(**NEW), fork_from=base, train={**MID, "max_additional_steps": 1},
             regularizer={**reg, "fisher_batches": 1})
         assert "computing the diagonal Fisher" in capsys.readouterr().out
+
+
+def test_a_reference_without_manifest_is_hashed_once_per_file_state(tmp_path, monkeypatch):
+    from litgpt_ext.checkpoint import layout
+    from litgpt_ext.train.regularize import _file_hash
+
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    (ref / "lit_model.pth").write_bytes(b"weights v1")
+    first = _file_hash(ref, tmp_path / "run")
+    real = layout._sha256
+    monkeypatch.setattr(layout, "_sha256", lambda f: pytest.fail(f"{f} hashed again"))
+    assert _file_hash(ref, tmp_path / "run") == first  # remembered by (path, size, mtime)
+    monkeypatch.setattr(layout, "_sha256", real)
+    (ref / "lit_model.pth").write_bytes(b"weights v2!")  # another file: hashed again, another identity
+    second = _file_hash(ref, tmp_path / "run")
+    assert second != first and second == real(ref / "lit_model.pth")
+    assert len(json.loads((tmp_path / "run" / "ewc" / "reference_hashes.json").read_text())) == 2
 
 
 @pytest.mark.slow
@@ -269,6 +293,40 @@ def test_bad_regularizer_through_the_real_cli_is_one_line(cli_config, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert lines[0] == "litgpt-ext pretrain: error: regularizer.lambda must be >= 0, got -1.0", proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["ewc", "l2_anchor"])
+def test_kill_9_and_resume_is_bit_identical_through_the_cli(which, cli_config, tmp_path):
+    """A real SIGKILL (no handler runs) after the first checkpoint past the fork: the rerun resumes from
+    what is on disk and ends bit-identical to an uninterrupted run, penalty included (the anchor is the
+    fork's weights and EWC's Fisher its cache, not the killed run's last checkpoint)."""
+    import yaml
+    from train_fakes import kill_9_after_first_checkpoint
+
+    from litgpt_ext.cli import main as cli_main
+
+    base = tmp_path / "base"
+    cli_main(["pretrain", "--config", str(cli_config), "--devices", "1", "--out_dir", str(base)])
+    ref = base / "final"
+    reg = {"type": "ewc", "lambda": 1e4, "reference": str(ref), "fisher_batches": 2} if which == "ewc" else \
+        {"type": "l2_anchor", "lambda": 10.0}
+    argv = [sys.executable, "-m", "litgpt_ext", "pretrain", "--config", str(cli_config), "--devices", "1",
+            "--fork_from", str(ref), "--train.max_iters", "100", "--train.max_additional_steps", "16",
+            "--train.save_interval", "2", "--eval.interval", "100",
+            "--regularizer", yaml.safe_dump(reg, default_flow_style=True).strip()]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    proc = subprocess.run(argv + ["--out_dir", str(straight)], env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    at = kill_9_after_first_checkpoint(argv + ["--out_dir", str(killed)], killed, _env(), after_step=3)
+    assert 3 < at < 19
+    proc = subprocess.run(argv + ["--out_dir", str(killed), "--resume", "auto"], env=_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = ckpt.load_model_state(straight / "final"), ckpt.load_model_state(killed / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a), at
+    pa, pb = csv_rows(straight)[19][f"reg/{which}"], csv_rows(killed)[19][f"reg/{which}"]
+    assert float(pa) > 0 and pa == pb
 
 
 @pytest.mark.slow

@@ -127,6 +127,35 @@ def test_blend_change_on_resume_keeps_cursors(shard_root, caplog):
     assert not ({int(r[0]) for r in before + after} & {int(r[0]) for r in again})
 
 
+def test_a_fork_with_a_new_data_seed_reshuffles_only_the_shards_it_has_not_read(shard_root, caplog):
+    """The sweep's arm_data_seeds: two forks of one checkpoint with data seeds 7 and 8 draw the new
+    shard (math) in different orders, continue the read shards (main) on the checkpoint's shuffle (no
+    sample served twice), and each resumes its own order exactly."""
+    base = make_dm(shard_root, mix_weights_str="main:1", seed=42).train_dataloader()
+    before = {int(r[0]) for r in samples(take(base, 10))}
+    state = base.state_dict()
+    mix = dict(mix_weights_str="main:0.5,math:0.5")
+    runs = {}
+    for seed in (7, 8, 42):
+        fork = make_dm(shard_root, seed=seed, **mix).train_dataloader()
+        with caplog.at_level(logging.WARNING):
+            fork.load_state_dict(state)
+        head = samples(take(fork, 3))
+        resumed = make_dm(shard_root, seed=seed, **mix).train_dataloader()
+        resumed.load_state_dict(fork.state_dict())
+        runs[seed] = head + samples(take(resumed, 3))
+        straight = make_dm(shard_root, seed=seed, **mix).train_dataloader()
+        straight.load_state_dict(state)
+        assert all(torch.equal(x, y) for x, y in zip(runs[seed], samples(take(straight, 6))))  # exact resume
+        assert fork.state_dict()["shard_seeds"] == ({} if seed == 42 else {"m1": seed})
+    firsts = {s: [int(r[0]) for r in rows] for s, rows in runs.items()}
+    math = {s: [x for x in f if shard_of(torch.tensor([x])) == "m1"] for s, f in firsts.items()}
+    main = {s: [x for x in f if shard_of(torch.tensor([x])) != "m1"] for s, f in firsts.items()}
+    assert math[7] != math[8] and math[7] != math[42] and sorted(math[7]) != sorted(math[8])
+    assert main[7] == main[8] == main[42] and not (set(main[7]) & before)  # the read shards: no replay
+    assert "the shards this run has not read yet (m1) are shuffled with 7" in caplog.text
+
+
 def test_resume_refuses_changed_sequence_length(shard_root):
     loader = make_dm(shard_root).train_dataloader()
     take(loader, 2)

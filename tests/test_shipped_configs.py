@@ -37,7 +37,7 @@ KIND = {
 }
 CLUSTER = sorted(k for k in KIND if "pythia" in k or "paper" in k)
 # sweep specs of CPU studies: run shrunk (fewer arms and steps) by test_cpu_study_runs_shrunk
-STUDIES = {"studies/forgetting_cpu.yaml": ["no_replay", "l2_anchor", "ewc_lo", "llrd08"],
+STUDIES = {"studies/forgetting_cpu.yaml": ["no_replay", "l2_anchor", "ewc_lo", "llrd08", "synth20"],
            "studies/online_mixing_cpu.yaml": ["odm", "doremi"]}
 SHORT = ["--eval.max_iters", "1", "--logger_name", "csv"]
 # the demo/CPU configs, in dependency order: (config, extra flags, the checkpoint it must leave, its step)
@@ -201,12 +201,13 @@ def test_demo_and_cpu_configs_run_on_demo_data(demo_runs, name, checkpoint, step
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(STUDIES))
 def test_cpu_study_runs_shrunk(demo_runs, name):
-    """The study's own arms (their mixes and method overrides), shrunk to a few steps and one seed, run
-    by `sweep --action local` on the demo data and ranked by `--action report`."""
+    """The study's own arms (their mixes and method overrides), its prep and synthetic-replay stages and
+    its two workers, shrunk to a few steps, run by the one command `sweep --action local`, which ends
+    with the methods report."""
     root, _ = demo_runs
     raw = yaml.safe_load((CONFIG_DIR / name).read_text())
     keep = STUDIES[name]
-    raw.update(total_steps=6, seeds=[42], arm_data_seeds=[], out_root="runs/study_small", sft=None,
+    raw.update(total_steps=6, seeds=[42], arm_data_seeds=[7, 8], out_root="runs/study_small", sft=None,
                base_overrides={**raw.get("base_overrides", {}), "eval.max_iters": 1, "logger_name": "csv"},
                arms=[{**a, "start": 3} for a in raw["arms"] if a["name"] in keep])
     raw["arm_overrides"] = {**raw.get("arm_overrides", {}), "eval.interval": 3, "eval.max_iters": 1}
@@ -215,18 +216,30 @@ def test_cpu_study_runs_shrunk(demo_runs, name):
             a["overrides"]["regularizer"]["fisher_batches"] = 1
         if "mix_policy" in a.get("overrides", {}):  # an update at every step of the 3
             a["overrides"]["mix_policy"]["update_every"] = 1
+    for step in raw.get("prep", []):  # the demo corpus is the fixture's (prep_demo is skipped: it exists)
+        if step["command"] == "build-sft-tasks":
+            step["args"]["math_examples"] = 60
+    if "synth_replay" in raw:
+        raw["synth_replay"]["args"].update(num_docs=8, max_new_tokens=40)  # > one sample of 129 tokens
     spec = root / "study_small.yaml"
     spec.write_text(yaml.safe_dump(raw))
     cwd = os.getcwd()
     os.chdir(root)
     try:
         cli_main(["sweep", "--spec", str(spec), "--action", "local"])
-        cli_main(["sweep", "--spec", str(spec), "--action", "report"])
     finally:
         os.chdir(cwd)
-    res = json.loads((root / "runs" / "study_small" / "report" / "results.json").read_text())
-    assert sorted(res["arms"]) == sorted(keep) and res["front"]
+    out = root / "runs" / "study_small"
+    res = json.loads((out / "report" / "results.json").read_text())
+    assert sorted(res["arms"]) == sorted(keep) and res["front"] and res["reference"] == "no_replay"
     for arm in keep:
         r = res["arms"][arm]
-        assert r["n"] == 1 and not r["missing"] and math.isfinite(r["gain"]["point"]) and math.isfinite(r["forgetting"]["point"])
-    assert (root / "runs" / "study_small" / "report" / "pareto.png").stat().st_size > 1000
+        assert r["n"] == 2 and not r["missing"] and math.isfinite(r["gain"]["point"]) and math.isfinite(r["forgetting"]["point"])
+    assert set(res["vs_reference"]) == set(keep) - {"no_replay"}
+    assert (out / "report" / "pareto.png").stat().st_size > 1000
+    assert json.loads((out / "synth_replay_seed42" / "data" / "s1" / "synth_meta.json").read_text())["checkpoint"].endswith(
+        "base_seed42/step-00000003")  # sampled from the arms' own fork checkpoint
+    synth = yaml.safe_load((out / "synth20_seed42_data7" / "final" / "hyperparameters.yaml").read_text())
+    assert synth["data"]["init_args"]["data_path"] == "runs/study_small/synth_replay_seed42/data"
+    a, b = (json.loads((out / f"no_replay_seed42_data{d}" / "final" / "manifest.json").read_text()) for d in (7, 8))
+    assert a["files"]["lit_model.pth"] != b["files"]["lit_model.pth"]  # two data orders, two models

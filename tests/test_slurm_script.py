@@ -171,7 +171,10 @@ def test_sft_configs_run_the_sft_command(env, tmp_path):
     assert run(env, str(sft)).returncode == 0
     assert run(env, str(pre)).returncode == 0
     assert run(env, str(pre), LITGPT_EXT_COMMAND="sft").returncode == 0  # the sweep's SFT arrays say so
+    assert run(env, str(pre), LITGPT_EXT_COMMAND="synth-replay").returncode == 0  # a sweep's synth array
     got = [c.split(" --config")[0] for c in calls(env)]
-    assert got == ["-m litgpt_ext sft", "-m litgpt_ext pretrain", "-m litgpt_ext sft"]
+    assert got == ["-m litgpt_ext sft", "-m litgpt_ext pretrain", "-m litgpt_ext sft", "-m litgpt_ext synth-replay"]
+    assert "--resume" not in calls(env)[-1]  # only training resumes
     r = run(env, str(pre), LITGPT_EXT_COMMAND="evaluate")
-    assert r.returncode == 2 and "LITGPT_EXT_COMMAND='evaluate' is not a command this script runs; expected pretrain, sft or soup" in r.stderr
+    assert r.returncode == 2 and "LITGPT_EXT_COMMAND='evaluate' is not a command this script runs; expected pretrain," \
+        " sft, soup, or a sweep's synth-replay or prep command" in r.stderr

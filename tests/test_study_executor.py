@@ -59,10 +59,11 @@ def test_arms_name_their_seed_and_family(tmp_path, config_file):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_a_failed_job_is_one_line_naming_job_status_and_log(tmp_path, capsys):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_failed_job_is_one_line_naming_job_status_and_log(tmp_path, capsys, workers):
     job = Job("base_seed1", "base", "pretrain", {"train": {"no_such_key": 1}}, tmp_path / "base_seed1")
     ex = Executor(label="sweep", resume_command="litgpt-ext sweep --spec s.yaml --action local",
-                  config_dir=tmp_path / "cfg", mode="subprocess")
+                  config_dir=tmp_path / "cfg", mode="subprocess", workers=workers)
     with pytest.raises(StudyStopped) as e:
         ex.run([job])
     assert e.value.code == 1
@@ -88,12 +89,16 @@ def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float = 24
 
 
 @pytest.mark.slow
-def test_sigint_to_a_local_sweep_saves_exits_99_and_resumes_bit_identically(tmp_path, config_file):  # noqa: F811
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigint_to_a_local_sweep_saves_exits_99_and_resumes_bit_identically(tmp_path, config_file, workers):  # noqa: F811
     """Ctrl-C at a terminal goes to the sweep's process group: the sweep forwards it to its job (in its
     own group) as a preemption, waits, exits 99 with one line; the rerun ends where an uninterrupted
-    sweep ends, bit for bit."""
+    sweep ends, bit for bit. With 2 workers two base runs (forked from the preloaded process) run at
+    once and both save."""
     over = {"train.save_interval": 200, "eval.interval": 200, "train.log_interval": 1}
     kw = {"grid": {}, "total_steps": 30, "base_overrides": over}
+    if workers > 1:
+        kw.update(seeds=[42, 43], local={"workers": workers, "threads": 1})
     ref = _spec(tmp_path / "a", config_file, out_root=str(tmp_path / "a" / "runs"), **kw)
     spec = _spec(tmp_path / "b", config_file, out_root=str(tmp_path / "b" / "runs"), **kw)
     cmd = [sys.executable, "-m", "litgpt_ext", "sweep", "--action", "local", "--spec"]
@@ -102,19 +107,24 @@ def test_sigint_to_a_local_sweep_saves_exits_99_and_resumes_bit_identically(tmp_
 
     proc = subprocess.Popen(cmd + [str(spec)], cwd=ROOT, env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    run = tmp_path / "b" / "runs" / "base_seed42"
-    _wait_for(run / "sweep.log", "step 3/30", proc)
+    for seed in ([42, 43] if workers > 1 else [42]):  # every running job is training
+        _wait_for(tmp_path / "b" / "runs" / f"base_seed{seed}" / "sweep.log", "step 3/30", proc)
     os.killpg(proc.pid, signal.SIGINT)  # the whole foreground group, as a terminal does; the job is not in it
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 99, (out, err)
     lines = [x for x in err.splitlines() if x.startswith("litgpt-ext sweep")]
-    assert len(lines) == 1 and "interrupted (SIGINT): base_seed42 saved a checkpoint and stopped" in lines[0]
+    assert len(lines) == 1 and "interrupted (SIGINT): base_seed4" in lines[0]
+    assert "saved a checkpoint and stopped" in lines[0]
     assert f"continue with: litgpt-ext sweep --spec {spec} --action local" in lines[0]
-    assert "Traceback" not in err and "Traceback" not in (run / "sweep.log").read_text()
-    assert "Preempted (SIGINT): checkpoint saved at step" in (run / "sweep.log").read_text()
-    assert not (run / "final").exists() and list(run.glob("step-*"))
+    seeds = [42, 43] if workers > 1 else [42]
+    for seed in seeds:  # every running job got the signal and saved
+        r = tmp_path / "b" / "runs" / f"base_seed{seed}"
+        assert "Traceback" not in err and "Traceback" not in (r / "sweep.log").read_text()
+        assert "Preempted (SIGINT): checkpoint saved at step" in (r / "sweep.log").read_text()
+        assert not (r / "final").exists() and list(r.glob("step-*"))
 
     again = subprocess.run(cmd + [str(spec)], cwd=ROOT, env=env, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
-    a, b = _weights(tmp_path / "a" / "runs" / "base_seed42"), _weights(run)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for seed in seeds:
+        a, b = (_weights(tmp_path / x / "runs" / f"base_seed{seed}") for x in ("a", "b"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

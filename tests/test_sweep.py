@@ -98,6 +98,65 @@ def test_write_plan_submits_each_group_after_exactly_what_it_needs(tmp_path, con
     assert subprocess.run(["bash", "-n", str(submit)]).returncode == 0
 
 
+SYNTH_ARMS = [{"name": "plain", "domain": "code", "start": 2, "weight": 1.0},
+              {"name": "synth", "domain": "code", "start": 4, "mix": "synth:0.2,code:0.8"}]
+SYNTH = {"shard": "s1", "args": {"prompts": "p.txt", "num_docs": 3}}
+
+
+def test_prep_and_synth_replay_are_jobs_with_their_dependencies(tmp_path, config_file):  # noqa: F811
+    prep = [{"name": "sft", "command": "build-sft-tasks", "creates": str(tmp_path / "sft" / "manifest.json"),
+             "args": {"demo_dir": "data/demo", "out_dir": str(tmp_path / "sft")}}]
+    spec = load_spec(_spec(tmp_path, config_file, seeds=[1, 2], grid={}, arms=SYNTH_ARMS, prep=prep,
+                           synth_replay=SYNTH))
+    jobs = plan_sweep(spec)
+    by = {j.name: j for j in jobs}
+    assert [j.name for j in jobs if j.stage in ("prep", "synth")] == ["prep_sft", "synth_replay_seed1", "synth_replay_seed2"]
+    assert by["base_seed1_to2"].depends == ["prep_sft"] and by["base_seed1_to4"].depends == ["base_seed1_to2"]
+    synth = by["synth_replay_seed2"]  # sampled from the seed's own base at the synth arms' start
+    assert synth.command == "synth-replay" and synth.depends == ["base_seed2_to4"]
+    root = tmp_path / "runs"
+    assert synth.config == {"prompts": "p.txt", "num_docs": 3, "checkpoint": str(root / "base_seed2" / "step-00000004"),
+                            "out_dir": str(root / "synth_replay_seed2" / "data"), "shard": "s1",
+                            "link_shards_from": str(config_file.parent / "data")}
+    arm = by["synth_seed2"]  # the arm named synth: its runs are synth_seed<S>, the stage's jobs synth_replay_seed<S>
+    assert arm.stage == "midtrain" and arm.depends == ["base_seed2_to4", "synth_replay_seed2"]
+    assert arm.config["data"]["init_args"]["data_path"] == str(root / "synth_replay_seed2" / "data")
+    plain = next(j for j in jobs if j.stage == "midtrain" and j.info["arm"] == "plain")
+    assert plain.config["data"]["init_args"]["data_path"] == str(config_file.parent / "data")
+    assert not by["prep_sft"].done() and not synth.done()  # done = the path each `creates` exists
+    (root / "synth_replay_seed2" / "data" / "s1").mkdir(parents=True)
+    (root / "synth_replay_seed2" / "data" / "s1" / "synth_meta.json").write_text("{}")
+    assert synth.done()
+    write_plan(jobs, tmp_path / "cfg")
+    sub = {line.split("=", 1)[0]: line for line in (tmp_path / "cfg" / "submit.sh").read_text().splitlines()
+           if "sbatch" in line}
+    g_prep = next(k for k, v in sub.items() if "prep-prep_sft" in v)
+    g_synth = next(k for k, v in sub.items() if "synth-synth_replay_seed1" in v)
+    assert "LITGPT_EXT_COMMAND=build-sft-tasks" in sub[g_prep] and "--dependency" not in sub[g_prep]
+    assert "LITGPT_EXT_COMMAND=synth-replay" in sub[g_synth] and "--dependency=afterok:" in sub[g_synth]
+    g_arm = next(k for k, v in sub.items() if "midtrain-synth_seed1" in v)
+    assert f"${{{g_synth}}}_1" in sub[g_arm]  # the synth arm waits for its seed's shard
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"synth_replay": SYNTH, "arms": [SYNTH_ARMS[0]]}, r"synth_replay: no arm's mix has type 'synth'"),
+    ({"synth_replay": {**SYNTH, "args": {"out_dir": "x"}}}, r"synth_replay.args.out_dir is set by the plan"),
+    ({"synth_replay": {**SYNTH, "step": 9}}, r"synth_replay.step must be a base step in \(0, total_steps=6\)"),
+    ({"synth_replay": SYNTH, "arms": SYNTH_ARMS + [{**SYNTH_ARMS[1], "name": "s2", "start": 3}]},
+     r"the arms that mix synth start at \[3, 4\]; give synth_replay.step"),
+    ({"prep": [{"name": "x", "command": "bake", "creates": "y"}]}, r"command 'bake' is not a litgpt-ext command"),
+    ({"prep": [{"name": "x", "command": "prepare"}]}, r"lacks \['creates'\]"),
+    ({"prep": [{"name": "x", "command": "prepare", "creates": "a"}, {"name": "x", "command": "clean", "creates": "b"}]},
+     r"steps \['x'\] are named more than once"),
+    ({"local": {"workers": 0}}, r"local.workers must be an integer >= 1, got 0"),
+    ({"local": {"threds": 1}}, r"sweep spec local: unknown keys \['threds'\]"),
+])
+def test_bad_stages_are_named(tmp_path, config_file, bad, match):  # noqa: F811
+    kw = {"grid": {}, "arms": SYNTH_ARMS, **bad}
+    with pytest.raises(ValueError, match=match):
+        plan_sweep(load_spec(_spec(tmp_path, config_file, **kw)))
+
+
 def test_token_matched_cpt_control(tmp_path, config_file):  # noqa: F811
     arms = [{"name": "mid", "domain": "code", "start": 20, "weight": 0.12},
             {"name": "cpt", "domain": "code", "weight": 1.0, "match_tokens_of": "mid"}]

@@ -140,6 +140,31 @@ def test_reproducible_with_seed(sampled, ckpt, prompts, tmp_path):
     assert first == [d for d in sampled["docs"] if d["index"] < 4]
 
 
+def test_a_linked_data_folder_and_cut_prompts(sampled, ckpt, prompts, tmp_path):
+    """link_shards_from: out_dir links the source's shard folders and gets the synth shard beside them
+    (the source is not written to; a rerun onto the links is accepted); prompt_tokens cuts each prompt."""
+    from litgpt_ext.checkpoint.loading import load_tokenizer
+    from litgpt_ext.data.shard_types import build_registry, discover_shards
+
+    source = tmp_path / "source"
+    make_shard(source / "1", 10_000, 1600)
+    make_shard(source / "m1", 50_000, 800)
+    before = sorted(p.name for p in source.iterdir())
+    out = tmp_path / "view"
+    run(ckpt, prompts, out, link_shards_from=source, prompt_tokens=2, shard="s2")
+    assert sorted(p.name for p in source.iterdir()) == before
+    assert all((out / n).is_symlink() and (out / n).resolve() == (source / n).resolve() for n in before)
+    assert sorted(s.id for s in discover_shards(out, build_registry())) == ["m1", "main/1", "s2"]
+    tok = load_tokenizer(ckpt, None)
+    for d in (json.loads(x) for x in (out / "s2" / "synth_docs.jsonl").open()):
+        ids = tok.encode(d["prompt"], bos=False, eos=False)
+        assert d["text"].startswith(tok.decode(ids[:2]))
+    meta = json.loads((out / "s2" / "synth_meta.json").read_text())
+    assert meta["settings"]["prompt_tokens"] == 2 and meta["linked_shards_from"] == str(source)
+    run(ckpt, prompts, out, link_shards_from=source, shard="s3", num_docs=2)  # a second shard into the same view
+    assert (out / "s3" / "synth_meta.json").is_file()
+
+
 # ---------------------------------------------------------------- refusals
 
 BAD = {
@@ -151,14 +176,22 @@ BAD = {
     "temperature-neg": ({"--temperature": "-0.5"}, ["temperature=-0.5", ">= 0"]),
     "top-p-0": ({"--top_p": "0"}, ["top_p=0", "(0, 1]"]),
     "top-p-big": ({"--top_p": "1.5"}, ["top_p=1.5", "(0, 1]"]),
+    "prompt-tokens-0": ({"--prompt_tokens": "0"}, ["prompt_tokens=0", ">= 1"]),
+    "link-missing": ({"--link_shards_from": "{tmp}/nope"}, ["link_shards_from", "nope", "does not exist"]),
+    "link-has-the-shard": ({"--link_shards_from": "{data}"}, ["link_shards_from", "already has a shard 's1'"]),
+    "out-dir-not-a-view": ({"--link_shards_from": "{tmp}/src", "--out_dir": "{tmp}/dirty"},
+                           ["out_dir", "dirty", "holds '1', which is not a link to"]),
 }
 
 
 def _argv(sampled, ckpt, prompts, tmp: Path, over: dict) -> list[str]:
     (tmp / "empty.txt").write_text("\n \n")
+    make_shard(tmp / "src" / "1", 10_000, 160)  # a data folder to link, and an out_dir that is not a view of it
+    make_shard(tmp / "dirty" / "1", 10_000, 160)
     out = sampled["data"] if not over else tmp / "out"  # an existing s1 is refused before anything else
     args = {"--checkpoint": str(ckpt), "--prompts": str(prompts), "--num_docs": "3", "--out_dir": str(out), **over}
-    return ["synth-replay"] + [x for k, v in args.items() for x in (k, v.replace("{tmp}", str(tmp)))]
+    return ["synth-replay"] + [x for k, v in args.items()
+                               for x in (k, v.replace("{tmp}", str(tmp)).replace("{data}", str(sampled["data"])))]
 
 
 @pytest.mark.parametrize("case", sorted(BAD))

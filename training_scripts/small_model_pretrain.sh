@@ -72,8 +72,9 @@ if [ -z "$config" ]; then
 fi
 [ -f "$config" ] || { echo "config '$config' does not exist (cwd: $PWD)" >&2; exit 2; }
 
-# Which command: $LITGPT_EXT_COMMAND (pretrain | sft | soup), else sft for an SFT config (its data module is
-# litgpt_ext.sft.data.SFTData), else pretrain. `litgpt-ext sweep` writes CONFIG_LISTs of both kinds.
+# Which command: $LITGPT_EXT_COMMAND (pretrain | sft | soup, or a sweep's prep and synth commands), else sft for
+# an SFT config (its data module is litgpt_ext.sft.data.SFTData), else pretrain. `litgpt-ext sweep` writes
+# CONFIG_LISTs of every kind and names the command of each array.
 command=${LITGPT_EXT_COMMAND:-$("$PYTHON" - "$config" <<'PY'
 import sys, yaml
 cfg = yaml.safe_load(open(sys.argv[1])) or {}
@@ -82,11 +83,14 @@ PY
 )}
 case "$command" in
   pretrain|sft|soup) ;;  # soup: the seed-averaging step of a `litgpt-ext sweep` plan (no training, no resume)
-  *) echo "LITGPT_EXT_COMMAND='$command' is not a command this script runs; expected pretrain, sft or soup" >&2; exit 2 ;;
+  synth-replay|build-demo|build-sft-tasks|prepare|clean|train-tokenizer|extend-vocab) ;;  # a sweep's synth and prep jobs
+  *) echo "LITGPT_EXT_COMMAND='$command' is not a command this script runs; expected pretrain, sft, soup," \
+          "or a sweep's synth-replay or prep command (build-demo, build-sft-tasks, prepare, clean, train-tokenizer," \
+          "extend-vocab)" >&2; exit 2 ;;
 esac
 
 extra=()
-if [ "$AUTO_RESUME" = 1 ] && [ "$command" != soup ] && "$PYTHON" - "$config" "$@" <<'PY'
+if [ "$AUTO_RESUME" = 1 ] && { [ "$command" = pretrain ] || [ "$command" = sft ]; } && "$PYTHON" - "$config" "$@" <<'PY'
 import sys, yaml
 cfg = yaml.safe_load(open(sys.argv[1])) or {}
 args = sys.argv[2:]

@@ -26,6 +26,7 @@ class LoaderState(TypedDict):
 
     version: int  # STATE_VERSION
     seed: int  # the shuffle within each shard
+    shard_seeds: dict[str, int]  # (optional) shards shuffled with another seed: a fork's new data seed
     block_size: int  # tokens per sample (max_seq_length + 1); cursors count samples of this size
     world_size: int
     weights: dict[str, float]  # this segment's blend weights by shard id, in blend order
@@ -94,9 +95,6 @@ def continue_state(dm: Any, saved: dict[str, Any]) -> LoaderState:  # dm: the Sh
             f"the checkpoint's loader used samples of {saved['block_size']} tokens, this run {dm.block_size}: "
             "max_seq_length must not change on resume (shard cursors count samples)"
         )
-    if saved["seed"] != dm.seed:
-        log.warning("data seed %s differs from the checkpoint's %s; keeping %s so no shard replays data",
-                    dm.seed, saved["seed"], saved["seed"])
     for sid, n in saved["num_samples"].items():
         if sid in dm.shards_by_id and dm._num_samples(sid) != n:
             raise MixError(
@@ -136,6 +134,10 @@ def continue_state(dm: Any, saved: dict[str, Any]) -> LoaderState:  # dm: the Sh
             abs(saved["weights"][s] - weights0[s]) < 1e-12 for s in weights0
         )
     if same_mix and saved["world_size"] == dm.world_size:
+        if saved["seed"] != dm.seed:
+            log.warning("data seed %s differs from the checkpoint's %s; the same blend continues with the "
+                        "checkpoint's shuffles (a new shuffle of a shard it has read would replay samples)",
+                        dm.seed, saved["seed"])
         return new
     sched = copy.deepcopy(record) if (sched_spec is not None or online) else None
     if same_mix:
@@ -148,12 +150,20 @@ def continue_state(dm: Any, saved: dict[str, Any]) -> LoaderState:  # dm: the Sh
     cursors = dict(saved["cursors"])
     for sid in weights:
         cursors.setdefault(sid, 0)
+    shard_seeds = dict(saved.get("shard_seeds") or {})
+    if saved["seed"] != dm.seed:  # a fork's data seed: shards not read yet are shuffled with it, no replay
+        fresh = [s for s in weights if cursors[s] == 0 and s not in shard_seeds]
+        shard_seeds.update({s: dm.seed for s in fresh})
+        log.warning("data seed %s differs from the checkpoint's %s: the shards this run has not read yet (%s) are "
+                    "shuffled with %s; those it has read keep %s (a new shuffle would replay samples)", dm.seed,
+                    saved["seed"], ", ".join(fresh) or "none", dm.seed, saved["seed"])
     new.update(
         world_size=dm.world_size,
         weights=weights,
         segment_start={s: cursors[s] for s in weights},
         counts={s: 0 for s in weights},
         cursors=cursors,
+        shard_seeds=shard_seeds,
         num_samples={**saved["num_samples"], **{s: dm._num_samples(s) for s in weights}},
         phase=dm.phase.as_dict() if dm.phase else saved["phase"],
         schedule=sched,

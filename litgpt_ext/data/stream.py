@@ -1,6 +1,7 @@
 """One rank's infinite training sample stream: the blend picks a shard, the shuffle picks its sample.
 
-Sample j of a shard's infinite stream is `perm(seed, shard, epoch)[j % N]` with `epoch = j // N`;
+Sample j of a shard's infinite stream is `perm(seed, shard, epoch)[j % N]` with `epoch = j // N`
+(the shard's own seed from `shard_seeds` when a fork gave it one);
 rank r of R takes stream elements `start + k*R + r` for its k-th pick of that shard. All ranks use
 the same blend order, so all ranks hold the same state and rank 0's copy resumes every rank.
 """
@@ -49,7 +50,8 @@ class BlendedStream(IterableDataset):
         info = get_worker_info()
         wid, nworkers = (info.id, info.num_workers) if info is not None else (0, 1)
         readers = [ShardReader(path, self.block_size) for _, path, _ in self.shards]
-        perms = [Permutations(self.seed, sid, n) for sid, _, n in self.shards]
+        seeds = self.blend_state.get("shard_seeds") or {}  # a fork's data seed for the shards it reads first
+        perms = [Permutations(seeds.get(sid, self.seed), sid, n) for sid, _, n in self.shards]
         blend = make_blend(self.blend_state)
         counts, starts, R, r = blend.counts, self.starts, self.world_size, self.rank
         batch = 0

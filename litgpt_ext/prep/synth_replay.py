@@ -71,7 +71,8 @@ def doc_seed(seed: int, index: int) -> int:
 
 
 def check_args(checkpoint: Path, prompts: Path, num_docs: int, out_dir: Path, shard: str, temperature: float,
-               top_p: float, top_k: Optional[int], max_new_tokens: int, dedup_threshold: float) -> None:
+               top_p: float, top_k: Optional[int], max_new_tokens: int, dedup_threshold: float,
+               prompt_tokens: Optional[int] = None, link_shards_from: Optional[Path] = None) -> None:
     """Every refusal that needs no model: before anything is loaded or written."""
     from litgpt_ext.data.shard_types import DEFAULT_SHARD_TYPES
     from litgpt_ext.prep.prepare import SHARD_NAME_RE
@@ -88,6 +89,8 @@ def check_args(checkpoint: Path, prompts: Path, num_docs: int, out_dir: Path, sh
         raise SynthReplayError(f"max_new_tokens={max_new_tokens} must be >= 1")
     if not 0 < dedup_threshold <= 1:
         raise SynthReplayError(f"dedup_threshold={dedup_threshold} must be in (0, 1]")
+    if prompt_tokens is not None and (isinstance(prompt_tokens, bool) or prompt_tokens < 1):
+        raise SynthReplayError(f"prompt_tokens={prompt_tokens!r} must be >= 1 (or null: whole prompts)")
     prefix = DEFAULT_SHARD_TYPES[SYNTH_TYPE]
     shard = str(shard)
     if not SHARD_NAME_RE.match(shard) or shard.rstrip("0123456789") != prefix:
@@ -109,7 +112,36 @@ def check_args(checkpoint: Path, prompts: Path, num_docs: int, out_dir: Path, sh
             raise SynthReplayError(
                 f"shard folder {str(target)!r} already exists: synth-replay never writes onto an existing shard; "
                 f"give another --shard ({prefix}2, …) or another out_dir")
+    if link_shards_from is not None:
+        link_targets(Path(link_shards_from), out_dir, shard)
     read_prompts(prompts)  # refuses a missing or empty file
+
+
+def link_targets(source: Path, out_dir: Path, shard: str) -> list[Path]:
+    """The shard folders of `source` that `link_shards_from` links into `out_dir`, checked: `source` is a
+    data folder that lacks `shard`, and what `out_dir` already holds is those links (a rerun) and nothing else."""
+    from litgpt_ext.data.shard_io import is_shard_dir
+    from litgpt_ext.data.shard_types import _SHARD_NAME
+
+    if not source.is_dir():
+        raise SynthReplayError(f"link_shards_from {str(source)!r} does not exist (or is not a folder); give the data"
+                               " folder whose shard folders the new one should sit beside")
+    found = sorted(c for c in source.iterdir() if c.is_dir() and _SHARD_NAME.match(c.name) and is_shard_dir(c))
+    if not found:
+        raise SynthReplayError(f"link_shards_from {str(source)!r} holds no shard folder (1, 2, c1, m1, … with an "
+                               "index.json)")
+    if any(c.name == shard for c in found):
+        raise SynthReplayError(f"link_shards_from {str(source)!r} already has a shard {shard!r}: the linked folder"
+                               f" would hold two; give another --shard")
+    if out_dir.is_dir():
+        for c in out_dir.iterdir():
+            if c.name.startswith(".") or c.name in (shard, "val") or (c / META_FILE).is_file():
+                continue  # hidden work folders, and synth shards written into this view before
+            if not (c.is_symlink() and c.resolve() == (source / c.name).resolve()):
+                raise SynthReplayError(f"out_dir {str(out_dir)!r} holds {c.name!r}, which is not a link to"
+                                       f" {str(source / c.name)!r}: with link_shards_from, out_dir is a new folder"
+                                       " (or one an earlier run of the same command left)")
+    return found
 
 
 def _mask_padding(model: Any, vocab: int):
@@ -126,9 +158,9 @@ def _mask_padding(model: Any, vocab: int):
 
 def generate_documents(model: Any, tokenizer: Any, prompts: list[str], num_docs: int, *, temperature: float,
                        top_p: float, top_k: Optional[int], max_new_tokens: int, seed: int,
-                       bar: Any = None) -> Iterator[dict]:
+                       bar: Any = None, prompt_tokens: Optional[int] = None) -> Iterator[dict]:
     """Yield `num_docs` sampled documents ({index, prompt_index, text, new_tokens, eos}), prompt i % P
-    for document i, each under `doc_seed(seed, i)`."""
+    (its first `prompt_tokens` tokens) for document i, each under `doc_seed(seed, i)`."""
     import torch
     from litgpt.generate.base import generate
 
@@ -137,7 +169,7 @@ def generate_documents(model: Any, tokenizer: Any, prompts: list[str], num_docs:
     start = tokenizer.bos_id if tokenizer.use_bos else tokenizer.eos_id
     encoded = []
     for k, p in enumerate(prompts):
-        ids = tokenizer.encode(p, bos=False, eos=False).tolist()
+        ids = tokenizer.encode(p, bos=False, eos=False).tolist()[:prompt_tokens]
         if start is not None:
             ids = [start] + ids
         if not ids:
@@ -186,6 +218,8 @@ def synth_replay(
     seed: int = 1234,
     dedup_threshold: float = 0.85,
     prompt_field: str = "text",
+    prompt_tokens: Optional[int] = None,
+    link_shards_from: Optional[Path] = None,
     device: str = "auto",
     dtype: str = "auto",
     tokenizer_dir: Optional[Path] = None,
@@ -207,6 +241,11 @@ def synth_replay(
         dedup_threshold: Estimated Jaccard similarity (word 5-grams, MinHash) at or above which a document is
             dropped as a near duplicate of an earlier kept one (exact duplicates are always dropped).
         prompt_field: The JSON field holding the prefix in a .jsonl prompts file.
+        prompt_tokens: Keep only the first this many tokens of each prompt (null: whole prompts), so that
+            whole held-out documents serve as prefixes.
+        link_shards_from: A data folder whose shard folders are linked (symlinks) into `out_dir` before
+            the synth shard is written there: a mix over `out_dir` then sees the original shards and the
+            new one, and the original folder is not written to (`sweep`'s synth_replay stage does this).
         device: auto (CUDA if available), cpu, cuda, cuda:1, …
         dtype: auto (bf16 on a GPU that supports it, else fp32), float32, bfloat16, float16.
         tokenizer_dir: Tokenizer folder if not the checkpoint's own.
@@ -215,7 +254,7 @@ def synth_replay(
         A summary: documents sampled and kept, duplicates removed, the shard's tokens, rates.
     """
     check_args(checkpoint, prompts, num_docs, out_dir, shard, temperature, top_p, top_k, max_new_tokens,
-               dedup_threshold)
+               dedup_threshold, prompt_tokens, link_shards_from)
     from litgpt_ext.checkpoint.loading import load_model, load_tokenizer
     from litgpt_ext.prep.clean import clean_documents
     from litgpt_ext.prep.prepare import prepare
@@ -234,6 +273,10 @@ def synth_replay(
           f"seed {seed} (model on {next(model.parameters()).device})", flush=True)
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    if link_shards_from is not None:
+        for src in link_targets(Path(link_shards_from), out_dir, shard):
+            if not (out_dir / src.name).exists():
+                (out_dir / src.name).symlink_to(src.resolve(), target_is_directory=True)
     work = out_dir / f".{shard}.synth-tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     work.mkdir()
     docs_path = work / DOCS_FILE
@@ -247,7 +290,7 @@ def synth_replay(
             def texts() -> Iterator[str]:
                 for rec in generate_documents(model, tokenizer, prompt_list, num_docs, temperature=temperature,
                                               top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed,
-                                              bar=bar):
+                                              bar=bar, prompt_tokens=prompt_tokens):
                     sampled["docs"] += 1
                     sampled["new_tokens"] += rec["new_tokens"]
                     sampled["eos"] += rec["eos"]
@@ -284,7 +327,9 @@ def synth_replay(
             "prompts": str(prompts),
             "settings": {"num_docs": num_docs, "temperature": temperature, "top_p": top_p, "top_k": top_k,
                          "max_new_tokens": max_new_tokens, "seed": seed, "dedup_threshold": dedup_threshold,
-                         "prompt_field": prompt_field, "num_prompts": len(prompt_list)},
+                         "prompt_field": prompt_field, "prompt_tokens": prompt_tokens,
+                         "num_prompts": len(prompt_list)},
+            "linked_shards_from": None if link_shards_from is None else str(link_shards_from),
             "sampled": sampled,
             "kept": report.kept,
             "removed": report.removed,

@@ -13,18 +13,26 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from litgpt_ext.study.executor import Executor, Job
-from litgpt_ext.study.spec import load_spec
+from litgpt_ext.study.forked import stop_forkserver
+from litgpt_ext.study.spec import LocalSpec, load_spec
 from litgpt_ext.study.sweep import plan_sweep, plan_table, write_plan
 
 
 def run_local(jobs: list[Job], config_dir: Path, python: str = sys.executable,
-              resume_command: Optional[str] = None) -> list[str]:
-    """Run the plan here, one job at a time (a subprocess each) in dependency order; finished runs are
-    skipped. Returns the names of the jobs that ran."""
+              resume_command: Optional[str] = None, local: Optional[LocalSpec] = None) -> list[str]:
+    """Run the plan here, `local.workers` jobs at a time (a process each, `local.threads` torch threads)
+    in dependency order; finished runs are skipped. Returns the names of the jobs that ran."""
+    local = local or LocalSpec()
     write_plan(jobs, config_dir)
     ex = Executor(label="sweep", resume_command=resume_command or "the same `litgpt-ext sweep ... --action local`",
-                  config_dir=config_dir, mode="subprocess", log_name="sweep.log", python=python)
-    return ex.run(jobs)
+                  config_dir=config_dir, mode="subprocess", log_name="sweep.log", python=python,
+                  workers=local.workers, threads=local.threads,
+                  timings=config_dir / "timings.jsonl")
+    try:
+        return ex.run(jobs)
+    finally:
+        if local.workers > 1:
+            stop_forkserver()
 
 
 def sweep(spec: Path, action: Literal["plan", "write", "local", "report"] = "plan",
@@ -34,6 +42,8 @@ def sweep(spec: Path, action: Literal["plan", "write", "local", "report"] = "pla
 
     Before plan, write and local, the plan is checked against the data and the commands' parsers
     (an unknown domain, a domain without shards, a bad override is refused now, not when its job starts).
+    `local` runs the spec's `local:` workers and threads, and ends with the report when the spec has a
+    `report:` section (one command for a whole study).
 
     Args:
         spec: The sweep YAML (see `litgpt_ext.study.spec`).
@@ -58,15 +68,19 @@ def sweep(spec: Path, action: Literal["plan", "write", "local", "report"] = "pla
     elif action == "local":
         again = f"litgpt-ext sweep --spec {shlex.quote(str(spec))} --action local" + (
             f" --config_dir {shlex.quote(str(config_dir))}" if config_dir else "")
-        ran = run_local(jobs, cdir, resume_command=again)
+        ran = run_local(jobs, cdir, resume_command=again, local=s.local)
         print(f"\nsweep: ran {len(ran)} job(s); {len(jobs) - len(ran)} had finished before")
-    elif action == "report":
-        if s.report is not None and s.report.kind == "methods":
-            from litgpt_ext.study.methods_report import methods_report
-
-            print(f"\nwrote {methods_report(s, jobs, root / 'report')}")
-        else:
-            from litgpt_ext.study.sweep_report import sweep_report
-
-            print(f"\nwrote {sweep_report(s, jobs, root / 'report')}")
+    if action == "report" or (action == "local" and s.report is not None):
+        _report(s, jobs, root / "report")
     return [{"name": j.name, "stage": j.stage, "out_dir": str(j.out_dir), "depends": j.depends, **j.info} for j in jobs]
+
+
+def _report(s, jobs: list[Job], out: Path) -> None:
+    if s.report is not None and s.report.kind == "methods":
+        from litgpt_ext.study.methods_report import methods_report
+
+        print(f"\nwrote {methods_report(s, jobs, out)}")
+    else:
+        from litgpt_ext.study.sweep_report import sweep_report
+
+        print(f"\nwrote {sweep_report(s, jobs, out)}")

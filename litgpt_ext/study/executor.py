@@ -7,8 +7,10 @@ command with one YAML config; it is skipped when `finished(job)` holds, so a pla
 after any interruption and continues where it stopped. In-process jobs can run `workers` at a time in
 worker processes (`litgpt_ext.study.pool`: each imports torch once, one torch thread by default on
 two cores), each as soon as its dependencies have finished; `run(..., then=f)` lets a plan grow as
-it runs (`reproduce`'s SFT seeds once their LR sweep has picked the LR). Each job's wall and CPU
-seconds go to `timings` (JSONL).
+it runs (`reproduce`'s SFT seeds once their LR sweep has picked the LR). Subprocess jobs (a sweep's
+`local.workers`) run `workers` at a time too, each forked from one process that imported torch,
+lightning and litgpt once (`litgpt_ext.study.forked`). Each job's wall and CPU seconds go to
+`timings` (JSONL).
 
 Interrupts: a subprocess runs in its own process group (a terminal's Ctrl-C reaches the executor
 only), and the executor forwards SIGINT/SIGTERM/SIGUSR1 to it as a preemption: the job saves a
@@ -37,7 +39,7 @@ from typing import Any, Callable, Literal, Optional
 
 import yaml
 
-from litgpt_ext.study.pool import INTERRUPTED, run_cli
+from litgpt_ext.study.pool import INTERRUPTED, run_cli, signal_group
 
 PREEMPTED = 99  # litgpt_ext.preempt.PREEMPT_EXIT_CODE (not imported: this module stays light)
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
@@ -62,9 +64,12 @@ class Job:
 
 
 def finished(job: Job) -> bool:
-    """The one "finished" rule of every study: an SFT run has sft_metrics.json and a complete final/
+    """The one "finished" rule of every study: a job that names what it `creates` (a sweep's prep and
+    synth jobs) has it; an SFT run has sft_metrics.json and a complete final/
     (`litgpt_ext.sft.run.finished`); a soup has soup.json; a base segment (`info.pause`) has a
     checkpoint at or past its pause step; any other training run has a complete final/."""
+    if job.info.get("creates") is not None:  # a sweep's prep and synth jobs: the file they write last
+        return Path(job.info["creates"]).exists()
     from litgpt_ext import checkpoint as ckpt
 
     if job.command == "sft":
@@ -110,10 +115,12 @@ class Executor:
     """Run finished jobs too and let their command decide (`sft` says "nothing to do" for the same
     config and refuses another one): a changed grid is refused instead of silently skipped"""
     workers: int = 1
-    """In-process jobs at a time: > 1 runs them in that many worker processes (`litgpt_ext.study.pool`),
-    each job as soon as its dependencies have finished"""
+    """Jobs at a time, each as soon as its dependencies have finished: in-process jobs in that many worker
+    processes (`litgpt_ext.study.pool`), subprocess jobs forked from one preloaded server process
+    (`litgpt_ext.study.forked`: each skips the ~7 CPU-s of imports, still in its own process group)"""
     threads: Optional[int] = None
-    """torch threads of each worker (default: the machine's cores divided among the workers)"""
+    """torch threads of each job (in-process default: the machine's cores divided among the workers;
+    subprocess default: torch's own)"""
     _done: int = 0
     _ran_seconds: float = 0.0
     _ran: int = 0
@@ -134,6 +141,10 @@ class Executor:
         total = self.total or len(jobs)
         if self.workers > 1 and self.mode == "inprocess" and not self.rerun_finished:
             return self._run_pool(todo, names, done_names, then, cdir, log_name, total)
+        if self.workers > 1 and self.mode == "subprocess" and not self.rerun_finished:
+            from litgpt_ext.study.forked import run_forked
+
+            return run_forked(self, todo, names, done_names, cdir, log_name or self.log_name, total)
         ran = []
         while todo:
             j = todo.pop(0)
@@ -249,18 +260,28 @@ class Executor:
         job.out_dir.mkdir(parents=True, exist_ok=True)
         return path
 
-    def _subprocess(self, job: Job, path: Path, log: Path) -> tuple[int, Optional[int]]:
+    def spawn(self, job: Job, path: Path, fh):
+        """The job as a subprocess in its own process group, its output into `fh` (forked from the
+        preloaded server when workers > 1)."""
+        if self.workers > 1:
+            from litgpt_ext.study.forked import spawn_forked
+
+            return spawn_forked(job.command, path, fh, self.threads)
         cmd = [self.python, "-m", "litgpt_ext", job.command, "--config", str(path)]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if self.threads:
+            env.update(OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
+        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+
+    def _subprocess(self, job: Job, path: Path, log: Path) -> tuple[int, Optional[int]]:
         got: list[int] = []
 
         def forward(signum, frame):  # the job decides: first signal = save and exit 99, second Ctrl-C = 130
             got.append(signum)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(child.pid, signum)
+            signal_group(child.pid, signum)
 
         with open(log, "a") as fh:
-            child = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            child = self.spawn(job, path, fh)
             old = {s: signal.signal(s, forward) for s in FORWARDED}
             try:
                 while True:
@@ -309,7 +330,7 @@ class Executor:
         print(f"[{self.label} {self._done + running + 1}/{total}] {job.stage} {job.name}{what} | elapsed {el / 60:.1f} min"
               + (f" | ETA {eta / 60:.1f} min" if eta is not None else ""), flush=True)
 
-    def _finished(self, job: Job, path: Path, seconds: float, cpu_seconds: float) -> None:
+    def _finished(self, job: Job, path: Path, seconds: float, cpu_seconds: Optional[float]) -> None:
         self._ran_seconds += seconds
         self._ran += 1
         if self.timings is None:
@@ -317,7 +338,7 @@ class Executor:
         self.timings.parent.mkdir(parents=True, exist_ok=True)
         with open(self.timings, "a") as f:
             f.write(json.dumps({"stage": job.command, "what": f"--config {path}", "seconds": round(seconds, 2),
-                                "cpu_seconds": round(cpu_seconds, 2)}) + "\n")
+                                "cpu_seconds": None if cpu_seconds is None else round(cpu_seconds, 2)}) + "\n")
 
 @contextlib.contextmanager
 def _log_handlers_to(stream):

@@ -8,11 +8,15 @@ Per arm, over its runs (pretraining seeds x data seeds), from each run's `val_me
 - **post-SFT loss**: the SFT validation loss at the chosen LR (the one best-LR rule), when the spec has
   an `sft:` section;
 
-each as mean ± std with a 95% interval from the hierarchical bootstrap of `litgpt_ext.study.evidence`
-(pretraining seeds, then the runs within them). The **Pareto front** holds the arms no other arm beats
-on both gain and forgetting (means); REPORT.md says which are on it, and `pareto.png` plots gain vs
-forgetting with the intervals. Arms whose intervals overlap on both axes are not told apart: the table
-says so rather than ranking noise.
+each as mean with a 95% interval from the hierarchical bootstrap of `litgpt_ext.study.evidence`
+(pretraining seeds, then the runs within them). Arms share their fork checkpoints and data orders, so
+two arms are compared on **paired differences**: arm minus other arm on the runs with the same
+(pretraining seed, data seed), with the same bootstrap over those differences. A difference is told
+apart when its interval excludes zero (by more than 1e-4 nats, the printed precision). REPORT.md gives each arm's differences from `report.reference`
+(e.g. no_replay: what the method changes), the **Pareto front** (the arms no other arm beats on both
+gain and forgetting, by their means), and, as measured, which front arms are told apart from each
+other and whether each arm off the front is beaten by a significant margin or by its means only.
+`pareto.png` plots gain vs forgetting with the intervals.
 """
 
 from __future__ import annotations
@@ -25,6 +29,11 @@ from typing import Optional
 from litgpt_ext.study.evidence import Cell, bootstrap, fmt_interval
 
 NA = "n/a"
+MIN_EFFECT = 1e-4  # nats: a smaller difference prints as ±0.0000 and is not called told apart (float noise)
+AXES = ("gain", "forgetting", "sft")
+BETTER = {"gain": 1, "forgetting": -1, "sft": -1}  # the sign of a better value
+WORDS = {"gain": ("more gain", "less gain"), "forgetting": ("forgets less", "forgets more"),
+         "sft": ("lower post-SFT loss", "higher post-SFT loss")}
 
 
 def _fork_and_final(run: Path) -> Optional[tuple[dict[str, float], dict[str, float]]]:
@@ -39,47 +48,78 @@ def _fork_and_final(run: Path) -> Optional[tuple[dict[str, float], dict[str, flo
     return at(steps[0]), at(steps[-1])
 
 
-def arm_measures(spec, jobs: list) -> dict[str, dict]:
-    """{arm: {gain: Cell, forgetting: Cell, sft: Cell | None, domain, missing: [runs]}} from finished runs."""
+def arm_runs(spec, jobs: list) -> dict[str, dict]:
+    """{arm: {domain, mix, missing: [runs], runs: {(pretraining seed, data seed): {gain, forgetting[, sft]}}}}
+    from the finished runs (an SFT value at the arm run's best LR)."""
     from litgpt_ext.sft.grid import best_lr
     from litgpt_ext.sft.metrics import FILE_NAME, read_sft_metrics
 
     general = (spec.report.general_set if spec.report else "general")
     out: dict[str, dict] = {}
+    key_of: dict[str, tuple] = {}  # midtrain job name -> (arm, run key)
     for j in jobs:
         if j.stage != "midtrain":
             continue
-        m = out.setdefault(j.info["arm"], {"domain": j.info["domain"], "gain": [], "forgetting": [], "pseeds": [],
-                                           "missing": [], "sft": {}, "mix": j.info["mix"]})
+        m = out.setdefault(j.info["arm"], {"domain": j.info["domain"], "mix": j.info["mix"], "missing": [], "runs": {}})
         vals = _fork_and_final(j.out_dir) if j.done() else None
         if vals is None or j.info["domain"] not in vals[0] or general not in vals[0]:
             m["missing"].append(j.name)
             continue
         fork, final = vals
-        m["gain"].append(fork[j.info["domain"]] - final[j.info["domain"]])
-        m["forgetting"].append(final[general] - fork[general])
-        m["pseeds"].append(j.info["seed"])
+        key = (j.info["seed"], j.info.get("data_seed"))
+        key_of[j.name] = (j.info["arm"], key)
+        m["runs"][key] = {"gain": fork[j.info["domain"]] - final[j.info["domain"]],
+                          "forgetting": final[general] - fork[general]}
     by_src: dict[str, dict[float, list]] = {}
     for j in jobs:
         if j.stage == "sft" and j.done():
             by_src.setdefault(j.info["source"], {}).setdefault(j.info["lr"], []).append(
-                (read_sft_metrics(j.out_dir / FILE_NAME).sft_val_loss, j.info["pretrain_seed"]))
-    src_arm = {j.name: j.info["arm"] for j in jobs if j.stage == "midtrain"}
+                read_sft_metrics(j.out_dir / FILE_NAME).sft_val_loss)
     for src, lrs in by_src.items():
-        if src in src_arm:
-            lr = best_lr({k: [v for v, _ in xs] for k, xs in lrs.items()})
-            out[src_arm[src]]["sft"].setdefault("runs", []).extend(lrs[lr])
-    cells = {}
-    for arm, m in out.items():
-        n = len(m["gain"])
-        cells[arm] = {"domain": m["domain"], "mix": m["mix"], "missing": m["missing"],
-                      "gain": Cell(arm, "gain", n, m["gain"], m["forgetting"], [], m["pseeds"]) if n else None,
-                      "sft": None}
-        runs = m["sft"].get("runs")
-        if runs:
-            cells[arm]["sft"] = Cell(arm, "sft", len(runs), [v for v, _ in runs], [v for v, _ in runs], [],
-                                     [s for _, s in runs])
-    return cells
+        if src in key_of:
+            arm, key = key_of[src]
+            vals = lrs[best_lr(lrs)]
+            out[arm]["runs"][key]["sft"] = sum(vals) / len(vals)  # SFT seeds of one run: its value
+    return out
+
+
+def _cell(name: str, runs: dict[tuple, dict], axis: str) -> Optional[Cell]:
+    keys = [k for k in sorted(runs, key=str) if axis in runs[k]]
+    if not keys:
+        return None
+    xs = [runs[k][axis] for k in keys]
+    return Cell(name, axis, len(keys), xs, xs, [], [k[0] for k in keys])
+
+
+def summarize(runs: dict[tuple, dict], n_boot: int) -> dict[str, dict]:
+    """{axis: {point, lo, hi, n}} over the runs (hierarchical bootstrap; no interval without replicates)."""
+    out = {}
+    for axis in AXES:
+        c = _cell("x", runs, axis)
+        if c is None:
+            continue
+        b = bootstrap({"x": c}, lambda x: {"v": x["x"].sft_mean}, n=n_boot)["v"] if n_boot else {}
+        out[axis] = {"point": c.sft_mean if not b else b["point"], "lo": b.get("lo"), "hi": b.get("hi"), "n": c.n}
+    return out
+
+
+def paired(a: dict[tuple, dict], b: dict[tuple, dict], n_boot: int) -> dict[str, dict]:
+    """a minus b on the runs both have (same pretraining and data seed), per axis, with intervals."""
+    both = {k: {ax: a[k][ax] - b[k][ax] for ax in AXES if ax in a[k] and ax in b[k]} for k in a if k in b}
+    return summarize(both, n_boot)
+
+
+def told(d: dict, axis: str) -> Optional[str]:
+    """The word for a paired difference on `axis` whose interval excludes zero (by more than
+    `MIN_EFFECT`), else None."""
+    if d.get("lo") is None:
+        return None
+    better, worse = WORDS[axis]
+    if d["lo"] > MIN_EFFECT:
+        return better if BETTER[axis] > 0 else worse
+    if d["hi"] < -MIN_EFFECT:
+        return worse if BETTER[axis] > 0 else better
+    return None
 
 
 def pareto(points: dict[str, tuple[float, float]]) -> set[str]:
@@ -92,33 +132,28 @@ def pareto(points: dict[str, tuple[float, float]]) -> set[str]:
 
 
 def methods_report(spec, jobs: list, out: Path) -> Path:
-    cells = arm_measures(spec, jobs)
+    arms = arm_runs(spec, jobs)
     n_boot = spec.report.bootstrap if spec.report else 1000
-    rows, points = {}, {}
-    for arm, c in cells.items():
-        if c["gain"] is None:
-            rows[arm] = {"domain": c["domain"], "mix": c["mix"], "missing": c["missing"]}
-            continue
-        cl = {("gain", "t"): c["gain"]}
-        b = bootstrap(cl, lambda x: {"gain": x[("gain", "t")].sft_mean, "forgetting": x[("gain", "t")].general_mean},
-                      n=n_boot) if n_boot else {}
-        r = {"domain": c["domain"], "mix": c["mix"], "n": c["gain"].n, "missing": c["missing"],
-             "gain": b.get("gain") or {"point": c["gain"].sft_mean, "lo": None, "hi": None},
-             "forgetting": b.get("forgetting") or {"point": c["gain"].general_mean, "lo": None, "hi": None}}
-        if c["sft"] is not None:
-            bs = bootstrap({("s", "t"): c["sft"]}, lambda x: {"sft": x[("s", "t")].sft_mean}, n=n_boot) if n_boot else {}
-            r["sft"] = bs.get("sft") or {"point": c["sft"].sft_mean, "lo": None, "hi": None}
-        rows[arm] = r
-        points[arm] = (r["gain"]["point"], r["forgetting"]["point"])
+    ref = spec.report.reference if spec.report else None
+    if ref is not None and ref not in arms:
+        raise ValueError(f"sweep spec report.reference={ref!r} is not an arm of the sweep; arms: {sorted(arms)}")
+    rows = {arm: {"domain": m["domain"], "mix": m["mix"], "missing": m["missing"], "n": len(m["runs"]),
+                  **summarize(m["runs"], n_boot)} for arm, m in arms.items()}
+    points = {a: (r["gain"]["point"], r["forgetting"]["point"]) for a, r in rows.items() if "gain" in r}
     front = pareto(points)
+    vs_ref = {a: paired(arms[a]["runs"], arms[ref]["runs"], n_boot) for a in points if ref and a != ref}
+    apart = {(a, b): paired(arms[a]["runs"], arms[b]["runs"], n_boot)
+             for a in points for b in points if a != b and (b in front)}
     out.mkdir(parents=True, exist_ok=True)
-    figs = [_plot(rows, front, out)] if points else []
+    figs = ([_plot(rows, front, out)] if points else []) + ([_plot_paired(vs_ref, ref, out)] if vs_ref else [])
     L = [f"# Sweep {spec.name}: methods to gain a domain without forgetting", "",
-         "Generated by `litgpt-ext sweep --action report` (`report: {kind: methods}`). Per arm over its runs: domain gain "
-         "= the domain's val loss at the fork minus at the end (higher is better); forgetting = the general set's val "
-         "loss at the end minus at the fork (lower is better); post-SFT loss at the chosen LR. Mean with a 95% interval "
-         "(hierarchical bootstrap: pretraining seeds, then runs). An arm is on the Pareto front when no other arm has "
-         "both more gain and less forgetting.", "",
+         "Generated by `litgpt-ext sweep` (`report: {kind: methods}`). Per arm over its runs (pretraining seeds x data "
+         "seeds): domain gain = the domain's val loss at the fork minus at the end (higher is better); forgetting = the "
+         "general set's val loss at the end minus at the fork (lower is better); post-SFT loss on the SFT task at the "
+         "chosen LR (lower is better). Mean with a 95% interval (hierarchical bootstrap: pretraining seeds, then runs; "
+         "widened for few pretraining seeds, docs/studies.md). Arms are compared on paired differences (the runs with "
+         "the same pretraining and data seed); a difference is told apart when its interval excludes zero (by more than "
+         f"{MIN_EFFECT:g} nats, the printed precision).", "",
          "| arm | mix | runs | domain gain [95%] | forgetting [95%] | post-SFT loss [95%] | Pareto front |",
          "|---|---|---|---|---|---|---|"]
     for arm, r in sorted(rows.items(), key=lambda kv: -(kv[1]["gain"]["point"] if "gain" in kv[1] else -1e9)):
@@ -127,26 +162,40 @@ def methods_report(spec, jobs: list, out: Path) -> Path:
             continue
         L.append(f"| {arm} | {r['mix']} | {r['n']} | {fmt_interval(r['gain'])} | {fmt_interval(r['forgetting'])} | "
                  f"{fmt_interval(r['sft']) if 'sft' in r else NA} | {'yes' if arm in front else 'no'} |")
-    L += ["", f"On the front: {', '.join(sorted(front)) or 'none'}."]
-    tied = [(a, b) for a in front for b in front if a < b and _overlap(rows[a], rows[b])]
-    if tied:
-        L += ["", "Not told apart (their intervals overlap on both gain and forgetting): "
-              + "; ".join(f"{a} vs {b}" for a, b in tied) + "."]
+    if vs_ref:
+        L += ["", f"## Each method minus {ref} (paired)", "",
+              "| arm | Δ domain gain [95%] | Δ forgetting [95%] | Δ post-SFT loss [95%] | as measured |",
+              "|---|---|---|---|---|"]
+        for arm, d in sorted(vs_ref.items()):
+            words = [w for ax in AXES if ax in d for w in [told(d[ax], ax)] if w]
+            L.append(f"| {arm} | " + " | ".join(fmt_interval(d[ax]) if ax in d else NA for ax in AXES)
+                     + f" | {', '.join(words) if words else f'not told apart from {ref}'} |")
+    L += ["", "## The Pareto front, as measured", "", f"On the front (by means): {', '.join(sorted(front)) or 'none'}."]
+    pairs = sorted((a, b) for a in front for b in front if a < b)
+    same = [f"{a} vs {b}" for a, b in pairs if not any(told(apart[(a, b)].get(ax, {}), ax) for ax in ("gain", "forgetting"))]
+    if pairs:
+        L.append("Front arms not told apart on gain or forgetting (paired): " + ("; ".join(same) or "none") + ".")
+    for arm in sorted(set(points) - front):
+        beats = [b for b in sorted(front) if points[b][0] >= points[arm][0] and points[b][1] <= points[arm][1]]
+        sig = [b for b in beats if _significantly_beats(apart[(arm, b)])]
+        L.append(f"- {arm}: off the front, beaten by {', '.join(beats) or 'a front arm'} by means; "
+                 + (f"significantly by {', '.join(sig)}." if sig else "not significantly by any (not told apart)."))
     missing = sorted(n for r in rows.values() for n in r["missing"])
     if missing:
         L += ["", f"Runs not finished, left out: {', '.join(missing)}."]
     L += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figs]
     (out / "REPORT.md").write_text("\n".join(L) + "\n")
-    (out / "results.json").write_text(json.dumps({"kind": "methods", "arms": rows, "front": sorted(front)}, indent=1))
+    (out / "results.json").write_text(json.dumps(
+        {"kind": "methods", "arms": rows, "front": sorted(front), "reference": ref, "vs_reference": vs_ref,
+         "front_not_told_apart": same}, indent=1))
     return out / "REPORT.md"
 
 
-def _overlap(a: dict, b: dict) -> bool:
-    def ov(x: dict, y: dict) -> bool:
-        if x.get("lo") is None or y.get("lo") is None:
-            return False
-        return x["lo"] <= y["hi"] and y["lo"] <= x["hi"]
-    return ov(a["gain"], b["gain"]) and ov(a["forgetting"], b["forgetting"])
+def _significantly_beats(d: dict) -> bool:
+    """`d` = arm minus a front arm: the front arm is better on one axis with an interval that excludes
+    zero, and not significantly worse on the other."""
+    g, f = told(d.get("gain", {}), "gain"), told(d.get("forgetting", {}), "forgetting")
+    return (g == "less gain" or f == "forgets more") and g != "more gain" and f != "forgets less"
 
 
 def _plot(rows: dict, front: set, out: Path) -> str:
@@ -176,3 +225,30 @@ def _plot(rows: dict, front: set, out: Path) -> str:
     fig.savefig(out / "pareto.png", dpi=110)
     plt.close(fig)
     return "pareto.png"
+
+
+def _plot_paired(vs_ref: dict, ref: str, out: Path) -> str:
+    """Each arm minus the reference, paired: Δ gain and Δ forgetting with their intervals (zero: the reference)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = sorted(vs_ref)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 0.45 * len(arms) + 1.6), sharey=True)
+    for ax, axis, label in zip(axes, ("gain", "forgetting"), ("Δ domain gain (higher is better)",
+                                                              "Δ forgetting (lower is better)")):
+        for y, arm in enumerate(arms):
+            d = vs_ref[arm].get(axis)
+            if d is None:
+                continue
+            err = [[d["point"] - d["lo"]], [d["hi"] - d["point"]]] if d.get("lo") is not None else None
+            ax.errorbar(d["point"], y, xerr=err, fmt="o", capsize=3, color="#d62728" if told(d, axis) else "#7f7f7f")
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_xlabel(label)
+    axes[0].set_yticks(range(len(arms)), arms)
+    fig.suptitle(f"each method minus {ref}, paired (95% intervals; red: told apart)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / "paired.png", dpi=110)
+    plt.close(fig)
+    return "paired.png"

@@ -2,9 +2,11 @@
 
 `check_plan` runs for `sweep --action plan | write | local` (not `report`, which reads finished
 runs): every midtraining mix must resolve against the shards on disk (an unknown domain, or a
-domain with no shards, is named with the arm), and the first generated config of every
-(stage, command, arm) must parse with that command's own parser (a bad override, e.g. a misspelt
-`arm_overrides` key, is named with the job). On SLURM the difference is a refused `write` instead
+domain with no shards, is named with the arm; a synth job's data folder counts as the shards it
+links plus the shard it will write; a folder a prep job makes is checked when its jobs run), and the
+first generated config of every (stage, command, arm) must parse with that command's own parser (a
+bad override, e.g. a misspelt `arm_overrides` key, or a misspelt synth-replay argument, is named
+with the job). On SLURM the difference is a refused `write` instead
 of a base run's hours followed by a failed array.
 """
 
@@ -32,6 +34,8 @@ def check_data(jobs: list[Job], here: bool = True) -> None:
     from litgpt_ext.data.mix_spec import mix_spec, resolve_weights
     from litgpt_ext.data.shard_types import MixError, build_registry, discover_shards
 
+    planned = _planned_data(jobs)
+    made = [(j.name, Path(j.info["creates"])) for j in jobs if j.stage == "prep"]
     shards: dict[tuple, list] = {}
     seen: set[tuple] = set()
     absent: set[str] = set()
@@ -48,7 +52,13 @@ def check_data(jobs: list[Job], here: bool = True) -> None:
             continue  # a schedule is checked by the run's own data module (its points need the plan)
         seen.add(key)
         registry = build_registry(extra)
-        if not here and path and not Path(path).is_dir():
+        src = planned[str(path)][0] if str(path) in planned else path  # a synth folder: the folder it links
+        maker = next((n for n, c in made if src and Path(src) in (c, *c.parents) and not Path(src).is_dir()), None)
+        if maker is not None:
+            print(f"sweep: data.init_args.data_path={str(path)!r} is made by the plan's job {maker}: the mixes are checked"
+                  " against its shards when their jobs run")
+            continue
+        if not here and src and not Path(src).is_dir():
             if str(path) not in absent:
                 absent.add(str(path))
                 print(f"sweep: data.init_args.data_path={str(path)!r} is not on this machine: the mixes were not checked"
@@ -57,10 +67,33 @@ def check_data(jobs: list[Job], here: bool = True) -> None:
         where = f"{j.stage} job {j.name}" + (f" (arm {j.info['arm']}, mix {j.info['mix']!r})" if j.info.get("arm") else "")
         try:
             if key[:2] not in shards:
-                shards[key[:2]] = discover_shards(path, registry)
+                shards[key[:2]] = (discover_shards(path, registry) if str(path) not in planned
+                                   else planned[str(path)][1](registry, discover_shards))
             resolve_weights(mix_spec(*mix), shards[key[:2]], registry)
         except MixError as e:
             raise ValueError(f"sweep: {where} cannot run on data.init_args.data_path={str(path)!r}: {e}") from None
+
+
+def _planned_data(jobs: list[Job]) -> dict:
+    """Data folders a synth job of the plan writes: {folder: (the folder it links (`link_shards_from`),
+    f(registry, discover) -> the shards it will hold: those linked plus the synth shard it samples)}."""
+    from litgpt_ext.data.shard_types import Shard, shard_id
+
+    out = {}
+    for j in jobs:
+        if j.command != "synth-replay":
+            continue
+        cfg = j.config
+        shard, base = str(cfg.get("shard") or "s1"), cfg.get("link_shards_from")
+
+        def shards(registry, discover, shard=shard, base=base, folder=Path(cfg["out_dir"])):
+            kind = next(n for n, p in registry.items() if p and shard.rstrip("0123456789") == p)
+            have = discover(base, registry) if base else []
+            return have + [Shard(shard_id(kind, shard), kind, int(shard.lstrip("abcdefghijklmnopqrstuvwxyz")),
+                                 folder / shard, None)]
+
+        out[str(cfg["out_dir"])] = (base, shards)
+    return out
 
 
 def check_configs(jobs: list[Job]) -> None:
@@ -86,16 +119,15 @@ def _parse(command: str, path: Path) -> None:
 
         SFTConfig.from_yaml(path)
         return
-    if command != "pretrain":
-        return  # soups: their config is the plan's own (checkpoints it made), nothing the user typed
+    if command == "soup":
+        return  # its config is the plan's own (checkpoints it made), nothing the user typed
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    from litgpt_ext.cli import explain_parse_error
-    from litgpt_ext.train.loop import pretrain
+    from litgpt_ext.cli import COMMANDS, _load, explain_parse_error
 
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile)
-    parser.add_function_arguments(pretrain, fail_untyped=False)
+    parser.add_function_arguments(_load(COMMANDS[command][0]), fail_untyped=False)
     try:
         parser.parse_args(["--config", str(path)])
     except Exception as e:  # jsonargparse's ArgumentError and friends: the key, the value and the cause

@@ -32,6 +32,15 @@ INTERRUPTED = 130  # a second Ctrl-C: stopped without saving
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
+def signal_group(pid: int, signum: int) -> None:
+    """The job's process group (the job's own process while a forked job has not made its group yet)."""
+    try:
+        os.killpg(pid, signum)
+    except ProcessLookupError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+
 def run_cli(command: str, config: Path) -> int:
     """`litgpt-ext <command> --config <config>` in this process: its exit status (SystemExit's code;
     a message ending the run is printed; an interrupt is 130)."""

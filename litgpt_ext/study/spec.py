@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 import yaml
 
-STAGES = ("base", "midtrain", "soup", "sft")
+STAGES = ("prep", "base", "synth", "midtrain", "soup", "sft")
 
 
 ROLES = ("mid", "cpt", "cross", "ablation")  # what an arm feeds in the report: litgpt_ext.study.report
@@ -69,6 +69,53 @@ class ReportSpec:
     `litgpt_ext.study.methods_report`)"""
     general_set: str = "general"
     """methods: the validation set whose rise is forgetting"""
+    reference: Optional[str] = None
+    """methods: the arm every other arm is compared with on paired differences (e.g. no_replay)"""
+
+
+@dataclass
+class PrepStep:
+    """`prep:` one command that makes an input of the study before anything trains (its SFT set, the
+    demo corpus): a job like any other (skipped once `creates` exists; every base run waits for it)."""
+
+    name: str
+    """The job's name (`prep_<name>`; its log goes to <out_root>/prep/<name>/)"""
+    command: str
+    """A litgpt-ext command (build-demo, build-sft-tasks, prepare, …)"""
+    creates: Path
+    """A path the command leaves when it has finished: the job counts as done once it exists"""
+    args: dict[str, Any] = field(default_factory=dict)
+    """The command's arguments (its `--config` mapping)"""
+
+
+@dataclass
+class SynthReplaySpec:
+    """`synth_replay:` a `synth` shard sampled from each pretraining seed's own base checkpoint
+    (`litgpt-ext synth-replay`), for the arms whose mix has type synth. It is written into
+    <out_root>/synth_replay_seed<S>/data, a data folder that links the base config's shard folders beside it
+    (the original folder is not written to), and those arms train on that folder."""
+
+    args: dict[str, Any] = field(default_factory=dict)
+    """synth-replay's arguments (prompts, num_docs, max_new_tokens, prompt_tokens, seed, …); checkpoint,
+    out_dir, shard and link_shards_from are set by the plan"""
+    shard: str = "s1"
+    """The synth shard's folder name"""
+    step: Optional[int] = None
+    """The base checkpoint's step it samples from (default: the start of the arms that use it, which
+    must then be one)"""
+
+
+@dataclass
+class LocalSpec:
+    """`local:` how `--action local` runs the plan on this machine (not what it computes)."""
+
+    workers: int = 1
+    """Jobs run at once, each in its own process as soon as every job it depends on has finished; with
+    > 1 each is forked from a process that imported torch, lightning and litgpt once (~7 CPU-seconds
+    less per job than a new interpreter)"""
+    threads: Optional[int] = None
+    """torch threads per job (OMP_NUM_THREADS; default: torch's own). On a small CPU machine,
+    workers x threads = its cores: a tiny model gains little from a second thread"""
 
 
 @dataclass
@@ -109,9 +156,15 @@ class SweepSpec:
     `soup_<arm>_seed<s>` (`litgpt-ext soup`, as OLMo soups its anneal runs); SFT then also starts from
     each soup. Runs of different pretraining seeds are never souped: they start from different random
     initializations and their average is not a working model"""
+    prep: list[PrepStep] = field(default_factory=list)
+    """Commands that make the study's inputs first (`PrepStep`); every base run depends on them"""
+    synth_replay: Optional[SynthReplaySpec] = None
+    """A synth shard per pretraining seed, sampled from its base run (`SynthReplaySpec`)"""
     sft: Optional[SFTGrid] = None
     report: Optional[ReportSpec] = None
-    """`--action report`: the findings' mapping (`ReportSpec`)"""
+    """`--action report`: the findings' mapping (`ReportSpec`); `--action local` writes it at its end"""
+    local: LocalSpec = field(default_factory=LocalSpec)
+    """`--action local`: workers and threads (`LocalSpec`)"""
 
 
 def read_yaml_for(path: Path, what: str, cls: type) -> dict:
@@ -146,12 +199,42 @@ def load_spec(path: Path) -> SweepSpec:
     sft, rep = _section(raw, "sft", SFTGrid), _section(raw, "report", ReportSpec)
     if rep is not None and rep.kind not in ("findings", "methods"):
         raise ValueError(f"sweep spec report.kind must be findings or methods, got {rep.kind!r}")
-    spec = SweepSpec(**raw, sft=sft, report=rep)
+    synth, local = _section(raw, "synth_replay", SynthReplaySpec), _section(raw, "local", LocalSpec) or LocalSpec()
+    prep = [_prep_step(p) for p in raw.pop("prep", None) or []]
+    _check_local(local)
+    spec = SweepSpec(**raw, sft=sft, report=rep, synth_replay=synth, local=local, prep=prep)
     spec.base_config = Path(spec.base_config)
     check_seeds(spec.seeds, "seeds (pretraining)")
     if spec.sft is not None:
         check_seeds(spec.sft.seeds, "sft.seeds")
     return spec
+
+
+def _prep_step(raw: Any) -> PrepStep:
+    known = sorted(PrepStep.__dataclass_fields__)
+    if not isinstance(raw, dict):
+        raise ValueError(f"sweep spec prep: {raw!r} is not a mapping; a step is {{name, command, creates, args}}")
+    bad, missing = sorted(set(raw) - set(known)), [k for k in ("name", "command", "creates") if not raw.get(k)]
+    if bad or missing:
+        raise ValueError(f"sweep spec prep step {raw}: " + (f"unknown keys {bad}; " if bad else "")
+                         + (f"lacks {missing}; " if missing else "") + f"known: {known}")
+    from litgpt_ext.cli import COMMANDS
+
+    if raw["command"] not in COMMANDS:
+        raise ValueError(f"sweep spec prep step {raw['name']!r}: command {raw['command']!r} is not a litgpt-ext command;"
+                         f" commands: {', '.join(sorted(COMMANDS))}")
+    if not isinstance(raw.get("args") or {}, dict):
+        raise ValueError(f"sweep spec prep step {raw['name']!r}: args must be a mapping of the command's arguments")
+    return PrepStep(name=str(raw["name"]), command=str(raw["command"]), creates=Path(raw["creates"]),
+                    args=dict(raw.get("args") or {}))
+
+
+def _check_local(local: LocalSpec) -> None:
+    for key, value, lo in (("workers", local.workers, 1), ("threads", local.threads, 1)):
+        if value is None and key == "threads":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+            raise ValueError(f"sweep spec local.{key} must be an integer >= {lo}, got {value!r}")
 
 
 def check_seeds(seeds: Any, what: str) -> None:

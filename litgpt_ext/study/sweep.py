@@ -41,6 +41,7 @@ from litgpt_ext.study.spec import (
     plan_arms,
     split_run_name,
 )
+from litgpt_ext.study.stages import prep_jobs, synth_data, synth_job, synth_name, synth_start, uses_synth
 
 __all__ = ["Job", "plan_sweep", "plan_table", "job_groups", "write_plan"]
 
@@ -61,8 +62,13 @@ def plan_sweep(spec: SweepSpec) -> list[Job]:
     def under(a: Arm, seed: int) -> bool:
         return a.seeds is None or seed in a.seeds
 
+    prep = prep_jobs(spec, root)
+    jobs += prep
+    synth_step = synth_start(spec, arms)
     for seed in spec.seeds:
-        starts = sorted({int(a.start) for a in arms if under(a, seed)})
+        starts = sorted({int(a.start) for a in arms if under(a, seed)}
+                        | ({synth_step} if synth_step is not None and any(uses_synth(a) for a in arms if under(a, seed))
+                           else set()))
         cfg = copy.deepcopy(base_cfg)
         name = f"base_seed{seed}"
         out = root / name
@@ -86,7 +92,7 @@ def plan_sweep(spec: SweepSpec) -> list[Job]:
             print("sweep: base keep_last_k would delete fork points; keeping every checkpoint")
             _set(cfg, "train.keep_last_k", None)
         info = {"seed": seed, "mix": _get(cfg, "data.init_args.mix_weights_str")}
-        prev: list[str] = []
+        prev: list[str] = [j.name for j in prep]
         for stop in starts if spec.split_base else []:  # one job per fork step, then the rest of the run
             seg = copy.deepcopy(cfg)
             _set(seg, "train.pause_at_step", stop)
@@ -95,6 +101,9 @@ def plan_sweep(spec: SweepSpec) -> list[Job]:
             prev = [f"{name}_to{stop}"]
         jobs.append(Job(name, "base", "pretrain", cfg, out, depends=prev, info=info))
         finals.append((name, out / "final", seed))
+        if synth_step is not None and any(uses_synth(a) for a in arms if under(a, seed)):
+            base_job = f"{name}_to{synth_step}" if spec.split_base else name
+            jobs.append(synth_job(spec, root, seed, synth_step, base_job, _get(cfg, "data.init_args.data_path")))
 
     if spec.soup_data_seeds and len(spec.arm_data_seeds) < 2:
         raise ValueError(
@@ -125,7 +134,11 @@ def plan_sweep(spec: SweepSpec) -> list[Job]:
         for k, v in {**spec.arm_overrides, **a.overrides}.items():  # "${fork_from}": this run's fork checkpoint
             _set(cfg, k, _substitute(v, "${fork_from}", fork))
         base_job = f"base_seed{seed}_to{int(a.start)}" if spec.split_base else f"base_seed{seed}"
-        jobs.append(Job(name, "midtrain", "pretrain", cfg, out, depends=[base_job],
+        depends = [base_job]
+        if spec.synth_replay is not None and uses_synth(a):  # its own seed's synth shard, beside the base shards
+            _set(cfg, "data.init_args.data_path", str(synth_data(root, seed)))
+            depends.append(synth_name(seed))
+        jobs.append(Job(name, "midtrain", "pretrain", cfg, out, depends=depends,
                         info={"seed": seed, "mix": mix, "start": int(a.start), "domain": a.domain,
                               "weight": float(a.weight), "arm": arm_family(a),
                               "domain_steps": domain_steps(a, spec.total_steps), "data_seed": dseed}))
@@ -164,6 +177,11 @@ def plan_sweep(spec: SweepSpec) -> list[Job]:
                     jobs.append(Job(name, "sft", "sft", cfg, out, depends=[src],
                                     info={"task": task, "source": src, "lr": float(lr), "seed": sseed,
                                           "pretrain_seed": pseed}))
+    names = [j.name for j in jobs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"sweep: jobs {dup} are planned twice (an arm's run and a stage's job with one name and one"
+                         f" folder: prep_<step>, {synth_name(0).replace('0', '<S>')}); rename the arm or the prep step")
     return jobs
 
 
@@ -189,6 +207,8 @@ def plan_table(jobs: list[Job]) -> str:
             d = f"{j.info['task']}, lr {'(config)' if lr is None else format(lr, 'g')}, seed {j.info['seed']}"
         elif j.stage == "soup":
             d = f"average of {j.info['seeds']} data seeds"
+        elif j.stage in ("prep", "synth"):
+            d = f"litgpt-ext {j.command}, done when {j.info['creates']} exists"
         else:
             stop = f", until step {j.info['pause']}" if j.info.get("pause") is not None else ""
             d = f"{j.info.get('mix') or 'base mix'}, seed {j.info['seed']}{stop}"

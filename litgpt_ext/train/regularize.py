@@ -3,7 +3,8 @@
 `regularizer: {type: ewc, lambda: λ, reference: <ckpt>, fisher_data: train | <val set>, fisher_batches: N}`
     penalty = λ/2 · Σ_i F_i · (θ_i − θ*_i)²; θ* = the reference checkpoint's weights, F = its diagonal
     Fisher (`fisher_diagonal`), cached in `<out_dir>/ewc/fisher-<key>/` (key: the reference's
-    manifest hash, the data, the batches), so a requeue reuses it and a changed key recomputes.
+    manifest hash, the data, the batches), so a requeue reuses it and a changed key recomputes; θ*
+    is cached beside it (`theta-<reference hash>/`), so a requeue loads neither into the model.
 `regularizer: {type: l2_anchor, lambda: λ}`
     penalty = λ/2 · Σ_i (θ_i − θ0_i)²; θ0 = the weights this *phase* started from (the checkpoint a
     midtraining run forked or resumed, or `initial_checkpoint_dir`), saved once in
@@ -239,11 +240,31 @@ class _Swapped:
 # ----------------------------------------------------------------------------------------------- setup
 
 
-def _file_hash(ref: Path) -> str:
+def _file_hash(ref: Path, out_dir: Optional[Path] = None) -> str:
+    """The reference's identity: its manifest's hash, else its weights file's. A weights file without
+    a manifest is hashed once per (path, size, mtime) and remembered in `<out_dir>/ewc/reference_hashes.json`,
+    so a requeue of a run with a large reference does not read it all again."""
     from litgpt_ext.checkpoint.layout import _sha256
 
     man = ref / ckpt.MANIFEST_FILE
-    return _sha256(man) if man.is_file() else _sha256(ref / ckpt.MODEL_FILE)
+    if man.is_file():
+        return _sha256(man)
+    weights = ref / ckpt.MODEL_FILE
+    if out_dir is None:
+        return _sha256(weights)
+    st = weights.stat()
+    stamp = {"path": str(weights.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    memo = Path(out_dir) / "ewc" / "reference_hashes.json"
+    known = json.loads(memo.read_text()) if memo.is_file() else []
+    for entry in known:
+        if {k: entry.get(k) for k in stamp} == stamp:
+            return entry["sha256"]
+    digest = _sha256(weights)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_name(memo.name + ".tmp")
+    tmp.write_text(json.dumps(known + [{**stamp, "sha256": digest}], indent=1) + "\n")
+    tmp.replace(memo)
+    return digest
 
 
 def _fisher_source(args: RegularizerArgs, data: Any, val_loaders: dict) -> tuple[Any, dict]:
@@ -278,13 +299,19 @@ def setup_regularizer(fabric: Any, args: Optional[RegularizerArgs], model: Any, 
     ref = reference_dir(args.reference)
     check_reference_fits(ref, model, model_config)
     batches, source = _fisher_source(args, data, val_loaders)
-    record = {"reference": str(ref.resolve()), "reference_hash": _file_hash(ref), "fisher_data": source,
+    ref_hash = fabric.broadcast(_file_hash(ref, out_dir) if fabric.global_rank == 0 else None, src=0)
+    record = {"reference": str(ref.resolve()), "reference_hash": ref_hash, "fisher_data": source,
               "fisher_batches": args.fisher_batches, "global_batch_size": global_batch_size, "seq_len": seq_len}
     key = hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = Path(out_dir) / "ewc" / f"fisher-{key}"
+    theta_path = Path(out_dir) / "ewc" / f"theta-{ref_hash[:16]}"  # θ*, in the model's sharding
+    like = _clone(params)
+    theta_star, fisher = _load_tensors(fabric, theta_path, like), _load_tensors(fabric, path, like)
+    if theta_star is not None and fisher is not None:  # a requeue: nothing to load into the model
+        fabric.print(f"EWC: reusing θ* and the Fisher cached in {theta_path} and {path}")
+        return Regularizer("ewc", args.lam, params, theta_star, fisher)
     with _Swapped(fabric, model, ref):  # θ* and the Fisher at θ*
         theta_star = _clone(params)
-        fisher = _load_tensors(fabric, path, theta_star)
         if fisher is None:
             fabric.print(f"EWC: computing the diagonal Fisher of {ref} on {source} ({args.fisher_batches} batches)")
             fisher = fisher_diagonal(fabric, model, _need(fabric, batches, args.fisher_batches * accum, args),
@@ -292,6 +319,7 @@ def setup_regularizer(fabric: Any, args: Optional[RegularizerArgs], model: Any, 
             _save_tensors(fabric, path, fisher, record)
         else:
             fabric.print(f"EWC: reusing the Fisher cached in {path}")
+        _save_tensors(fabric, theta_path, theta_star, {"reference": str(ref.resolve()), "reference_hash": ref_hash})
     return Regularizer("ewc", args.lam, params, theta_star, fisher)
 
 

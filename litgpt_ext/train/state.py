@@ -68,20 +68,45 @@ class TrainingState:
     def restore(self, fabric: L.Fabric, model: Any, optimizer: Any, sharded_from: Optional[Path] = None) -> None:
         """Load the optimizer state (keeping this config's hyperparameters). `sharded_from`: a sharded
         checkpoint, whose model and optimizer shards every rank loads here (any world size). The RNG
-        is restored later, by `restore_rng`."""
+        is restored later, by `restore_rng`.
+
+        A checkpoint of torch.optim.Muon (+ AdamW) restored into another optimizer (a fork that
+        midtrains a Muon run with AdamW) converts: the matrices' Muon momentum is dropped, so their
+        moments start fresh (logged), and the other tensors keep their AdamW moments; the reverse is
+        `optim.MuonAdamW.load_state_dict`'s. A sharded checkpoint cannot switch between the two (its
+        shards are read into this optimizer's own state layout) and is refused in one line."""
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
+        from litgpt_ext.train import optim
+
         fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        was_muon, is_muon = self.saved_muon(), isinstance(optimizer.optimizer, optim.MuonAdamW)
         if sharded_from is not None:
             from litgpt_ext.checkpoint import dcp
 
+            if was_muon != is_muon:
+                now = type(optimizer.optimizer).__name__
+                raise ValueError(
+                    f"checkpoint {str(sharded_from)!r} is sharded and holds the state of "
+                    f"{'torch.optim.Muon (+ AdamW)' if was_muon else 'a non-Muon optimizer'}; this run's optimizer is "
+                    f"{'torch.optim.Muon (+ AdamW)' if is_muon else now}: a sharded checkpoint cannot switch between "
+                    f"them. Keep the checkpoint's optimizer, or `litgpt-ext consolidate` it and start from the "
+                    f"weights (initial_checkpoint_dir: a fresh optimizer)")
             dcp.load_sharded(sharded_from, model.module, optimizer.optimizer)
         elif self.optimizer is None:  # none to restore (a merged LoRA checkpoint; a LoRA phase's base): fresh
             fabric.print("Optimizer: the checkpoint holds no optimizer state for this run's parameters; it starts fresh")
         else:
-            set_optimizer_state_dict(model.module, optimizer.optimizer, self.optimizer,
+            saved, dropped = self.optimizer, 0
+            if was_muon and not is_muon:  # before loading: torch's AdamW.__setstate__ reads every state's `step`
+                saved, dropped = without_muon_momentum(saved)
+                fabric.print(f"Optimizer state: the checkpoint was trained with torch.optim.Muon;"
+                             f" {type(optimizer.optimizer).__name__} starts fresh moments for the {dropped} matrices"
+                             " Muon updated (their Muon momentum is dropped) and keeps the AdamW moments of the rest")
+            set_optimizer_state_dict(model.module, optimizer.optimizer, saved,
                                      options=_state_dict_options(fabric, for_save=False))
-        for g, f in zip(optimizer.param_groups, fresh):  # this config's hyperparameters win
+        for g, f in zip(optimizer.param_groups, fresh):  # this config's hyperparameters win, and only they
+            for k in [k for k in g if k != "params" and k not in f]:  # (no lr_scale or name of an LLRD or Muon
+                del g[k]  # checkpoint's groups left in a plain optimizer's)
             g.update(f)
 
     def restore_rng(self, fabric: L.Fabric) -> None:
@@ -91,6 +116,26 @@ class TrainingState:
         if self.rng and self.world_size == fabric.world_size:
             _set_rng_state(self.rng[fabric.global_rank])
         self.rng = None
+
+    def saved_muon(self) -> bool:
+        """Whether the checkpoint's optimizer was torch.optim.Muon (+ AdamW): its config or its groups say so."""
+        from litgpt_ext.train import optim
+
+        spec = (self.config or {}).get("optimizer")
+        path = spec.get("class_path") if isinstance(spec, dict) else spec
+        groups = (self.optimizer or {}).get("param_groups") or []
+        return bool(path and optim.is_muon_path(str(path))) or any(g.get("algorithm") == "muon" for g in groups)
+
+
+def without_muon_momentum(saved: dict) -> tuple[dict, int]:
+    """The FQN-keyed optimizer state with an empty state for every parameter that the checkpoint's
+    Muon groups held (the optimizer initializes it at its next step), and their count."""
+    groups = saved.get("param_groups") or []
+    names = {n for g in groups if g.get("algorithm") == "muon" for n in g["params"]}
+    if not names:  # no groups recorded: Muon's state is its momentum buffer alone
+        names = {n for n, st in (saved.get("state") or {}).items() if set(st) == {"momentum_buffer"}}
+    state = {n: ({} if n in names else st) for n, st in (saved.get("state") or {}).items()}
+    return {**saved, "state": state}, sum(1 for n in names if n in state)
 
 
 @dataclass
