@@ -38,7 +38,7 @@ KIND = {
 CLUSTER = sorted(k for k in KIND if "pythia" in k or "paper" in k)
 # sweep specs of CPU studies: run shrunk (fewer arms and steps) by test_cpu_study_runs_shrunk
 STUDIES = {"studies/forgetting_cpu.yaml": ["no_replay", "l2_anchor", "ewc_lo", "llrd08", "synth20"],
-           "studies/online_mixing_cpu.yaml": ["odm", "doremi"]}
+           "studies/online_mixing_cpu.yaml": ["fixed", "odm", "doremi"]}
 SHORT = ["--eval.max_iters", "1", "--logger_name", "csv"]
 # the demo/CPU configs, in dependency order: (config, extra flags, the checkpoint it must leave, its step)
 RUNS = [
@@ -207,7 +207,7 @@ def test_cpu_study_runs_shrunk(demo_runs, name):
     root, _ = demo_runs
     raw = yaml.safe_load((CONFIG_DIR / name).read_text())
     keep = STUDIES[name]
-    raw.update(total_steps=6, seeds=[42], arm_data_seeds=[7, 8], out_root="runs/study_small", sft=None,
+    raw.update(total_steps=6, seeds=[42], arm_data_seeds=[7, 8], out_root=f"runs/small_{Path(name).stem}", sft=None,
                base_overrides={**raw.get("base_overrides", {}), "eval.max_iters": 1, "logger_name": "csv"},
                arms=[{**a, "start": 3} for a in raw["arms"] if a["name"] in keep])
     raw["arm_overrides"] = {**raw.get("arm_overrides", {}), "eval.interval": 3, "eval.max_iters": 1}
@@ -229,17 +229,21 @@ def test_cpu_study_runs_shrunk(demo_runs, name):
         cli_main(["sweep", "--spec", str(spec), "--action", "local"])
     finally:
         os.chdir(cwd)
-    out = root / "runs" / "study_small"
+    out, ref = root / "runs" / f"small_{Path(name).stem}", raw["report"]["reference"]
     res = json.loads((out / "report" / "results.json").read_text())
-    assert sorted(res["arms"]) == sorted(keep) and res["front"] and res["reference"] == "no_replay"
+    assert sorted(res["arms"]) == sorted(keep) and res["front"] and res["reference"] == ref
     for arm in keep:
         r = res["arms"][arm]
         assert r["n"] == 2 and not r["missing"] and math.isfinite(r["gain"]["point"]) and math.isfinite(r["forgetting"]["point"])
-    assert set(res["vs_reference"]) == set(keep) - {"no_replay"}
+    assert set(res["vs_reference"]) == set(keep) - {ref}
     assert (out / "report" / "pareto.png").stat().st_size > 1000
+    a, b = (json.loads((out / f"{ref}_seed42_data{d}" / "final" / "manifest.json").read_text()) for d in (7, 8))
+    assert a["files"]["lit_model.pth"] != b["files"]["lit_model.pth"]  # two data orders, two models
+    if "mix_policy" in json.dumps(raw["arms"]):  # the online arms wrote their trajectories
+        assert all((out / f"{a}_seed42_data7" / "mix_trajectory.jsonl").is_file() for a in ("odm", "doremi"))
+    if "synth_replay" not in raw:
+        return
     assert json.loads((out / "synth_replay_seed42" / "data" / "s1" / "synth_meta.json").read_text())["checkpoint"].endswith(
         "base_seed42/step-00000003")  # sampled from the arms' own fork checkpoint
     synth = yaml.safe_load((out / "synth20_seed42_data7" / "final" / "hyperparameters.yaml").read_text())
-    assert synth["data"]["init_args"]["data_path"] == "runs/study_small/synth_replay_seed42/data"
-    a, b = (json.loads((out / f"no_replay_seed42_data{d}" / "final" / "manifest.json").read_text()) for d in (7, 8))
-    assert a["files"]["lit_model.pth"] != b["files"]["lit_model.pth"]  # two data orders, two models
+    assert synth["data"]["init_args"]["data_path"] == f"{out.relative_to(root)}/synth_replay_seed42/data"

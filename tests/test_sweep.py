@@ -284,3 +284,22 @@ def test_one_best_lr_rule_and_one_run_name_parser():
     assert split_run_name(arm_name(a, 42)) == ("math_mid_seed_fix", 42)
     with pytest.raises(ValueError, match=r"'base' does not end in _seed<N>"):
         split_run_name("base")
+
+
+def test_an_arm_added_after_its_base_finished_needs_a_checkpoint_at_its_start(tmp_path, monkeypatch):
+    from litgpt_ext.study.executor import Job
+    from litgpt_ext.study.plan_checks import check_forks
+
+    run = tmp_path / "base_seed42"
+    for step in (20, 66):
+        (run / f"step-{step:08d}").mkdir(parents=True)
+    monkeypatch.setattr("litgpt_ext.checkpoint.list_checkpoints", lambda d, **kw: [(20, d / "step-00000020"),
+                                                                                   (66, d / "step-00000066")])
+    base = Job("base_seed42_to60", "base", "pretrain", {}, run, info={"pause": 60})
+    monkeypatch.setattr(Job, "done", lambda self: self.stage == "base")  # the base ran past 60 long ago
+    arm = Job("math_at60_seed42", "midtrain", "pretrain", {"fork_from": str(run / "step-00000060")},
+              tmp_path / "arm", depends=[base.name])
+    with pytest.raises(ValueError, match=r"has finished without a checkpoint there \(it has steps \[20, 66\]\)"):
+        check_forks([base, arm])
+    arm.config["fork_from"] = str(run / "step-00000066")  # a start the base saved: fine
+    check_forks([base, arm])

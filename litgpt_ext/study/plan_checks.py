@@ -25,7 +25,27 @@ def check_plan(jobs: list[Job], here: bool = True) -> None:
     """`here`: the jobs run on this machine (`--action local`), so their data must be here too; a plan
     or a SLURM plan written where the data is absent only says that the data was not checked."""
     check_data(jobs, here)
+    check_forks(jobs)
     check_configs(jobs)
+
+
+def check_forks(jobs: list[Job]) -> None:
+    """An arm added to a study whose base run already finished forks a checkpoint that must exist: a
+    base that ran past the arm's start without saving there cannot give it (re-running the base there
+    would abandon its newer checkpoints), so the arm is refused now, naming the steps the base has."""
+    from litgpt_ext import checkpoint as ckpt
+
+    by_name = {j.name: j for j in jobs}
+    for j in jobs:
+        fork = j.config.get("fork_from") if isinstance(j.config, dict) else None
+        bases = [by_name[d] for d in j.depends if d in by_name and by_name[d].stage == "base"]
+        if not fork or not bases or Path(fork).exists() or not all(b.done() for b in bases):
+            continue
+        run = Path(fork).parent
+        steps = [s for s, _ in ckpt.list_checkpoints(run)] if run.is_dir() else []
+        raise ValueError(f"{j.name} forks {fork}, but its base run {run} has finished without a checkpoint there"
+                         f" (it has steps {steps}); start the arm at one of those steps, or run the study into a new"
+                         " out_dir so that the base pauses at every arm's start")
 
 
 def check_data(jobs: list[Job], here: bool = True) -> None:

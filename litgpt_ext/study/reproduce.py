@@ -356,6 +356,10 @@ def reproduce(
     studies = [(dataclasses.replace(cfg, pretrain_seeds=seeds), remap_arms(arms, cfg.pretrain_seeds, seeds))
                for seeds in sets]
     plans = [pretrain_jobs(c, a) for c, a in studies]
+    from litgpt_ext.study.plan_checks import check_forks
+
+    for jobs in plans:  # an arm added after its base finished must fork a checkpoint that exists
+        check_forks(jobs)
     n_sft = sum(n for (c, a), p in zip(studies, plans) for _, _, n in SFTGrid(c, sft_sources(c, a, p)).planned())
     ex = Executor(label="reproduce", resume_command=f"the same `litgpt-ext reproduce` (out_dir {cfg.out_dir})",
                   config_dir=cfg.out_dir / "configs" / "pretrain", mode="inprocess", log_name="reproduce.log",
