@@ -303,3 +303,24 @@ def test_an_arm_added_after_its_base_finished_needs_a_checkpoint_at_its_start(tm
         check_forks([base, arm])
     arm.config["fork_from"] = str(run / "step-00000066")  # a start the base saved: fine
     check_forks([base, arm])
+
+
+def test_a_lora_arm_is_merged_before_its_sft_runs(tmp_path, config_file):  # noqa: F811
+    arms = [{"name": "full", "domain": "code", "start": 4, "weight": 1.0},
+            {"name": "lora8", "domain": "code", "start": 4, "weight": 1.0, "overrides": {"lora": {"r": 8, "alpha": 16}}}]
+    sft = {"config": str(Path(__file__).resolve().parents[1] / "midtrain_configs/reproduce/sft_cpu.yaml"),
+           "tasks": {"code": {}}, "lr": [1e-3], "seeds": [1]}
+    jobs = plan_sweep(load_spec(_spec(tmp_path, config_file, grid={}, arms=arms, sft=sft)))
+    by = {j.name: j for j in jobs}
+    root = tmp_path / "runs"
+    merge = by["merge_lora8_seed42"]
+    assert merge.stage == "merge" and merge.command == "merge-lora" and merge.depends == ["lora8_seed42"]
+    assert merge.config == {"checkpoint": str(root / "lora8_seed42" / "final"), "out_dir": str(root / "lora8_seed42" / "merged")}
+    assert not merge.done() and "merge_full_seed42" not in by  # only the adapter arm needs a merge
+    lora_sft = next(j for j in jobs if j.stage == "sft" and j.info["source"] == "lora8_seed42")
+    full_sft = next(j for j in jobs if j.stage == "sft" and j.info["source"] == "full_seed42")
+    assert lora_sft.depends == ["merge_lora8_seed42"] and full_sft.depends == ["full_seed42"]
+    assert lora_sft.config["checkpoint_dir"] == str(root / "lora8_seed42" / "merged")
+    write_plan(jobs, tmp_path / "cfg")
+    sub = (tmp_path / "cfg" / "submit.sh").read_text()
+    assert "LITGPT_EXT_COMMAND=merge-lora" in sub and "--job-name=merge-merge_lora8_seed42" in sub

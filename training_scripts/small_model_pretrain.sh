@@ -83,9 +83,9 @@ PY
 )}
 case "$command" in
   pretrain|sft|soup) ;;  # soup: the seed-averaging step of a `litgpt-ext sweep` plan (no training, no resume)
-  synth-replay|build-demo|build-sft-tasks|prepare|clean|train-tokenizer|extend-vocab) ;;  # a sweep's synth and prep jobs
+  synth-replay|merge-lora|build-demo|build-sft-tasks|prepare|clean|train-tokenizer|extend-vocab) ;;  # a sweep's synth, merge and prep jobs
   *) echo "LITGPT_EXT_COMMAND='$command' is not a command this script runs; expected pretrain, sft, soup," \
-          "or a sweep's synth-replay or prep command (build-demo, build-sft-tasks, prepare, clean, train-tokenizer," \
+          "or a sweep's synth-replay, merge-lora or prep command (build-demo, build-sft-tasks, prepare, clean, train-tokenizer," \
           "extend-vocab)" >&2; exit 2 ;;
 esac
 

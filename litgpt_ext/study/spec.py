@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 import yaml
 
-STAGES = ("prep", "base", "synth", "midtrain", "soup", "sft")
+STAGES = ("prep", "base", "synth", "midtrain", "merge", "soup", "sft")
 
 
 ROLES = ("mid", "cpt", "cross", "ablation")  # what an arm feeds in the report: litgpt_ext.study.report

@@ -1,6 +1,7 @@
-"""A sweep's stages besides training: `prep` (the study's inputs, before any base run) and
+"""A sweep's stages besides training: `prep` (the study's inputs, before any base run),
 `synth_replay` (a synth shard per pretraining seed, sampled from that seed's base checkpoint, before
-the arms that mix it in). Both are executor jobs like the training runs: `--action local` runs them in
+the arms that mix it in) and `merge` (a LoRA arm's adapter merged into its base, `merge-lora`, before
+its SFT runs). Both are executor jobs like the training runs: `--action local` runs them in
 dependency order and skips them once their output exists, `--action write` puts them in the SLURM
 plan with their dependencies (`litgpt_ext.study.sweep`).
 """
@@ -82,3 +83,11 @@ def synth_job(spec: SweepSpec, root: Path, seed: int, step: int, base_job: str, 
            "shard": s.shard, "link_shards_from": None if base_data is None else str(base_data)}
     return Job(synth_name(seed), "synth", "synth-replay", cfg, root / synth_name(seed), depends=[base_job],
                info={"seed": seed, "step": step, "creates": str(out / s.shard / SYNTH_META)})
+
+
+def merge_job(run: str, out: Path, seed: int) -> Job:
+    """A LoRA arm's `merge-lora` of its final adapter checkpoint into `<run>/merged` (a full litgpt
+    checkpoint, written atomically: done once its weights exist), which its SFT runs fine-tune."""
+    merged = out / "merged"
+    return Job(f"merge_{run}", "merge", "merge-lora", {"checkpoint": str(out / "final"), "out_dir": str(merged)},
+               out, depends=[run], info={"seed": seed, "creates": str(merged / "lit_model.pth")})

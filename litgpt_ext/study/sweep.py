@@ -41,7 +41,7 @@ from litgpt_ext.study.spec import (
     plan_arms,
     split_run_name,
 )
-from litgpt_ext.study.stages import prep_jobs, synth_data, synth_job, synth_name, synth_start, uses_synth
+from litgpt_ext.study.stages import merge_job, prep_jobs, synth_data, synth_job, synth_name, synth_start, uses_synth
 
 __all__ = ["Job", "plan_sweep", "plan_table", "job_groups", "write_plan"]
 
@@ -56,7 +56,8 @@ def plan_sweep(spec: SweepSpec) -> list[Job]:
     root = Path(spec.out_root or Path("runs/sweeps") / spec.name)
     arms = plan_arms(spec)
     jobs: list[Job] = []
-    finals: list[tuple[str, Path, Optional[int]]] = []  # (job name, checkpoint SFT starts from, pretraining seed)
+    # (run name, checkpoint SFT starts from, pretraining seed, the job that writes it: the run, or its merge-lora)
+    finals: list[tuple[str, Path, Optional[int], str]] = []
     families: dict[str, list[tuple[str, Path]]] = {}  # arm name without the seed -> its runs (for soups)
 
     def under(a: Arm, seed: int) -> bool:
@@ -100,7 +101,7 @@ def plan_sweep(spec: SweepSpec) -> list[Job]:
                             info={**info, "pause": stop}))
             prev = [f"{name}_to{stop}"]
         jobs.append(Job(name, "base", "pretrain", cfg, out, depends=prev, info=info))
-        finals.append((name, out / "final", seed))
+        finals.append((name, out / "final", seed, name))
         if synth_step is not None and any(uses_synth(a) for a in arms if under(a, seed)):
             base_job = f"{name}_to{synth_step}" if spec.split_base else name
             jobs.append(synth_job(spec, root, seed, synth_step, base_job, _get(cfg, "data.init_args.data_path")))
@@ -142,7 +143,11 @@ def plan_sweep(spec: SweepSpec) -> list[Job]:
                         info={"seed": seed, "mix": mix, "start": int(a.start), "domain": a.domain,
                               "weight": float(a.weight), "arm": arm_family(a),
                               "domain_steps": domain_steps(a, spec.total_steps), "data_seed": dseed}))
-        finals.append((name, out / "final", seed))
+        if _get(cfg, "lora") is not None and spec.sft is not None:  # an adapter: SFT reads its merge (merge-lora)
+            jobs.append(merge_job(name, out, seed))
+            finals.append((name, Path(jobs[-1].config["out_dir"]), seed, jobs[-1].name))
+        else:
+            finals.append((name, out / "final", seed, name))
         families.setdefault(f"{arm_family(a)}_seed{seed}", []).append((name, out / "final"))
 
     if spec.soup_data_seeds:
@@ -151,7 +156,7 @@ def plan_sweep(spec: SweepSpec) -> list[Job]:
             cfg = {"checkpoints": [str(c) for _, c in runs], "out": str(out), "overwrite": True}
             jobs.append(Job(name, "soup", "soup", cfg, out, depends=[n for n, _ in runs],
                             info={"family": family, "seeds": len(runs), "seed": split_run_name(family)[1]}))
-            finals.append((name, out, jobs[-1].info["seed"]))
+            finals.append((name, out, jobs[-1].info["seed"], name))
 
     if spec.sft is not None:
         g = spec.sft
@@ -160,7 +165,7 @@ def plan_sweep(spec: SweepSpec) -> list[Job]:
         if not g.tasks or not g.lr:
             raise ValueError("sft needs tasks (name -> config overrides) and at least one lr")
         sft_cfg = yaml.safe_load(Path(g.config).read_text()) or {}
-        for src, src_ckpt, pseed in finals:
+        for src, src_ckpt, pseed, writer in finals:
             if src in (f"base_seed{s}" for s in spec.seeds) and not g.include_base:
                 continue
             for task, overrides in g.tasks.items():
@@ -174,7 +179,7 @@ def plan_sweep(spec: SweepSpec) -> list[Job]:
                     _set(cfg, g.lr_key, float(lr))
                     _set(cfg, "seed", sseed)
                     _set(cfg, "out_dir", str(out))
-                    jobs.append(Job(name, "sft", "sft", cfg, out, depends=[src],
+                    jobs.append(Job(name, "sft", "sft", cfg, out, depends=[writer],
                                     info={"task": task, "source": src, "lr": float(lr), "seed": sseed,
                                           "pretrain_seed": pseed}))
     names = [j.name for j in jobs]
@@ -207,7 +212,7 @@ def plan_table(jobs: list[Job]) -> str:
             d = f"{j.info['task']}, lr {'(config)' if lr is None else format(lr, 'g')}, seed {j.info['seed']}"
         elif j.stage == "soup":
             d = f"average of {j.info['seeds']} data seeds"
-        elif j.stage in ("prep", "synth"):
+        elif j.stage in ("prep", "synth", "merge"):
             d = f"litgpt-ext {j.command}, done when {j.info['creates']} exists"
         else:
             stop = f", until step {j.info['pause']}" if j.info.get("pause") is not None else ""
