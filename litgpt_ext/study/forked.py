@@ -134,14 +134,3 @@ def _forked_job(command: str, path: str, log: str, threads: Optional[int]) -> No
     from litgpt_ext.cli import main
 
     main([command, "--config", path])
-
-
-def _last_line(log: Path) -> str:
-    try:
-        lines = [x for x in log.read_text(errors="replace").splitlines() if x.strip()]
-    except OSError:
-        return "(no log)"
-    if not lines:
-        return "(empty)"
-    errors = [x for x in lines if "error" in x.lower()]  # the cause, not a trailing hint
-    return (errors or lines)[-1].strip()[-300:]
