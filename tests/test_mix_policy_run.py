@@ -165,3 +165,22 @@ def test_bad_policy_inputs_are_one_line(tmp_path):
     assert proc.returncode != 0 and "needs mix_policy.reference" in proc.stderr and "Traceback" not in proc.stderr
     proc = _run("pretrain", "--config", str(cfg), "--out_dir", str(tmp_path / "x"), "--mix_policy.epsilon", "0.5")
     assert proc.returncode != 0 and "epsilon=0.5 exceeds 1/K = 0.3333" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_repetition_caps_bound_what_the_policy_may_choose(tmp_path):
+    # math (m1: 138 samples of 17 tokens) may be drawn 0.2 epochs (27.6 samples) in this 12-step phase of 96
+    # samples; ODM alone moves it to ~0.34 (~32 samples): with the cap, each update gives it at most what keeps
+    # the rest of the phase within the budget
+    policy = {"type": "odm", "update_every": 1, "epsilon": 0.3, "prior": "uniform"}
+    cfg = _config(tmp_path, policy, steps=12)
+    cli_main(["pretrain", "--config", str(cfg), "--out_dir", str(tmp_path / "free")])
+    raw = yaml.safe_load(cfg.read_text())
+    raw["data"]["init_args"]["max_epochs"] = {"math": 0.2}
+    cfg.write_text(yaml.safe_dump(raw))
+    cli_main(["pretrain", "--config", str(cfg), "--out_dir", str(tmp_path / "capped")])
+    free, capped = (ckpt.load_training_state(tmp_path / d / "final")["data"] for d in ("free", "capped"))
+    n = capped["num_samples"]["m1"]
+    assert free["cursors"]["m1"] > 0.2 * n + 1 >= capped["cursors"]["m1"], (free["cursors"], capped["cursors"], n)
+    w_free, w_cap = ([p["arm_weights"]["math"] for p in _points(tmp_path / d)] for d in ("free", "capped"))
+    assert min(w_free[1:]) > 0.33 and max(w_cap[1:]) < 0.33, (w_free, w_cap)  # the cap took weight back
