@@ -172,9 +172,11 @@ def test_sft_configs_run_the_sft_command(env, tmp_path):
     assert run(env, str(pre)).returncode == 0
     assert run(env, str(pre), LITGPT_EXT_COMMAND="sft").returncode == 0  # the sweep's SFT arrays say so
     assert run(env, str(pre), LITGPT_EXT_COMMAND="synth-replay").returncode == 0  # a sweep's synth array
+    assert run(env, str(pre), LITGPT_EXT_COMMAND="merge-lora").returncode == 0  # a sweep's LoRA merge job
     got = [c.split(" --config")[0] for c in calls(env)]
-    assert got == ["-m litgpt_ext sft", "-m litgpt_ext pretrain", "-m litgpt_ext sft", "-m litgpt_ext synth-replay"]
+    assert got == ["-m litgpt_ext sft", "-m litgpt_ext pretrain", "-m litgpt_ext sft", "-m litgpt_ext synth-replay",
+                   "-m litgpt_ext merge-lora"]
     assert "--resume" not in calls(env)[-1]  # only training resumes
     r = run(env, str(pre), LITGPT_EXT_COMMAND="evaluate")
     assert r.returncode == 2 and "LITGPT_EXT_COMMAND='evaluate' is not a command this script runs; expected pretrain," \
-        " sft, soup, or a sweep's synth-replay or prep command" in r.stderr
+        " sft, soup, or a sweep's synth-replay, merge-lora or prep command" in r.stderr
