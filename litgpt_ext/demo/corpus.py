@@ -249,9 +249,10 @@ def _environment() -> dict:
     """What the raw text depends on besides the settings: Python and the installed distributions."""
     import platform
 
-    from litgpt_ext.demo.sources import site_package_dirs
+    from litgpt_ext.demo.sources import is_dev_tool, site_package_dirs
 
-    dists = sorted(p.name for d in site_package_dirs() for p in d.iterdir() if p.name.endswith(".dist-info"))
+    dists = sorted(p.name for d in site_package_dirs() for p in d.iterdir()
+                   if p.name.endswith(".dist-info") and not is_dev_tool(p.name))
     return {"python": platform.python_version(), "distributions": dists}
 
 
