@@ -151,3 +151,14 @@ def test_f3_states_its_verdict_on_the_measure_its_sentence_quotes(tmp_path):
     f3, _, _ = f3_finding(cells, {"pa": pa}, tmp_path)
     r = finding_effects(cells, arms, ANALYSIS, pa)[F3_EFFECT]
     assert f"Pearson r = {r:.2f}" in f3["summary"] and f"PA ({F3_MEASURE})" in f3["summary"]
+
+
+def test_a_mixed_model_without_a_finite_interval_says_so():
+    """statsmodels gives nan bounds when the fit has no standard error (seen for F3's
+    gain ~ PA + (1 | SFT set) on 3 SFT sets), and the report must not print '[+nan, +nan]'."""
+    from litgpt_ext.study.evidence import fmt_mixed
+
+    m = {"beta": 0.2289, "lo": float("nan"), "hi": float("nan"), "p": None, "groups": 3, "converged": False}
+    assert fmt_mixed(m) == "β = +0.2289 (no interval: the fit gave no standard error), p n/a, 3 groups, did not converge"
+    ok = {"beta": -0.05, "lo": -0.08, "hi": -0.02, "p": 1e-4, "groups": 3}
+    assert fmt_mixed(ok) == "β = -0.0500 [-0.0800, -0.0200], p = 0.0001, 3 groups"

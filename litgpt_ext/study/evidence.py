@@ -216,4 +216,6 @@ def fmt_mixed(m: dict) -> str:
         return m["error"]
     p = "p n/a" if m.get("p") is None else f"p = {m['p']:.3g}"
     conv = "" if m.get("converged", True) else ", did not converge"
-    return f"β = {m['beta']:+.4f} [{m['lo']:+.4f}, {m['hi']:+.4f}], {p}, {m['groups']} groups{conv}"
+    finite = all(m.get(k) is not None and math.isfinite(m[k]) for k in ("lo", "hi"))
+    ci = f"[{m['lo']:+.4f}, {m['hi']:+.4f}]" if finite else "(no interval: the fit gave no standard error)"
+    return f"β = {m['beta']:+.4f} {ci}, {p}, {m['groups']} groups{conv}"
