@@ -7,6 +7,7 @@ counterpart, for reproduce and sft-grid, is `litgpt_ext.study.pool`."""
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import sys
 import time
@@ -19,9 +20,11 @@ from litgpt_ext.study.pool import signal_group
 
 def spawn_forked(command: str, path: Path, fh, threads: Optional[int]) -> "_Forked":
     """The job forked from the preloaded server, its output into `fh`'s file."""
-    proc = _forkserver().Process(target=_forked_job, args=(command, str(path), fh.name, threads), name=Path(path).stem)
+    ctx = _forkserver()
+    cpu = ctx.Value("d", -1.0, lock=False)  # the job's CPU seconds, written by the job as it exits
+    proc = ctx.Process(target=_forked_job, args=(command, str(path), fh.name, threads, cpu), name=Path(path).stem)
     proc.start()
-    return _Forked(proc)
+    return _Forked(proc, cpu)
 
 
 def run_forked(ex: Any, todo: list, planned: set[str], done_names: set[str], cdir: Path, log_name: str,
@@ -61,7 +64,7 @@ def run_forked(ex: Any, todo: list, planned: set[str], done_names: set[str], cdi
                     continue
                 fh.close()
                 del running[name]
-                ex._finished(j, path, time.perf_counter() - t, None)  # CPU: the fork server's children
+                ex._finished(j, path, time.perf_counter() - t, getattr(child, "cpu_seconds", None))
                 if rc == 0 and not got:
                     done_names.add(name)
                     ran.append(name)
@@ -100,8 +103,16 @@ def stop_forkserver() -> None:
 class _Forked:
     """A job forked from the preloaded server, with the part of Popen's interface the executor uses."""
 
-    def __init__(self, proc):
-        self.proc = proc
+    def __init__(self, proc, cpu=None):
+        self.proc, self._cpu = proc, cpu
+
+    @property
+    def cpu_seconds(self) -> Optional[float]:
+        """User + system CPU seconds of the job and its reaped children (DataLoader workers), as the job
+        reported them when it exited; None when it could not (killed, or `os._exit` on a second Ctrl-C).
+        The job is the fork server's child, not ours, so `wait4`/`RUSAGE_CHILDREN` here cannot see it."""
+        v = None if self._cpu is None else self._cpu.value
+        return None if v is None or v < 0 else v
 
     @property
     def pid(self) -> int:
@@ -115,7 +126,7 @@ class _Forked:
         return self.proc.exitcode
 
 
-def _forked_job(command: str, path: str, log: str, threads: Optional[int]) -> None:
+def _forked_job(command: str, path: str, log: str, threads: Optional[int], cpu=None) -> None:
     """In the forked process: its own session (a terminal's Ctrl-C reaches the executor only, which
     forwards it), output into the job's log, the CLI as `python -m litgpt_ext <command> --config <path>`."""
     os.setsid()
@@ -133,4 +144,9 @@ def _forked_job(command: str, path: str, log: str, threads: Optional[int]) -> No
         torch.set_num_threads(threads)
     from litgpt_ext.cli import main
 
-    main([command, "--config", path])
+    try:
+        main([command, "--config", path])
+    finally:  # a forked process's rusage starts at zero: this is the job's own CPU, not the server's imports
+        if cpu is not None:
+            me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu.value = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
