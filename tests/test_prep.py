@@ -263,20 +263,27 @@ def test_build_demo_fails_clearly_when_too_little_text(tmp_path, monkeypatch):
                         heldout_docs=2, tokenizer_sample_chars=20_000)
 
 
+THEIRS = "These are the documented words of another installed package, written for its users. " * 3
+
+
+def _prose_of_site(root, files: dict) -> str:
+    """The demo's prose collected from a made-up site-packages folder holding `files` (path: text)."""
+    from litgpt_ext.demo.sources import collect_prose
+
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return "\n".join(collect_prose(10**9, roots=[root], min_doc_chars=10))
+
+
 def test_demo_prose_leaves_out_this_projects_own_files(tmp_path):
     """Our dist-info METADATA is the README: if the corpus read it, every README edit would change
     the demo data and every result trained on it (seen: the reproduction's numbers moved)."""
-    from litgpt_ext.demo.sources import collect_prose
-
     para = " ".join(["word"] * 3 + ["prose"] * 20)
-    theirs = "These are the documented words of another installed package, written for its users. " * 3
     ours = "This paragraph comes from the README of litgpt ext and must never reach the corpus text. " * 3
-    for dist, text in (("pkg-1.0.dist-info", theirs), ("litgpt_ext-0.1.0.dist-info", ours)):
-        (tmp_path / dist).mkdir()
-        (tmp_path / dist / "METADATA").write_text(f"Name: x\n\n{text}\n\n{para}\n")
-    (tmp_path / "litgpt_ext").mkdir()
-    (tmp_path / "litgpt_ext" / "notes.md").write_text(ours)
-    text = "\n".join(collect_prose(10**9, roots=[tmp_path], min_doc_chars=10))
+    text = _prose_of_site(tmp_path, {"pkg-1.0.dist-info/METADATA": f"Name: x\n\n{THEIRS}\n\n{para}\n",
+                                     "litgpt_ext-0.1.0.dist-info/METADATA": f"Name: x\n\n{ours}\n\n{para}\n",
+                                     "litgpt_ext/notes.md": ours})
     assert "another installed package" in text and "README of litgpt ext" not in text
 
 
@@ -284,19 +291,13 @@ def test_demo_prose_leaves_out_the_lint_tools(tmp_path):
     """`make lint` installs ruff into the venv after `make install`: if the corpus read its docs, a
     study's numbers would depend on whether lint ran first (seen: the reproduction's base run ended at
     code val loss 7.20 with ruff installed, 6.68 without). A folder named like a tool deeper down stays."""
-    from litgpt_ext.demo.sources import collect_prose, is_dev_tool
+    from litgpt_ext.demo.sources import is_dev_tool
 
     assert is_dev_tool("ruff") and is_dev_tool("ruff-0.17.6.dist-info") and not is_dev_tool("ruffle-1.0.dist-info")
-    theirs = "These are the documented words of another installed package, written for its users. " * 3
     tool = "This paragraph is the long description of the linter, which only make lint installs here. " * 3
     nested = "This paragraph sits in a folder that another package happens to name after the linter. " * 3
-    for dist, text in (("pkg-1.0.dist-info", theirs), ("ruff-0.17.6.dist-info", tool)):
-        (tmp_path / dist).mkdir()
-        (tmp_path / dist / "METADATA").write_text(f"Name: x\n\n{text}\n")
-    (tmp_path / "ruff").mkdir()
-    (tmp_path / "ruff" / "README.md").write_text(tool)
-    (tmp_path / "pkg" / "ruff").mkdir(parents=True)
-    (tmp_path / "pkg" / "ruff" / "notes.md").write_text(nested)
-    text = "\n".join(collect_prose(10**9, roots=[tmp_path], min_doc_chars=10))
+    text = _prose_of_site(tmp_path, {"pkg-1.0.dist-info/METADATA": f"Name: x\n\n{THEIRS}\n",
+                                     "ruff-0.17.6.dist-info/METADATA": f"Name: x\n\n{tool}\n",
+                                     "ruff/README.md": tool, "pkg/ruff/notes.md": nested})
     assert "another installed package" in text and "name after the linter" in text
     assert "only make lint installs" not in text

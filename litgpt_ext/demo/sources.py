@@ -71,10 +71,9 @@ def dev_tools() -> frozenset[str]:
     before it."""
     try:
         reqs = importlib.metadata.requires("litgpt_ext") or []
-    except importlib.metadata.PackageNotFoundError:  # run from a source tree without an install
-        reqs = []
-    names = {"ruff"} | {_canonical(m.group(1)) for m in map(_LINT_REQUIREMENT.match, reqs) if m}
-    return frozenset(names)
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree without an install: pyproject's list
+        return frozenset({"ruff"})
+    return frozenset(_canonical(m.group(1)) for m in map(_LINT_REQUIREMENT.match, reqs) if m)
 
 
 _LINT_REQUIREMENT = re.compile(r"""\s*([A-Za-z0-9][A-Za-z0-9._-]*).*;\s*extra\s*==\s*["']lint["']\s*$""")

@@ -64,7 +64,7 @@ def run_forked(ex: Any, todo: list, planned: set[str], done_names: set[str], cdi
                     continue
                 fh.close()
                 del running[name]
-                ex._finished(j, path, time.perf_counter() - t, getattr(child, "cpu_seconds", None))
+                ex._finished(j, path, time.perf_counter() - t, child.cpu_seconds)
                 if rc == 0 and not got:
                     done_names.add(name)
                     ran.append(name)
@@ -103,7 +103,7 @@ def stop_forkserver() -> None:
 class _Forked:
     """A job forked from the preloaded server, with the part of Popen's interface the executor uses."""
 
-    def __init__(self, proc, cpu=None):
+    def __init__(self, proc, cpu):
         self.proc, self._cpu = proc, cpu
 
     @property
@@ -111,8 +111,7 @@ class _Forked:
         """User + system CPU seconds of the job and its reaped children (DataLoader workers), as the job
         reported them when it exited; None when it could not (killed, or `os._exit` on a second Ctrl-C).
         The job is the fork server's child, not ours, so `wait4`/`RUSAGE_CHILDREN` here cannot see it."""
-        v = None if self._cpu is None else self._cpu.value
-        return None if v is None or v < 0 else v
+        return self._cpu.value if self._cpu.value >= 0 else None
 
     @property
     def pid(self) -> int:
@@ -126,7 +125,7 @@ class _Forked:
         return self.proc.exitcode
 
 
-def _forked_job(command: str, path: str, log: str, threads: Optional[int], cpu=None) -> None:
+def _forked_job(command: str, path: str, log: str, threads: Optional[int], cpu) -> None:
     """In the forked process: its own session (a terminal's Ctrl-C reaches the executor only, which
     forwards it), output into the job's log, the CLI as `python -m litgpt_ext <command> --config <path>`."""
     os.setsid()
@@ -147,6 +146,5 @@ def _forked_job(command: str, path: str, log: str, threads: Optional[int], cpu=N
     try:
         main([command, "--config", path])
     finally:  # a forked process's rusage starts at zero: this is the job's own CPU, not the server's imports
-        if cpu is not None:
-            me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-            cpu.value = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu.value = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
